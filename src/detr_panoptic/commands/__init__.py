@@ -1,0 +1,1 @@
+"""Subcommands of the ``detr-panoptic`` CLI, one module per area, each with ``register(subparsers)``."""

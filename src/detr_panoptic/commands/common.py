@@ -1,0 +1,36 @@
+"""Flags shared by subcommands, so they are spelled and documented the same everywhere."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_out(parser: argparse.ArgumentParser, *, required: bool = False, default: str | None = None,
+            help: str = "output folder") -> None:
+    parser.add_argument("--out", "-o", required=required, default=default, help=help)
+
+
+def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument(
+        "--checkpoint", "-c", required=required,
+        help="weights: a .pth/.safetensors file, a Hugging Face DetrForSegmentation folder, "
+        "an https:// URL, or the alias coco-r50-panoptic",
+    )
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+
+
+def add_workers(parser: argparse.ArgumentParser, *, default: int | None = None) -> None:
+    parser.add_argument("--workers", "-j", type=int, default=default,
+                        help="worker processes (default: all cores)" if default is None
+                        else f"worker processes (default: {default})")
+
+
+def add_config(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    if required:
+        parser.add_argument("config", help="YAML config file (see configs/)")
+    else:
+        parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=5e-5 (repeatable)")

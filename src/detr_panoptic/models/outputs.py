@@ -1,0 +1,39 @@
+"""Typed containers for what the model and the post-processor return."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DETROutput:
+    """Raw predictions of ``PanopticDETR``.
+
+    pred_logits: [B, Q, C+1] class logits (last index: "no object").
+    pred_boxes:  [B, Q, 4] normalised (cx, cy, w, h) in [0, 1], relative to each image's unpadded size.
+    pred_masks:  [B, Q, H/4, W/4] mask logits at 1/4 of the padded batch, or None when masks were not
+                 computed (training computes them only for matched queries, see ``PanopticDETR``).
+    aux_outputs: per intermediate decoder layer, a ``DETROutput`` with logits and boxes only.
+    attentions:  optional attention weights, filled only when asked for (visualisation).
+    """
+
+    pred_logits: torch.Tensor
+    pred_boxes: torch.Tensor
+    pred_masks: torch.Tensor | None = None
+    aux_outputs: list["DETROutput"] = field(default_factory=list)
+    attentions: dict[str, Any] | None = None
+
+
+@dataclass
+class PanopticResult:
+    """One image's panoptic prediction.
+
+    id_map: LongTensor [H, W] of segment ids; 0 is void; ids are 1..len(segments_info).
+    segments_info: one dict per segment: ``id``, ``category_id``, ``isthing``, ``area``, ``score``
+    (and ``query``: the index of the decoder query that produced it).
+    """
+
+    id_map: torch.Tensor
+    segments_info: list[dict[str, Any]]
