@@ -13,8 +13,12 @@ class DETROutput:
 
     pred_logits: [B, Q, C+1] class logits (last index: "no object").
     pred_boxes:  [B, Q, 4] normalised (cx, cy, w, h) in [0, 1], relative to each image's unpadded size.
-    pred_masks:  [B, Q, H/4, W/4] mask logits at 1/4 of the padded batch, or None when masks were not
-                 computed (training computes them only for matched queries, see ``PanopticDETR``).
+    pred_masks:  [B, Q, H/4, W/4] mask logits at 1/4 of the padded batch for every query; or, when
+                 ``mask_queries`` is set, [N, H/4, W/4] for only those queries, packed image by image
+                 in the order of ``mask_queries`` (training computes masks only for matched queries);
+                 or None when masks were not computed.
+    mask_queries: per image, LongTensor of the query indices whose masks are in ``pred_masks``;
+                 None means "all queries, [B, Q, H/4, W/4]".
     aux_outputs: per intermediate decoder layer, a ``DETROutput`` with logits and boxes only.
     attentions:  optional attention weights, filled only when asked for (visualisation).
     """
@@ -22,6 +26,7 @@ class DETROutput:
     pred_logits: torch.Tensor
     pred_boxes: torch.Tensor
     pred_masks: torch.Tensor | None = None
+    mask_queries: list[torch.Tensor] | None = None
     aux_outputs: list["DETROutput"] = field(default_factory=list)
     attentions: dict[str, Any] | None = None
 
