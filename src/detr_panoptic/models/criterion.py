@@ -1,0 +1,232 @@
+"""The DETR panoptic training losses: (predictions, targets) -> dict of *unweighted* named losses.
+
+Definitions follow the reference training (see NOTES.md):
+
+* ``loss_ce``: cross-entropy over the C+1 classes of every query; unmatched queries target "no object"
+  (index C), whose class weight is ``eos_coef``; the mean is the weighted mean over all queries of the batch.
+* ``loss_bbox``: L1 between matched normalised cxcywh boxes, summed, divided by ``num_boxes``.
+* ``loss_giou``: ``1 - GIoU`` of matched boxes (xyxy), summed, divided by ``num_boxes``.
+* ``loss_mask``: sigmoid focal loss (alpha 0.25, gamma 2) of matched masks, mean over pixels, summed over
+  masks, divided by ``num_boxes``; predicted masks are upsampled bilinearly (align_corners False) to the
+  target masks padded to the largest size in the batch.
+* ``loss_dice``: ``1 - (2|P.T| + 1) / (|P| + |T| + 1)`` per matched mask, summed, divided by ``num_boxes``.
+
+``num_boxes`` is the number of target segments in the batch, averaged over processes when
+``torch.distributed`` is initialised, and at least 1. With DistributedDataParallel averaging the
+gradients, ``sum_r loss_r / world_size`` then equals the single-process loss of the global batch for the
+box and mask losses.
+
+Auxiliary decoder outputs get ``loss_ce_i``, ``loss_bbox_i``, ``loss_giou_i`` (i = 0..L-2), with their own
+matching; masks are supervised on the last layer only. Loss weights live in ``criterion.weight_dict``
+and are applied in one place, ``criterion.weighted_total(losses)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from detr_panoptic.models.matcher import HungarianMatcher, MatchIndices, build_matcher
+from detr_panoptic.models.outputs import DETROutput
+
+Targets = Sequence[Mapping[str, Any]]
+
+
+def dice_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor, num_boxes: float) -> torch.Tensor:
+    """Sum over masks of ``1 - (2 |P.T| + 1) / (|P| + |T| + 1)`` / ``num_boxes``; inputs [N, P] (P pixels)."""
+    prob = mask_logits.sigmoid()
+    numerator = 2 * (prob * target_masks).sum(-1)
+    denominator = prob.sum(-1) + target_masks.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+def focal_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor, num_boxes: float,
+               alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss, mean over pixels, summed over masks / ``num_boxes``; inputs [N, P]."""
+    per_pixel = sigmoid_focal_loss(mask_logits, target_masks, alpha=alpha, gamma=gamma, reduction="none")
+    return per_pixel.mean(-1).sum() / num_boxes
+
+
+def average_num_boxes(targets: Targets, device: torch.device) -> float:
+    """Number of target segments in the batch, averaged over processes when distributed, at least 1."""
+    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        num_boxes = num_boxes / dist.get_world_size()
+    return max(float(num_boxes.item()), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Callable ``criterion(outputs, targets, indices=None) -> {name: unweighted loss}``.
+
+    ``outputs`` is a ``DETROutput``; ``pred_masks`` may hold every query ([B, Q, h, w]) or only the
+    queries listed in ``outputs.mask_queries`` (packed [N, h, w]). ``indices`` is the final layer's
+    matching (e.g. from ``QuerySelector.indices``); when None the matcher runs here. ``targets`` follow
+    the dataset contract (``labels``, ``boxes`` normalised cxcywh, ``masks`` Bool [N, H, W]).
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Mapping[str, float], *,
+                 eos_coef: float = 0.1, masks: bool = True, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = dict(weight_dict)
+        self.eos_coef = eos_coef
+        self.masks = masks
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        self.register_buffer("class_weight", class_weight, persistent=False)
+
+    # -- the individual losses --------------------------------------------------------------------
+    def class_loss(self, class_logits: torch.Tensor, targets: Targets, indices: MatchIndices) -> torch.Tensor:
+        """Weighted cross-entropy over all queries; ``class_logits`` [B, Q, C+1]."""
+        if class_logits.shape[-1] != self.num_classes + 1:
+            raise ValueError(f"criterion built for {self.num_classes} classes (+1 no-object) but the model "
+                             f"predicts {class_logits.shape[-1]} logits per query")
+        target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=class_logits.device)
+        for b, (query_idx, target_idx) in enumerate(indices):
+            target_classes[b, query_idx.to(class_logits.device)] = \
+                targets[b]["labels"].to(class_logits.device)[target_idx.to(class_logits.device)]
+        return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes,
+                               weight=self.class_weight.to(class_logits.device))
+
+    def box_losses(self, boxes: torch.Tensor, targets: Targets, indices: MatchIndices,
+                   num_boxes: float) -> dict[str, torch.Tensor]:
+        """L1 and 1-GIoU over matched pairs; ``boxes`` [B, Q, 4] normalised cxcywh."""
+        device = boxes.device
+        matched = torch.cat([boxes[b, q.to(device)] for b, (q, _) in enumerate(indices)]).float()
+        target = torch.cat([targets[b]["boxes"].to(device)[t.to(device)] for b, (_, t) in enumerate(indices)])
+        target = target.to(matched)
+        loss_bbox = F.l1_loss(matched, target, reduction="none").sum() / num_boxes
+        if matched.shape[0] == 0:
+            loss_giou = matched.sum() * 0  # keeps the graph (and DDP) happy with zero matches
+        else:
+            giou = torch.diag(generalized_box_iou(box_convert(matched, "cxcywh", "xyxy"),
+                                                  box_convert(target, "cxcywh", "xyxy")))
+            loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def mask_losses(self, outputs: DETROutput, targets: Targets, indices: MatchIndices,
+                    num_boxes: float) -> dict[str, torch.Tensor]:
+        """Focal and dice losses of matched masks upsampled to the padded target size."""
+        pred_masks = outputs.pred_masks
+        if pred_masks is None:
+            raise ValueError("criterion: outputs.pred_masks is None but mask losses were requested")
+        matched = select_matched_masks(pred_masks, outputs.mask_queries, indices)
+        if matched.shape[0] == 0:
+            zero = pred_masks.sum() * 0
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        height = max(int(t["masks"].shape[-2]) for t in targets)
+        width = max(int(t["masks"].shape[-1]) for t in targets)
+        target_masks = torch.cat([
+            _pad_to(targets[b]["masks"][t.to(targets[b]["masks"].device)], height, width)
+            for b, (_, t) in enumerate(indices)
+        ]).to(device=matched.device, dtype=torch.float32)
+        upsampled = F.interpolate(matched[:, None].float(), size=(height, width), mode="bilinear",
+                                  align_corners=False)[:, 0]
+        logits = upsampled.flatten(1)
+        target_flat = target_masks.flatten(1)
+        return {
+            "loss_mask": focal_loss(logits, target_flat, num_boxes, self.focal_alpha, self.focal_gamma),
+            "loss_dice": dice_loss(logits, target_flat, num_boxes),
+        }
+
+    # -- the whole set ----------------------------------------------------------------------------
+    def forward(self, outputs: DETROutput, targets: Targets, indices: MatchIndices | None = None
+                ) -> dict[str, torch.Tensor]:
+        if indices is None:
+            indices = self.matcher(outputs, targets)
+        num_boxes = average_num_boxes(targets, outputs.pred_logits.device)
+        losses: dict[str, torch.Tensor] = {"loss_ce": self.class_loss(outputs.pred_logits, targets, indices)}
+        losses.update(self.box_losses(outputs.pred_boxes, targets, indices, num_boxes))
+        if self.masks:
+            losses.update(self.mask_losses(outputs, targets, indices, num_boxes))
+        for i, aux in enumerate(outputs.aux_outputs):
+            aux_indices = self.matcher(aux, targets)
+            aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices)}
+            aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_indices, num_boxes))
+            losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
+        return losses
+
+    def weighted_total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective: sum of ``weight_dict[name] * loss`` over the losses that have a weight."""
+        terms = [losses[name] * weight for name, weight in self.weight_dict.items() if name in losses]
+        if not terms:
+            raise ValueError(f"none of the losses {sorted(losses)} has a weight in {sorted(self.weight_dict)}")
+        return torch.stack([t.float() for t in terms]).sum()
+
+
+def select_matched_masks(pred_masks: torch.Tensor, mask_queries: Sequence[torch.Tensor] | None,
+                         indices: MatchIndices) -> torch.Tensor:
+    """The matched queries' mask logits [K, h, w], ordered like ``indices`` (image by image).
+
+    ``pred_masks`` is either [B, Q, h, w] (``mask_queries`` None) or packed [N, h, w] holding, image by
+    image, the queries listed in ``mask_queries``; every matched query must be among them.
+    """
+    if mask_queries is None:
+        if pred_masks.dim() != 4:
+            raise ValueError(f"pred_masks must be [B, Q, h, w] when mask_queries is None, got {tuple(pred_masks.shape)}")
+        return torch.cat([pred_masks[b, q.to(pred_masks.device)] for b, (q, _) in enumerate(indices)])
+    if pred_masks.dim() != 3:
+        raise ValueError(f"packed pred_masks must be [N, h, w], got {tuple(pred_masks.shape)}")
+    rows = []
+    offset = 0
+    for b, (query_idx, _) in enumerate(indices):
+        available = mask_queries[b].to(pred_masks.device)
+        wanted = query_idx.to(pred_masks.device)
+        if wanted.numel():
+            hits = wanted[:, None] == available[None, :]
+            if not bool(hits.any(1).all()):
+                missing = wanted[~hits.any(1)].tolist()
+                raise ValueError(f"image {b}: matched queries {missing} have no mask in pred_masks "
+                                 f"(mask_queries {available.tolist()})")
+            rows.append(offset + hits.int().argmax(1))
+        offset += available.numel()
+    if offset != pred_masks.shape[0]:
+        raise ValueError(f"mask_queries list {offset} masks but pred_masks holds {pred_masks.shape[0]}")
+    if not rows:
+        return pred_masks[:0]
+    return pred_masks[torch.cat(rows)]
+
+
+def _pad_to(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad [N, h, w] masks at the bottom/right to [N, height, width]."""
+    return F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+
+
+def default_weight_dict(*, ce: float = 1.0, bbox: float = 5.0, giou: float = 2.0, mask: float = 1.0,
+                        dice: float = 1.0, aux_layers: int = 0) -> dict[str, float]:
+    weights = {"loss_ce": ce, "loss_bbox": bbox, "loss_giou": giou, "loss_mask": mask, "loss_dice": dice}
+    for i in range(aux_layers):
+        weights.update({f"loss_ce_{i}": ce, f"loss_bbox_{i}": bbox, f"loss_giou_{i}": giou})
+    return weights
+
+
+def build_criterion(num_classes: int, *, aux_loss: bool = False, num_decoder_layers: int = 6,
+                    eos_coef: float = 0.1, ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
+                    giou_loss_coef: float = 2.0, mask_loss_coef: float = 1.0, dice_loss_coef: float = 1.0,
+                    set_cost_class: float = 1.0, set_cost_bbox: float = 5.0, set_cost_giou: float = 2.0,
+                    masks: bool = True) -> SetCriterion:
+    """The reference panoptic criterion (NOTES.md defaults) with its own Hungarian matcher.
+
+    ``num_classes`` excludes "no object". With ``aux_loss`` the weight dict also covers the
+    ``num_decoder_layers - 1`` auxiliary outputs (``loss_ce_0`` ...).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    matcher = build_matcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou)
+    weights = default_weight_dict(ce=ce_loss_coef, bbox=bbox_loss_coef, giou=giou_loss_coef,
+                                  mask=mask_loss_coef, dice=dice_loss_coef,
+                                  aux_layers=num_decoder_layers - 1 if aux_loss else 0)
+    if not masks:
+        weights.pop("loss_mask")
+        weights.pop("loss_dice")
+    return SetCriterion(num_classes, matcher, weights, eos_coef=eos_coef, masks=masks)
