@@ -1,0 +1,185 @@
+"""Attention figures, as in DETR's attention notebook: where each kept query looks, beside its box
+and mask; encoder self-attention at reference points; a grid of the kept queries' masks.
+
+Pure drawing: every function takes tensors and returns a matplotlib ``Figure`` (Agg canvas, no
+pyplot state), so it runs headless and in threads. ``engine.inference.compute_attention`` gathers
+the tensors from a model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+from detr_panoptic.visualize.overlay import as_image_tensor
+
+ATTENTION_CMAP = "inferno"
+
+
+def _hwc(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    return as_image_tensor(image).permute(1, 2, 0).numpy()
+
+
+def _clean(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_map(ax, image: np.ndarray, heat: torch.Tensor, *, alpha: float = 0.65) -> None:
+    """``heat`` [h, w] stretched over the whole image, semi-transparent, bilinear."""
+    height, width = image.shape[:2]
+    ax.imshow(image)
+    ax.imshow(heat.float().numpy(), cmap=ATTENTION_CMAP, alpha=alpha, extent=(0, width, height, 0),
+              interpolation="bilinear")
+    _clean(ax)
+
+
+def plot_query_attention(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    decoder: torch.Tensor,
+    boxes: torch.Tensor,
+    masks: torch.Tensor,
+    titles: Sequence[str],
+    *,
+    per_head: bool = False,
+    panel_size: float = 3.0,
+) -> Figure:
+    """One row per kept query: its decoder cross-attention (mean over heads, or every head when
+    ``per_head``), the image with its box, and its mask.
+
+    decoder: [K, heads, h, w] attention weights; boxes: [K, 4] xyxy pixels; masks: [K, H, W] in 0..1.
+    With no kept query the figure says so instead of being empty.
+    """
+    picture = _hwc(image)
+    count, heads = int(decoder.shape[0]), int(decoder.shape[1]) if decoder.dim() == 4 else 1
+    maps = heads if per_head else 1
+    columns = maps + 2
+    aspect = picture.shape[0] / picture.shape[1]
+    fig = Figure(figsize=(panel_size * columns, panel_size * aspect * max(count, 1) + 0.4), layout="constrained")
+    if count == 0:
+        ax = fig.add_subplot()
+        ax.imshow(picture)
+        ax.set_title("no query above the threshold")
+        _clean(ax)
+        return fig
+    axes = fig.subplots(count, columns, squeeze=False)
+    for row, title in enumerate(titles):
+        heat = decoder[row] if per_head else decoder[row].mean(0, keepdim=True)
+        for column in range(maps):
+            _show_map(axes[row, column], picture, heat[column])
+            label = f"head {column}" if per_head else "cross-attention (mean of heads)"
+            axes[row, column].set_title(label if row == 0 else "", fontsize=9)
+        ax_box = axes[row, maps]
+        ax_box.imshow(picture)
+        x0, y0, x1, y1 = (float(v) for v in boxes[row])
+        ax_box.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", linewidth=2))
+        ax_box.set_title(title, fontsize=9)
+        _clean(ax_box)
+        ax_mask = axes[row, maps + 1]
+        ax_mask.imshow(masks[row].float().numpy() if len(masks) else np.zeros(picture.shape[:2]),
+                       cmap="gray", vmin=0, vmax=1)
+        ax_mask.set_title("mask" if row == 0 else "", fontsize=9)
+        _clean(ax_mask)
+    return fig
+
+
+def plot_encoder_attention(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    encoder: torch.Tensor,
+    points: Sequence[tuple[float, float]],
+    *,
+    panel_size: float = 3.0,
+) -> Figure:
+    """Encoder self-attention at reference ``points`` ((x, y) image pixels): the image with the points
+    on top, one attention map per point below (the map of the feature cell under the point).
+
+    encoder: [h, w, h, w] attention of each feature cell (first two dims) over all cells.
+    """
+    picture = _hwc(image)
+    height, width = picture.shape[:2]
+    feat_h, feat_w = int(encoder.shape[0]), int(encoder.shape[1])
+    count = max(len(points), 1)
+    aspect = height / width
+    fig = Figure(figsize=(panel_size * count, panel_size * aspect * 2 + 0.6), layout="constrained")
+    grid = fig.add_gridspec(2, count)
+    ax_image = fig.add_subplot(grid[0, :])
+    ax_image.imshow(picture)
+    ax_image.set_title("encoder self-attention: reference points", fontsize=10)
+    _clean(ax_image)
+    colors = [f"C{i % 10}" for i in range(len(points))]
+    for i, ((x, y), color) in enumerate(zip(points, colors)):
+        ax_image.plot([x], [y], "o", color=color, markersize=9, markeredgecolor="white")
+        ax_image.annotate(str(i + 1), (x, y), xytext=(6, -6), textcoords="offset points", color="white", fontsize=10)
+        row = min(feat_h - 1, int(y / height * feat_h))
+        column = min(feat_w - 1, int(x / width * feat_w))
+        ax = fig.add_subplot(grid[1, i])
+        _show_map(ax, picture, encoder[row, column], alpha=0.75)
+        ax.plot([x], [y], "o", color=color, markersize=6, markeredgecolor="white")
+        ax.set_title(f"point {i + 1}", fontsize=9)
+    return fig
+
+
+def reference_points(id_map: torch.Tensor | None, height: int, width: int, count: int = 4) -> list[tuple[float, float]]:
+    """``count`` (x, y) points: inside the largest segments of ``id_map`` when given, else spread on a grid."""
+    from detr_panoptic.visualize.overlay import label_anchor
+
+    points: list[tuple[float, float]] = []
+    if id_map is not None and count > 0:
+        ids, areas = torch.unique(id_map[id_map > 0], return_counts=True)
+        for segment in ids[torch.argsort(areas, descending=True)][:count]:
+            x, y = label_anchor(id_map == segment)
+            points.append((float(x), float(y)))
+    grid = math.ceil(math.sqrt(count))
+    cells = [((c + 0.5) * width / grid, (r + 0.5) * height / grid) for r in range(grid) for c in range(grid)]
+    for cell in cells:
+        if len(points) >= count:
+            break
+        points.append(cell)
+    return points[:count]
+
+
+def plot_mask_grid(
+    masks: torch.Tensor,
+    titles: Sequence[str],
+    *,
+    image: Image.Image | np.ndarray | torch.Tensor | None = None,
+    columns: int = 5,
+    panel_size: float = 2.6,
+) -> Figure:
+    """The kept queries' masks ([K, H, W] in 0..1) in a grid, over the dimmed image when given."""
+    count = int(masks.shape[0])
+    columns = max(1, min(columns, count))
+    rows = max(1, math.ceil(count / columns))
+    height, width = (int(masks.shape[1]), int(masks.shape[2])) if count else (1, 1)
+    fig = Figure(figsize=(panel_size * columns, panel_size * height / width * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    picture = _hwc(image) if image is not None else None
+    for index, ax in enumerate(axes.flat):
+        _clean(ax)
+        if index >= count:
+            ax.set_axis_off()
+            continue
+        if picture is not None:
+            ax.imshow(picture, alpha=0.35)
+            ax.imshow(masks[index].float().numpy(), cmap="viridis", alpha=0.65, vmin=0, vmax=1,
+                      extent=(0, picture.shape[1], picture.shape[0], 0))
+        else:
+            ax.imshow(masks[index].float().numpy(), cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(titles[index], fontsize=8)
+    if count == 0:
+        axes[0, 0].set_axis_on()
+        axes[0, 0].set_title("no query above the threshold")
+    return fig
+
+
+def save_figure(fig: Figure, path, *, dpi: int = 100) -> None:
+    """Write ``fig`` as PNG atomically."""
+    from detr_panoptic.utils.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
