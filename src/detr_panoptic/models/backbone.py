@@ -1,0 +1,70 @@
+"""ResNet backbone with frozen batch norm, returning layer1..layer4 features and resized padding masks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detr_panoptic.models.position import PositionEmbeddingSine
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Block counts per stage; with the block type they identify the depth from a state dict.
+RESNET_BLOCKS = {
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+}
+BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True, "resnet101": True}
+
+
+def resnet_channels(name: str) -> tuple[int, int, int, int]:
+    """Output channels of layer1..layer4."""
+    base = (64, 128, 256, 512)
+    return tuple(c * 4 for c in base) if BOTTLENECK[name] else base  # type: ignore[return-value]
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet (no classifier, random init) with ``FrozenBatchNorm2d`` (eps 1e-5).
+
+    ``dilation`` replaces the stride of layer4 by a dilation (the "DC5" variant; bottleneck ResNets only).
+    The submodule is called ``body`` so the keys read ``body.layer1.0.conv1.weight`` as in the reference.
+    """
+
+    def __init__(self, name: str = "resnet50", dilation: bool = False) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+        if dilation and not BOTTLENECK[name]:
+            raise ValueError(f"dilation needs a bottleneck ResNet (resnet50/resnet101), got {name!r}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation])
+        self.body = IntermediateLayerGetter(resnet, return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)})
+        self.num_channels = resnet_channels(name)
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images [B, 3, H, W], padding_mask [B, H, W] -> [(features [B, C_l, h_l, w_l], mask [B, h_l, w_l])]
+        for layer1..layer4 (strides 4, 8, 16, 32)."""
+        levels = []
+        for feature in self.body(images).values():
+            mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            levels.append((feature, mask))
+        return levels
+
+
+class BackboneWithPosition(nn.Sequential):
+    """``[0]``: the ResNet, ``[1]``: the position embedding (the reference's ``backbone.0.body`` names)."""
+
+    def __init__(self, backbone: ResNetBackbone, position: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor  # type: ignore[override]
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Returns the four feature levels and the position embedding of the last one [B, D, h, w]."""
+        levels = self[0](images, padding_mask)
+        position = self[1](levels[-1][1]).to(levels[-1][0].dtype)
+        return levels, position

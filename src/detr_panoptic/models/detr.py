@@ -1,0 +1,204 @@
+"""``PanopticDETR``: DETR (backbone, transformer, class and box heads) plus the panoptic mask branch.
+
+Module names follow the official checkpoint (``detr.backbone.0.body...``, ``detr.transformer...``,
+``bbox_attention``, ``mask_head``) so its state dict loads with ``strict=True``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone
+from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
+from detr_panoptic.models.outputs import DETROutput, PanopticResult
+from detr_panoptic.models.position import PositionEmbeddingSine
+from detr_panoptic.models.transformer import Transformer
+from detr_panoptic.utils.batching import pad_images
+
+MaskQueries = Callable[[DETROutput], Sequence[torch.Tensor]]
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU in between (keys ``layers.0..n-1``)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DETR(nn.Module):
+    """Detection part: backbone + position, ``input_proj``, transformer, ``query_embed``, heads."""
+
+    def __init__(self, num_classes: int, backbone: BackboneWithPosition, transformer: Transformer,
+                 num_queries: int) -> None:
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.num_queries = num_queries
+        self.backbone = backbone
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
+
+
+class PanopticDETR(nn.Module):
+    """DETR for panoptic segmentation (the reference's ``DETRsegm``), with official parameter names.
+
+    Input: a list of normalised ``[3, H_i, W_i]`` images, or a padded batch ``[B, 3, H, W]`` plus
+    ``mask [B, H, W]`` (True on padding). See ``forward`` and ``predict``.
+    """
+
+    def __init__(self, num_classes: int = 250, *, backbone: str = "resnet50", dilation: bool = False,
+                 hidden_dim: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
+                 aux_loss: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1 or num_queries < 1 or dec_layers < 1:
+            raise ValueError(f"num_classes, num_queries and dec_layers must be >= 1, got "
+                             f"{num_classes}, {num_queries}, {dec_layers}")
+        if hidden_dim % 2 or hidden_dim % nheads:
+            raise ValueError(f"hidden_dim {hidden_dim} must be even and divisible by nheads {nheads}")
+        self.config = dict(num_classes=num_classes, backbone=backbone, dilation=dilation, hidden_dim=hidden_dim,
+                           nheads=nheads, enc_layers=enc_layers, dec_layers=dec_layers,
+                           dim_feedforward=dim_feedforward, dropout=dropout, num_queries=num_queries,
+                           aux_loss=aux_loss)
+        self.num_classes = num_classes
+        self.aux_loss = aux_loss
+        self.category_map = None  # set by checkpoints.load_pretrained (data.categories.CategoryMap)
+        resnet = ResNetBackbone(backbone, dilation)
+        self.detr = DETR(num_classes, BackboneWithPosition(resnet, PositionEmbeddingSine(hidden_dim // 2)),
+                         Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout),
+                         num_queries)
+        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
+        channels = resnet.num_channels
+        self.mask_head = MaskHeadSmallConv(hidden_dim, nheads, [channels[2], channels[1], channels[0]])
+
+    # -- the shared trunk -------------------------------------------------------------------------
+    @staticmethod
+    def _batch(images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            if mask is None:
+                mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+            elif mask.shape != (images.shape[0], *images.shape[-2:]):
+                raise ValueError(f"mask must be [B, H, W] = {(images.shape[0], *images.shape[-2:])}, "
+                                 f"got {tuple(mask.shape)}")
+            return images, mask.to(torch.bool)
+        if isinstance(images, torch.Tensor) and images.dim() == 3:
+            images = [images]
+        if mask is not None:
+            raise ValueError("mask is only accepted with a padded batch tensor [B, 3, H, W]")
+        return pad_images(list(images))
+
+    def _trunk(self, batch: torch.Tensor, mask: torch.Tensor, need_weights: bool = False) -> dict:
+        levels, position = self.detr.backbone(batch, mask)
+        feature, level_mask = levels[-1]
+        projected = self.detr.input_proj(feature)
+        hs, memory, attentions = self.detr.transformer(projected, level_mask, self.detr.query_embed.weight,
+                                                       position, need_weights)
+        logits = self.detr.class_embed(hs)
+        boxes = self.detr.bbox_embed(hs).sigmoid()
+        return dict(levels=levels, mask=level_mask, projected=projected, memory=memory, hs=hs,
+                    logits=logits, boxes=boxes, attentions=attentions)
+
+    def _masks(self, trunk: dict, query_indices: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image)."""
+        hs_last = trunk["hs"][-1]
+        device = hs_last.device
+        image_index = torch.cat([torch.full((len(q),), b, dtype=torch.long, device=device)
+                                 for b, q in enumerate(query_indices)])
+        query_index = torch.cat([q.to(device=device, dtype=torch.long) for q in query_indices])
+        attention = self.bbox_attention(hs_last[image_index, query_index], trunk["memory"], trunk["mask"],
+                                        image_index)
+        fpns = [trunk["levels"][i][0] for i in (2, 1, 0)]
+        return self.mask_head(trunk["projected"], attention, fpns, image_index)
+
+    # -- public API -----------------------------------------------------------------------------------
+    def forward(self, images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None = None, *,
+                mask_queries: MaskQueries | None = None, return_attention: bool = False) -> DETROutput:
+        """Run the model.
+
+        images: list of normalised [3, H_i, W_i] tensors, or a padded batch [B, 3, H, W] with ``mask``
+        [B, H, W] (True on padding).
+        mask_queries: optional ``f(DETROutput without masks) -> list[LongTensor]`` (query indices per
+        image); then only those masks are computed, packed as ``pred_masks [N, H/4, W/4]``.
+        return_attention: fill ``attentions`` with ``decoder_cross`` (per layer [B, heads, Q, h*w]),
+        ``encoder_self`` (last encoder layer, [B, heads, h*w, h*w]) and ``feature_size`` (h, w).
+        Returns ``DETROutput`` with pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (normalised cxcywh)
+        and pred_masks [B, Q, H/4, W/4] by default.
+        """
+        batch, pad_mask = self._batch(images, mask)
+        trunk = self._trunk(batch, pad_mask, return_attention)
+        logits, boxes = trunk["logits"], trunk["boxes"]
+        aux = [DETROutput(pred_logits=lg, pred_boxes=bx) for lg, bx in zip(logits[:-1], boxes[:-1])] \
+            if self.aux_loss else []
+        output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux)
+        b, q = logits.shape[1], logits.shape[2]
+        if mask_queries is None:
+            all_queries = [torch.arange(q, device=batch.device)] * b
+            masks = self._masks(trunk, all_queries)
+            output.pred_masks = masks.view(b, q, *masks.shape[-2:])
+        else:
+            selected = [torch.as_tensor(s, dtype=torch.long, device=batch.device) for s in mask_queries(output)]
+            if len(selected) != b:
+                raise ValueError(f"mask_queries returned {len(selected)} index tensors for {b} images")
+            output.pred_masks = self._masks(trunk, selected)
+            output.mask_queries = selected
+        if return_attention:
+            output.attentions = dict(trunk["attentions"], feature_size=tuple(trunk["memory"].shape[-2:]))
+        return output
+
+    @torch.inference_mode()
+    def predict(self, images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None = None, *,
+                threshold: float = 0.85, is_thing: torch.Tensor | None = None,
+                target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
+                class_to_category: torch.Tensor | None = None,
+                merge_stuff: str = "reference") -> list[PanopticResult]:
+        """Panoptic results, computing masks only for the queries that pass ``threshold``.
+
+        Same result as ``panoptic_postprocess(self(images), sizes, target_sizes, ...)`` where ``sizes`` are
+        the unpadded image sizes. ``is_thing`` (Bool [C]) and ``class_to_category`` (Long [C]) default to
+        ``self.category_map``'s when it is set (else: no class is a thing; category id = class index).
+        """
+        from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
+
+        batch, pad_mask = self._batch(images, mask)
+        processed_sizes = image_sizes(pad_mask)
+        trunk = self._trunk(batch, pad_mask)
+        output = DETROutput(pred_logits=trunk["logits"][-1], pred_boxes=trunk["boxes"][-1])
+        keep = kept_queries(output.pred_logits, threshold)
+        selected = [k.nonzero().squeeze(1) for k in keep]
+        output.pred_masks = self._masks(trunk, selected)
+        output.mask_queries = selected
+        is_thing, class_to_category = self._category_defaults(is_thing, class_to_category)
+        return panoptic_postprocess(output, processed_sizes, target_sizes, is_thing=is_thing, threshold=threshold,
+                                    class_to_category=class_to_category, merge_stuff=merge_stuff)
+
+    def _category_defaults(self, is_thing: torch.Tensor | None, class_to_category: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.category_map is not None:
+            if is_thing is None:
+                is_thing = self.category_map.is_thing()
+            if class_to_category is None:
+                class_to_category = self.category_map.class_to_category_tensor()
+        if is_thing is None:
+            is_thing = torch.zeros(self.num_classes, dtype=torch.bool)
+        return is_thing, class_to_category
+
+
+def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Unpadded (h, w) of each image of a padded batch (images sit in the top-left corner)."""
+    valid = ~padding_mask
+    heights = valid.any(dim=2).sum(dim=1).tolist()
+    widths = valid.any(dim=1).sum(dim=1).tolist()
+    return [(int(h), int(w)) for h, w in zip(heights, widths)]

@@ -1,0 +1,120 @@
+"""Per-query attention maps over the encoder memory and the FPN-style mask head.
+
+Both work on a *packed* set of queries: ``image_index[n]`` says which image row n belongs to, so the
+same code computes masks for all queries (inference, reference behaviour), for the matched queries
+only (training) or for the kept queries only (``PanopticDETR.predict``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MHAttentionMap(nn.Module):
+    """Attention logits of each query over the memory's pixels, softmax over heads and pixels jointly.
+
+    Keys ``q_linear`` / ``k_linear`` as in the reference; the key projection runs as a 1x1 convolution.
+    """
+
+    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.dropout = nn.Dropout(dropout)
+        self.q_linear = nn.Linear(query_dim, hidden_dim)
+        self.k_linear = nn.Linear(query_dim, hidden_dim)
+        self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
+        for linear in (self.q_linear, self.k_linear):
+            nn.init.zeros_(linear.bias)
+            nn.init.xavier_uniform_(linear.weight)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor | None,
+                image_index: torch.Tensor) -> torch.Tensor:
+        """queries [N, D] (packed), memory [B, D, h, w], padding_mask [B, h, w] (True = padding),
+        image_index [N] -> attention [N, heads, h, w] (sums to 1 over heads*h*w for each query)."""
+        n = queries.shape[0]
+        b, _, h, w = memory.shape
+        heads = self.num_heads
+        q = self.q_linear(queries) * self.normalize_fact
+        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
+        q = q.view(n, heads, 1, self.hidden_dim // heads)
+        k = k.view(b, heads, self.hidden_dim // heads, h * w)[image_index]
+        logits = (q @ k).view(n, heads, h * w)  # [N, heads, hw]
+        if padding_mask is not None:
+            logits = logits.masked_fill(padding_mask.flatten(1)[image_index][:, None, :], float("-inf"))
+        weights = logits.flatten(1).softmax(-1).view(n, heads, h, w)
+        return self.dropout(weights)
+
+
+def _add_per_image(x: torch.Tensor, per_image: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+    """``x + per_image[image_index]`` without materialising the gathered copy when rows are grouped by image
+    (the large 1/4-resolution maps would otherwise be duplicated once per query)."""
+    if x.shape[0] == 0:
+        return x
+    if x.requires_grad or per_image.requires_grad or bool((image_index[1:] < image_index[:-1]).any()):
+        return x + per_image[image_index]
+    counts = torch.bincount(image_index, minlength=per_image.shape[0]).tolist()
+    start = 0
+    for b, count in enumerate(counts):
+        if count:
+            x[start:start + count] += per_image[b]
+        start += count
+    return x
+
+
+def group_count(channels: int, preferred: int = 8) -> int:
+    """GroupNorm groups: ``preferred`` when it divides ``channels`` (R50: always 8), else the gcd."""
+    return math.gcd(preferred, channels)
+
+
+class MaskHeadSmallConv(nn.Module):
+    """FPN mask head. Keys: ``lay1..lay5``, ``gn1..gn5``, ``adapter1..3``, ``out_lay`` (the reference's).
+
+    Input per query: the projected feature map (``context_dim`` channels) concatenated with the query's
+    ``num_heads`` attention maps. Widths: ``dim = context_dim + num_heads``, then context_dim/2, /4, /8,
+    /16; the adapters bring layer3, layer2, layer1 features (``fpn_dims``) to the widths of lay2..lay4.
+    """
+
+    def __init__(self, context_dim: int, num_heads: int, fpn_dims: Sequence[int]) -> None:
+        super().__init__()
+        if context_dim % 16:
+            raise ValueError(f"the mask head needs hidden_dim divisible by 16, got {context_dim}")
+        dim = context_dim + num_heads
+        self.context_dim = context_dim
+        widths = [dim, dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
+        for i in range(1, 6):
+            self.add_module(f"lay{i}", nn.Conv2d(widths[i - 1], widths[i], 3, padding=1))
+            self.add_module(f"gn{i}", nn.GroupNorm(group_count(widths[i]), widths[i]))
+        self.out_lay = nn.Conv2d(widths[5], 1, 3, padding=1)
+        for i, fpn_dim in enumerate(fpn_dims, start=1):
+            self.add_module(f"adapter{i}", nn.Conv2d(fpn_dim, widths[i + 1], 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.constant_(m.bias, 0)
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(getattr(self, f"gn{i}")(getattr(self, f"lay{i}")(x)))
+
+    def forward(self, projected: torch.Tensor, attention: torch.Tensor, fpns: Sequence[torch.Tensor],
+                image_index: torch.Tensor) -> torch.Tensor:
+        """projected [B, context_dim, h, w] (``input_proj`` of layer4), attention [N, heads, h, w],
+        fpns: layer3, layer2, layer1 features [B, C, h_l, w_l]; image_index [N].
+        Returns mask logits [N, H/4, W/4] (the size of layer1)."""
+        # lay1 on concat(projected, attention) == conv(projected, W_ctx) + conv(attention, W_att) + b:
+        # the context part is the same for every query of an image, so it runs once per image.
+        w_ctx, w_att = self.lay1.weight.split([self.context_dim, attention.shape[1]], dim=1)
+        context = F.conv2d(projected, w_ctx, self.lay1.bias, padding=1)
+        x = context[image_index] + F.conv2d(attention, w_att, padding=1)
+        x = F.relu(self.gn1(x))
+        x = self._block(2, x)
+        for i, fpn in enumerate(fpns, start=1):
+            # adapters run once per image, then are shared by that image's queries
+            lateral = getattr(self, f"adapter{i}")(fpn)
+            x = _add_per_image(F.interpolate(x, size=lateral.shape[-2:], mode="nearest"), lateral, image_index)
+            x = self._block(i + 2, x)
+        return self.out_lay(x).squeeze(1)
