@@ -1,0 +1,203 @@
+"""Inference plumbing: inputs, streaming, outputs; with a fake model and, when the real model and
+checkpoint code are importable, with a tiny random PanopticDETR through the CLI."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detr_panoptic.data.categories import Category, CategoryMap
+from detr_panoptic.engine import inference
+from detr_panoptic.engine.inference import (
+    expand_inputs,
+    id_map_to_rgb,
+    load_image,
+    predict_to_folder,
+    prefetch,
+    resized_shape,
+    segments_for_json,
+    unique_names,
+)
+from detr_panoptic.models.outputs import PanopticResult
+from detr_panoptic.utils.errors import UserInputError
+
+CATEGORIES = CategoryMap.contiguous([Category(1, "car", True, (0, 0, 142)), Category(7, "road", False, (128, 64, 128))])
+
+
+def write_image(path, size=(40, 30), color=(10, 200, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+class FakeModel(torch.nn.Module):
+    """``predict`` returns road on the left half and a car in the top-right quarter, at target size."""
+
+    def __init__(self):
+        super().__init__()
+        self.category_map = CATEGORIES
+        self.calls: list[dict] = []
+
+    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category):
+        self.calls.append({"batch": len(images), "shapes": [tuple(i.shape) for i in images],
+                           "sizes": list(target_sizes), "threshold": threshold})
+        results = []
+        for height, width in target_sizes:
+            id_map = torch.zeros((height, width), dtype=torch.long)
+            id_map[:, : width // 2] = 1
+            id_map[: height // 2, width // 2:] = 2
+            results.append(PanopticResult(id_map, [
+                {"id": 1, "category_id": 7, "isthing": False, "area": 0, "score": 0.9, "query": 3},
+                {"id": 2, "category_id": 1, "isthing": True, "area": 0, "score": 0.95, "query": 5},
+                {"id": 3, "category_id": 1, "isthing": True, "area": 0, "score": 0.86, "query": 8},  # area 0
+            ]))
+        return results
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def test_expand_inputs_files_folders_globs(tmp_path):
+    a = write_image(tmp_path / "in" / "a.jpg")
+    b = write_image(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    c = write_image(tmp_path / "deep" / "x" / "c.png")
+    found = expand_inputs([str(tmp_path / "in"), str(tmp_path / "deep" / "**" / "*.png"), str(a)])
+    assert found == [a.resolve(), b.resolve(), c.resolve()]
+
+
+def test_missing_empty_and_unreadable_inputs_give_errors_naming_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        expand_inputs([str(tmp_path / "nope.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="empty.*no images"):
+        expand_inputs([str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match=r"\*\.jpg"):
+        expand_inputs([str(tmp_path / "*.jpg")])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(UserInputError, match="cannot read image .*broken.jpg"):
+        load_image(broken)
+
+
+def test_skip_bad_warns_and_keeps_going(tmp_path, caplog):
+    good = write_image(tmp_path / "good.png")
+    (tmp_path / "empty").mkdir()
+    assert expand_inputs([str(tmp_path / "missing.png"), str(tmp_path / "empty"), str(good)],
+                         skip_bad=True) == [good.resolve()]
+    assert "missing.png" in caplog.text and "empty" in caplog.text
+    with pytest.raises(UserInputError, match="no input images"):
+        expand_inputs([str(tmp_path / "missing.png")], skip_bad=True)
+
+
+def test_resized_shape_follows_the_reference_rule():
+    assert resized_shape(1024, 2048, 800, 1333) == (666, 1332)  # round(666.5) == 666, as in the reference
+    assert resized_shape(480, 640, 800, 1333) == (800, 1066)
+    assert resized_shape(800, 600, 800, None) == (1066, 800)
+    assert resized_shape(600, 800, 600, 1333) == (600, 800)
+
+
+def test_prefetch_is_bounded_keeps_order_and_passes_errors():
+    produced = []
+
+    def items():
+        for i in range(10):
+            produced.append(i)
+            yield i
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 4  # one consumed, <= 2 queued, one waiting to be put
+    assert list(stream) == list(range(1, 10))
+
+    def failing():
+        yield 1
+        raise UserInputError("bad file x.png")
+
+    stream = prefetch(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(UserInputError, match="x.png"):
+        next(stream)
+    before = threading.active_count()
+    stream = prefetch(iter(range(100)), depth=1)
+    next(stream)
+    stream.close()
+    time.sleep(0.3)
+    assert threading.active_count() <= before
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+def test_id_map_to_rgb_round_trips_large_ids():
+    ids = torch.tensor([[0, 1, 255], [256, 65536 + 3, 256**3 - 1]])
+    rgb = id_map_to_rgb(ids).astype(np.int64)
+    assert (rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2] == ids.numpy()).all()
+    with pytest.raises(ValueError):
+        id_map_to_rgb(torch.tensor([[256**3]]))
+
+
+def test_segments_for_json_counts_on_the_map_and_drops_empty_segments():
+    id_map = torch.zeros((4, 6), dtype=torch.long)
+    id_map[1:3, 2:5] = 2
+    result = PanopticResult(id_map, [{"id": 1, "category_id": 7, "isthing": False, "area": 99, "score": 0.9},
+                                     {"id": 2, "category_id": 1, "isthing": True, "area": 99, "score": 0.8}])
+    assert segments_for_json(result) == [{"id": 2, "category_id": 1, "iscrowd": 0, "bbox": [2, 1, 3, 2],
+                                          "area": 6, "isthing": 1, "score": 0.8}]
+
+
+def test_unique_names():
+    from pathlib import Path
+    assert unique_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == ["x", "x-2", "y", "x-3"]
+
+
+def _decode(path):
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
+def test_predict_to_folder_writes_pngs_overlays_and_json(tmp_path):
+    write_image(tmp_path / "in" / "000000000042.jpg", size=(40, 30))
+    write_image(tmp_path / "in" / "street.png", size=(50, 20))
+    model = FakeModel()
+    summary = predict_to_folder(model, [str(tmp_path / "in")], tmp_path / "out", size=16, max_size=64,
+                                batch_size=2, progress=False)
+    assert len(summary.processed) == 2 and model.calls[0]["batch"] == 2
+    assert model.calls[0]["sizes"] == [(30, 40), (20, 50)]
+    assert model.calls[0]["shapes"] == [(3, 16, 21), (3, 16, 40)]
+    data = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [c["id"] for c in data["categories"]] == [1, 7]
+    assert [a["image_id"] for a in data["annotations"]] == [42, "street"]
+    for annotation, image in zip(data["annotations"], data["images"]):
+        assert annotation["image_id"] == image["id"]
+        ids = _decode(tmp_path / "out" / "predictions" / annotation["file_name"])
+        assert ids.shape == (image["height"], image["width"])
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in annotation["segments_info"]} == {1, 2}
+        for segment in annotation["segments_info"]:
+            assert segment["area"] == int((ids == segment["id"]).sum())
+        overlay = Image.open(tmp_path / "out" / "overlays" / annotation["file_name"])
+        assert overlay.size == (image["width"], image["height"])
+
+
+def test_predict_to_folder_bad_inputs(tmp_path, caplog):
+    good = write_image(tmp_path / "good.png")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"garbage")
+    with pytest.raises(UserInputError, match="broken.jpg"):
+        predict_to_folder(FakeModel(), [str(good), str(broken)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "predictions.json").exists()
+    summary = predict_to_folder(FakeModel(), [str(good), str(broken)], tmp_path / "out", progress=False,
+                                skip_bad=True, size=None)
+    assert [p.name for p in summary.processed] == ["good.png"]
+    assert [p.name for p, _ in summary.skipped] == ["broken.jpg"] and "broken.jpg" in caplog.text
+    with pytest.raises(UserInputError, match="no image could be processed"):
+        predict_to_folder(FakeModel(), [str(broken)], tmp_path / "out2", progress=False, skip_bad=True)
+
+
+def test_device_resolution():
+    assert inference.resolve_device("cpu").type == "cpu"
+    assert inference.resolve_device("auto").type in {"cpu", "cuda"}
+    with pytest.raises(UserInputError, match="device"):
+        inference.resolve_device("tpu:banana")
