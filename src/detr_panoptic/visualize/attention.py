@@ -183,3 +183,50 @@ def save_figure(fig: Figure, path, *, dpi: int = 100) -> None:
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def write_attention_figures(
+    maps,
+    out_dir,
+    categories,
+    *,
+    per_head: bool = False,
+    points: int = 4,
+    queries_per_page: int = 8,
+    dpi: int = 100,
+) -> list:
+    """Write the attention figures of one image into ``out_dir``; return the paths written.
+
+    ``maps`` is an ``engine.inference.AttentionMaps`` (image, queries, scores, category_ids, boxes,
+    masks, decoder, encoder, result). Files: ``queries_01.png``... (``queries_per_page`` kept queries
+    each, by query index), ``encoder.png`` (when the encoder attention is there) and ``masks.png``.
+    """
+    from pathlib import Path
+
+    from detr_panoptic.visualize.overlay import categories_by_id
+
+    out_dir = Path(out_dir)
+    cats = categories_by_id(categories)
+    titles = []
+    for query, category_id, score in zip(maps.queries.tolist(), maps.category_ids.tolist(), maps.scores.tolist()):
+        name = cats[category_id].name if category_id in cats else f"category {category_id}"
+        titles.append(f"query {query}: {name} {score:.2f}")
+    written = []
+    pages = max(1, math.ceil(len(titles) / queries_per_page))
+    for page in range(pages):
+        chunk = slice(page * queries_per_page, (page + 1) * queries_per_page)
+        fig = plot_query_attention(maps.image, maps.decoder[chunk], maps.boxes[chunk], maps.masks[chunk],
+                                   titles[chunk], per_head=per_head)
+        path = out_dir / f"queries_{page + 1:02d}.png"
+        save_figure(fig, path, dpi=dpi)
+        written.append(path)
+    if maps.encoder is not None and points > 0:
+        id_map = maps.result.id_map if maps.result is not None else None
+        chosen = reference_points(id_map, maps.image.height, maps.image.width, count=points)
+        path = out_dir / "encoder.png"
+        save_figure(plot_encoder_attention(maps.image, maps.encoder, chosen), path, dpi=dpi)
+        written.append(path)
+    path = out_dir / "masks.png"
+    save_figure(plot_mask_grid(maps.masks, titles, image=maps.image), path, dpi=dpi)
+    written.append(path)
+    return written
