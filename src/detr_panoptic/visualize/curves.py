@@ -1,0 +1,195 @@
+"""Training curves from a run folder's ``metrics.jsonl``: losses, PQ over time, per-class bars.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "epoch", "lr", "loss",
+"loss_ce", ...}`` per logged step and ``{"kind": "val", "step", "epoch", "pq", "sq", "rq", ...,
+"per_class": {...}}`` per validation (PQ in percent).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from detr_panoptic.utils.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+AUX_SUFFIX = re.compile(r"_\d+$")
+PQ_KEYS = ("pq", "sq", "rq", "pq_things", "pq_stuff")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (or of ``<run>/metrics.jsonl`` when given a folder).
+
+    A malformed last line is skipped with a warning (a run may be writing it right now); a malformed
+    line elsewhere is an error naming the file and line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path} (expected a run folder with metrics.jsonl)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if number == len(lines):
+                log.warning("%s:%d: skipping an incomplete last line", path, number)
+                continue
+            raise UserInputError(f"{path}:{number}: not a JSON object per line ({exc})") from None
+        records.append(record)
+    return records
+
+
+def split_records(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records), each sorted by step."""
+    def by_step(kind: str) -> list[dict]:
+        chosen = [dict(r) for r in records if r.get("kind") == kind]
+        return sorted(chosen, key=lambda r: (r.get("step", 0) or 0))
+    return by_step("train"), by_step("val")
+
+
+def loss_keys(records: Sequence[Mapping[str, Any]], *, include_aux: bool = False) -> list[str]:
+    """``loss`` first, then the ``loss_*`` components in first-seen order (auxiliary ``_0``.. only if asked)."""
+    keys: dict[str, None] = {}
+    for record in records:
+        for key, value in record.items():
+            if (key == "loss" or key.startswith("loss_")) and isinstance(value, (int, float)):
+                if include_aux or not AUX_SUFFIX.search(key):
+                    keys[key] = None
+    return sorted(keys, key=lambda k: (k != "loss",))
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = [(r.get("step", i), r[key]) for i, r in enumerate(records)
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out = np.empty_like(values)
+    average = 0.0
+    for i, value in enumerate(values):
+        average = weight * average + (1 - weight) * value
+        out[i] = average / (1 - weight ** (i + 1))
+    return out
+
+
+def plot_losses(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]] = (), *,
+                include_aux: bool = False, columns: int = 3) -> Figure:
+    """One panel per loss (total, then each component): raw train values faint, smoothed solid,
+    validation as markers where the validation records carry the same key."""
+    keys = loss_keys(list(train) + list(val), include_aux=include_aux)
+    if not keys:
+        fig = Figure(figsize=(5, 3), layout="constrained")
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no losses logged yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    columns = min(columns, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        steps, values = _series(train, key)
+        if len(values):
+            ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth(values), color="C0", label="train")
+        steps, values = _series(val, key)
+        if len(values):
+            ax.plot(steps, values, "o-", color="C1", label="validation")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_axis_off()
+    fig.suptitle("losses")
+    return fig
+
+
+def plot_pq(val: Sequence[Mapping[str, Any]]) -> Figure:
+    """PQ, SQ, RQ (and PQ of things / stuff) of each validation against the step, in percent."""
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    plotted = False
+    for key, style in zip(PQ_KEYS, ("o-", "s--", "^--", "v:", "d:")):
+        steps, values = _series(val, key)
+        if len(values):
+            ax.plot(steps, values, style, label=key.replace("_", " ").upper().replace("THINGS", "things")
+                    .replace("STUFF", "stuff"))
+            plotted = True
+    if plotted:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("%")
+    ax.set_title("panoptic quality over training")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def last_per_class(val: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """``per_class`` of the last validation that has one."""
+    for record in reversed(val):
+        if record.get("per_class"):
+            return record["per_class"]
+    return None
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int = 100) -> list[Path]:
+    """Write ``losses.png``, ``pq.png`` and (after a validation with per-class results)
+    ``per_class.png`` into ``out_dir`` (default ``<run_dir>/plots``); return the paths written."""
+    from detr_panoptic.visualize.attention import save_figure
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    train, val = split_records(read_metrics(run_dir))
+    written = []
+    for name, fig in (("losses", plot_losses(train, val)), ("pq", plot_pq(val))):
+        save_figure(fig, out_dir / f"{name}.png", dpi=dpi)
+        written.append(out_dir / f"{name}.png")
+    per_class = last_per_class(val)
+    if per_class:
+        fig = per_class_figure(per_class, categories=run_categories(run_dir))
+        save_figure(fig, out_dir / "per_class.png", dpi=dpi)
+        written.append(out_dir / "per_class.png")
+    return written
+
+
+def run_categories(run_dir: Path) -> dict[int, str]:
+    """Category id -> name, from the run's ``categories.json`` or checkpoint metadata when present."""
+    for candidate in (run_dir / "categories.json", run_dir / "eval" / "predictions.json"):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+                records = data["categories"] if isinstance(data, dict) else data
+                return {int(r["id"]): str(r["name"]) for r in records}
+            except (ValueError, KeyError, TypeError):
+                continue
+    return {}
+
+
+def per_class_figure(per_class: Mapping[Any, Mapping[str, float]], *, categories: Mapping[int, str] | None = None) -> Figure:
+    """Per-class PQ/SQ/RQ bars; drawn by the evaluation's chart (``visualize.charts``)."""
+    from detr_panoptic.visualize import charts
+
+    return charts.per_class_figure(per_class, categories=categories)
