@@ -96,7 +96,9 @@ def _e(value: Any) -> str:
 def _number(value: Any, digits: int = 2) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _e(value)
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}" if value and abs(value) < 0.01 else f"{value:.{digits}f}"
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, name_columns: int = 1) -> str:
