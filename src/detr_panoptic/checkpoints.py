@@ -1,0 +1,470 @@
+"""Loading, saving and adapting model weights.
+
+Sources understood by ``load_pretrained``:
+
+* the official DETR format: a ``torch.save``d ``{"model": state_dict}`` (optionally with the reference
+  training script's ``optimizer``/``lr_scheduler``/``epoch``/``args``), or a bare state dict;
+* our checkpoints (``{"model": ..., "detr_panoptic": {"format_version", "model_config", "category_map"}, ...}``);
+* ``.safetensors`` (official or Hugging Face names) with an optional JSON sidecar (``<stem>.json``);
+* a Hugging Face ``DetrForSegmentation`` folder (``config.json`` + ``model.safetensors``/``pytorch_model.bin``);
+* an ``http(s)://`` URL, downloaded once into the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and
+  checked against the SHA-256 prefix in its file name (``name-<hex>.pth``);
+* an alias: ``coco-r50-panoptic``, ``coco-r50-dc5-panoptic``, ``coco-r101-panoptic``.
+
+Pickled files are only ever read with ``torch.load(weights_only=True)`` (``argparse.Namespace`` allowed),
+so no code in a checkpoint runs.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import torch
+
+from detr_panoptic.data.categories import CategoryMap, coco_category_map
+from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS
+from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+OFFICIAL_URLS = {
+    "coco-r50-panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r50-panoptic-00ce5173.pth",
+    "coco-r50-dc5-panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r50-dc5-panoptic-da08f1b1.pth",
+    "coco-r101-panoptic": "https://dl.fbaipublicfiles.com/detr/detr-r101-panoptic-40021d53.pth",
+}
+# What the weights cannot tell about an alias.
+ALIAS_OVERRIDES: dict[str, dict[str, Any]] = {"coco-r50-dc5-panoptic": {"dilation": True}}
+CLASS_HEAD_KEYS = ("detr.class_embed.weight", "detr.class_embed.bias")
+MODEL_KWARGS = tuple(p for p in inspect.signature(PanopticDETR.__init__).parameters if p != "self")
+
+
+# -- reading files ---------------------------------------------------------------------------------------
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` that never executes pickled code; a file needing more is refused with the reason."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(
+            f"{path}: refusing to load: the file holds pickled objects other than tensors and plain "
+            f"containers, and loading it could run code ({first_line})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise UserInputError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path}: expected a JSON file ({exc})") from None
+
+
+def sidecar_path(weights_path: str | os.PathLike) -> Path:
+    """``model.safetensors`` -> ``model.json`` (the metadata written by ``export_safetensors``)."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserInputError(f"{path}: not a readable .safetensors file ({exc})") from None
+
+
+def download_to_hub_cache(url: str) -> Path:
+    """Download ``url`` once into ``torch.hub.get_dir()/checkpoints`` (as torch.hub does), checking the
+    SHA-256 prefix in the file name (``name-<hex>.ext``) when there is one."""
+    file_name = os.path.basename(urlparse(url).path)
+    if not file_name:
+        raise UserInputError(f"{url}: the URL does not name a file")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(file_name)
+        hash_prefix = match.group(1) if match else None
+        log.info("downloading %s to %s", url, target)
+        try:
+            torch.hub.download_url_to_file(url, str(target), hash_prefix=hash_prefix, progress=False)
+        except RuntimeError as exc:  # hash mismatch
+            raise UserInputError(f"{url}: {exc}") from None
+        except OSError as exc:
+            raise UserInputError(f"{url}: download failed ({exc})") from None
+    return target
+
+
+class _Loaded:
+    """What a source holds: official-name state dict, our metadata, config hints, a description."""
+
+    def __init__(self, state: dict[str, torch.Tensor], *, description: str,
+                 metadata: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> None:
+        self.state = state
+        self.description = description
+        self.metadata = dict(metadata or {})
+        self.config = dict(config or {})
+
+
+def _read_source(source: str | os.PathLike) -> _Loaded:
+    text = str(source)
+    if text in OFFICIAL_URLS:
+        loaded = _read_source(OFFICIAL_URLS[text])
+        loaded.config.update(ALIAS_OVERRIDES.get(text, {}))
+        return loaded
+    if text.startswith(("http://", "https://")):
+        return _read_file(download_to_hub_cache(text), description=text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _read_hf_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected a .pth/.safetensors file, a Hugging Face "
+                                f"folder, a URL or one of {sorted(OFFICIAL_URLS)})")
+    return _read_file(path, description=str(path))
+
+
+def _read_file(path: Path, *, description: str) -> _Loaded:
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+        sidecar = sidecar_path(path)
+        meta = _read_json(sidecar) if sidecar.is_file() else {}
+        return _Loaded(state, description=description, metadata=meta)
+    obj = _torch_load(path)
+    if not isinstance(obj, Mapping):
+        raise UserInputError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        return _Loaded(dict(obj["model"]), description=description, metadata=obj.get("detr_panoptic"))
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _Loaded(dict(obj), description=description)
+    raise UserInputError(f"{path}: expected {{'model': state_dict}} or a state dict; found keys {sorted(obj)[:10]}")
+
+
+def _read_hf_folder(folder: Path) -> _Loaded:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    hf = _read_json(config_file)
+    if hf.get("model_type") not in (None, "detr"):
+        raise UserInputError(f"{config_file}: model_type {hf.get('model_type')!r} is not 'detr'")
+    if (folder / "model.safetensors").is_file():
+        state = _read_safetensors(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").is_file():
+        state = _torch_load(folder / "pytorch_model.bin")
+    else:
+        raise FileNotFoundError(f"{folder}: expected model.safetensors or pytorch_model.bin beside config.json")
+    config = {"hidden_dim": hf.get("d_model"), "nheads": hf.get("encoder_attention_heads"),
+              "enc_layers": hf.get("encoder_layers"), "dec_layers": hf.get("decoder_layers"),
+              "dim_feedforward": hf.get("encoder_ffn_dim"), "dropout": hf.get("dropout"),
+              "num_queries": hf.get("num_queries"), "aux_loss": hf.get("auxiliary_loss"),
+              "dilation": hf.get("dilation")}
+    if hf.get("decoder_ffn_dim", config["dim_feedforward"]) != config["dim_feedforward"]:
+        raise UserInputError(f"{config_file}: encoder_ffn_dim != decoder_ffn_dim is not supported")
+    if hf.get("position_embedding_type", "sine") != "sine":
+        raise UserInputError(f"{config_file}: only sine position embeddings are supported")
+    return _Loaded(dict(state), description=str(folder), config={k: v for k, v in config.items() if v is not None})
+
+
+# -- Hugging Face names -> official names ------------------------------------------------------------------
+_HF_BACKBONE_PREFIX = re.compile(r"^detr\.model\.backbone\.(?:conv_encoder\.)?model\.")
+_HF_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
+    # transformers' own ResNet (AutoBackbone)
+    (r"^BB\.embedder\.embedder\.convolution\.", "BB.conv1."),
+    (r"^BB\.embedder\.embedder\.normalization\.", "BB.bn1."),
+    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", r"BB.layerS\1.\2.downsample.0."),
+    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", r"BB.layerS\1.\2.downsample.1."),
+    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", r"BB.layerS\1.\2.convJ\3."),
+    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", r"BB.layerS\1.\2.bnJ\3."),
+    (r"^BB\.", "detr.backbone.0.body."),
+    # transformer
+    (r"^detr\.model\.(encoder|decoder)\.", r"detr.transformer.\1."),
+    (r"\.encoder_attn\.", ".multihead_attn."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.(?:mlp\.)?fc1\.", ".linear1."),
+    (r"\.(?:mlp\.)?fc2\.", ".linear2."),
+    (r"^(detr\.transformer\.encoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
+    (r"^(detr\.transformer\.encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
+    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
+    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm2."),
+    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
+    (r"^detr\.transformer\.decoder\.layernorm\.", "detr.transformer.decoder.norm."),
+    # heads and projections
+    (r"^detr\.model\.input_projection\.", "detr.input_proj."),
+    (r"^detr\.model\.query_position_embeddings\.", "detr.query_embed."),
+    (r"^detr\.class_labels_classifier\.", "detr.class_embed."),
+    (r"^detr\.bbox_predictor\.", "detr.bbox_embed."),
+    (r"^bbox_attention\.q_proj\.", "bbox_attention.q_linear."),
+    (r"^bbox_attention\.k_proj\.", "bbox_attention.k_linear."),
+    # transformers >= 5 in-memory mask-head names
+    (r"^mask_head\.conv(\d)\.conv\.", r"mask_head.lay\1."),
+    (r"^mask_head\.conv(\d)\.norm\.", r"mask_head.gn\1."),
+    (r"^mask_head\.fpn_stages\.(\d)\.fpn_adapter\.", r"mask_head.adapterF\1."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.conv\.", r"mask_head.layF\1."),
+    (r"^mask_head\.fpn_stages\.(\d)\.refine\.norm\.", r"mask_head.gnF\1."),
+    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
+]]
+_OFFSETS = [(re.compile(r"layerS(\d+)"), "layer", 1), (re.compile(r"convJ(\d+)"), "conv", 1),
+            (re.compile(r"bnJ(\d+)"), "bn", 1), (re.compile(r"adapterF(\d+)"), "adapter", 1),
+            (re.compile(r"layF(\d+)"), "lay", 3), (re.compile(r"gnF(\d+)"), "gn", 3)]
+_QKV = re.compile(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$")
+
+
+def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith(("detr.model.", "detr.class_labels_classifier.")) for k in state)
+
+
+def hugging_face_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a ``DetrForSegmentation`` state dict (saved or in-memory names, timm or transformers ResNet)
+    to the official DETR keys; q/k/v projections are fused into ``in_proj_weight``/``in_proj_bias``."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _HF_BACKBONE_PREFIX.sub("BB.", key)
+        for pattern, replacement in _HF_RULES:
+            key = pattern.sub(replacement, key)
+        for pattern, name, offset in _OFFSETS:
+            key = pattern.sub(lambda m, n=name, o=offset: f"{n}{int(m.group(1)) + o}", key)
+        renamed[key] = value
+    fused: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in renamed.items():
+        match = _QKV.match(key)
+        if match and ".bbox_attention" not in key:
+            parts.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
+        else:
+            fused[key] = value
+    for (prefix, kind), qkv in parts.items():
+        if set(qkv) != {"q", "k", "v"}:
+            raise UserInputError(f"Hugging Face weights: {prefix} lacks one of q/k/v_proj.{kind}")
+        fused[f"{prefix}.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
+    return fused
+
+
+def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if is_hugging_face_state(state):
+        state = hugging_face_to_official(state)
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        out[key[len("module."):] if key.startswith("module.") else key] = value
+    return out
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+def infer_model_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Constructor kwargs readable from official-name weights (not: dilation, dropout, aux_loss)."""
+    try:
+        hidden_dim = int(state["detr.query_embed.weight"].shape[1])
+        config: dict[str, Any] = {
+            "num_classes": int(state["detr.class_embed.weight"].shape[0]) - 1,
+            "num_queries": int(state["detr.query_embed.weight"].shape[0]),
+            "hidden_dim": hidden_dim,
+        }
+    except KeyError as exc:
+        raise UserInputError(f"weights lack {exc.args[0]}: not a DETR panoptic state dict "
+                             f"(first keys: {sorted(state)[:5]})") from None
+
+    def count(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+    config["enc_layers"] = count("detr.transformer.encoder.layers.")
+    config["dec_layers"] = count("detr.transformer.decoder.layers.")
+    for stack in ("encoder", "decoder"):
+        ffn = state.get(f"detr.transformer.{stack}.layers.0.linear1.weight")
+        if ffn is not None:
+            config["dim_feedforward"] = int(ffn.shape[0])
+            break
+    lay1 = state.get("mask_head.lay1.weight")
+    if lay1 is not None:
+        config["nheads"] = int(lay1.shape[1]) - hidden_dim
+    bottleneck = "detr.backbone.0.body.layer1.0.conv3.weight" in state
+    blocks = tuple(count(f"detr.backbone.0.body.layer{i}.") for i in range(1, 5))
+    for name, name_blocks in RESNET_BLOCKS.items():
+        if name_blocks == blocks and BOTTLENECK[name] == bottleneck:
+            config["backbone"] = name
+            break
+    else:
+        raise UserInputError(f"backbone with blocks {blocks} ({'bottleneck' if bottleneck else 'basic'}) is not "
+                             f"one of ResNet-18/34/50/101")
+    return config
+
+
+def model_config_from_model(model: PanopticDETR) -> dict[str, Any]:
+    """The constructor kwargs of ``model`` (``PanopticDETR(**config)`` rebuilds it)."""
+    return dict(model.config)
+
+
+def _check_overrides(overrides: Mapping[str, Any]) -> None:
+    unknown = sorted(set(overrides) - set(MODEL_KWARGS))
+    if unknown:
+        raise UserInputError(f"unknown model option(s) {unknown}; expected some of {list(MODEL_KWARGS)}")
+
+
+# -- the public entry point ------------------------------------------------------------------------------------
+def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> PanopticDETR:
+    """Build a ``PanopticDETR`` from ``source`` (see the module docstring) and load its weights.
+
+    The configuration is read from the weights (classes, queries, layers, widths, heads, backbone depth),
+    then from metadata (our checkpoints, a Hugging Face config.json), then ``model_overrides``
+    (``num_classes=``, ``aux_loss=``, ``dropout=``, ``dilation=`` ...). With a different ``num_classes``
+    the class head keeps its fresh initialisation (logged); any other shape mismatch raises
+    ``UserInputError`` listing the keys. ``model.category_map`` is set from our metadata, or to the COCO
+    panoptic map for 250-class checkpoints without metadata, else None.
+    """
+    _check_overrides(model_overrides)
+    loaded = _read_source(source)
+    state = _normalise_keys(loaded.state)
+    config = {k: v for k, v in PanopticDETR_DEFAULTS.items()}
+    config.update(infer_model_config(state))
+    saved_config = {k: v for k, v in loaded.metadata.get("model_config", {}).items() if k in MODEL_KWARGS}
+    config.update({k: v for k, v in loaded.config.items() if k in MODEL_KWARGS})
+    config.update(saved_config)
+    checkpoint_classes = config["num_classes"]
+    config.update(model_overrides)
+    try:
+        model = PanopticDETR(**config)
+    except ValueError as exc:
+        raise UserInputError(f"{loaded.description}: cannot build the model with {config}: {exc}") from None
+    skip = CLASS_HEAD_KEYS if config["num_classes"] != checkpoint_classes else ()
+    _load_state(model, state, skip=skip, description=loaded.description)
+    if skip:
+        log.info("%s: %d -> %d classes: not loaded (re-initialised): %s", loaded.description, checkpoint_classes,
+                 config["num_classes"], ", ".join(skip))
+    model.category_map = _category_map(loaded, config["num_classes"], checkpoint_classes)
+    return model
+
+
+PanopticDETR_DEFAULTS = {name: p.default for name, p in inspect.signature(PanopticDETR.__init__).parameters.items()
+                         if name != "self"}
+
+
+def _load_state(model: PanopticDETR, state: Mapping[str, torch.Tensor], *, skip: tuple[str, ...],
+                description: str) -> None:
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k not in skip}
+    missing = sorted(set(expected) - set(state) - set(skip))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                        for k, v in state.items() if k in expected and v.shape != expected[k].shape)
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {'; '.join(mismatched)}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+    if problems:
+        raise UserInputError(f"{description}: the weights do not fit the model ({model.config}): "
+                             + " | ".join(problems))
+    model.load_state_dict(state, strict=not skip)
+
+
+def _category_map(loaded: _Loaded, num_classes: int, checkpoint_classes: int) -> CategoryMap | None:
+    if num_classes != checkpoint_classes:
+        return None
+    saved = loaded.metadata.get("category_map")
+    if saved:
+        category_map = CategoryMap.from_json(saved, source=loaded.description)
+        if category_map.num_classes == num_classes:
+            return category_map
+        log.warning("%s: category map has %d classes, the model %d: ignored", loaded.description,
+                    category_map.num_classes, num_classes)
+        return None
+    if num_classes == 250:
+        return coco_category_map(250)
+    return None
+
+
+# -- saving ------------------------------------------------------------------------------------------------
+def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any] | None,
+              model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    if isinstance(category_map, CategoryMap):
+        category_map = category_map.to_json()
+    return {"format_version": FORMAT_VERSION,
+            "model_config": dict(model_config if model_config is not None else model_config_from_model(model)),
+            "category_map": dict(category_map) if category_map is not None else None}
+
+
+def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
+                    category_map: CategoryMap | Mapping[str, Any] | None, model_config: Mapping[str, Any],
+                    extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{"model": state_dict, "detr_panoptic": {...}, **extra}`` atomically.
+
+    The reference code loads it (``checkpoint["model"]`` has the official keys); ``extra`` holds the
+    training state (``optimizer``, ``lr_scheduler``, ``step``, ``epoch``, ``rng``, ``best_pq``) and must
+    be tensors/numbers/strings/lists/dicts so that ``torch.load(weights_only=True)`` reads it.
+    """
+    payload: dict[str, Any] = {"model": model.state_dict(),
+                               "detr_panoptic": _metadata(model, category_map, model_config)}
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ValueError(f"extra must not overwrite {key!r}")
+        payload[key] = value
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def export_safetensors(model: PanopticDETR, path: str | os.PathLike, *,
+                       category_map: CategoryMap | Mapping[str, Any] | None = None,
+                       model_config: Mapping[str, Any] | None = None) -> Path:
+    """Write the weights (official keys) as ``.safetensors`` plus ``<stem>.json`` with the model config and
+    category map (defaults: the model's). Returns the weights path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserInputError(f"{path}: the file name must end in .safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = _metadata(model, category_map if category_map is not None else model.category_map, model_config)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "detr_panoptic_format_version": str(FORMAT_VERSION)})
+    atomic_write_json(sidecar_path(path), meta)
+    return path
+
+
+# -- class head adaptation ------------------------------------------------------------------------------------
+def adapt_class_head(state_dict: Mapping[str, torch.Tensor], new_num_classes: int,
+                     row_map: Mapping[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Return a copy of ``state_dict`` whose ``detr.class_embed`` has ``new_num_classes + 1`` rows.
+
+    Rows start from ``nn.Linear``'s default initialisation; with ``row_map`` (new class index -> old class
+    index) those rows are copied from the old head, and the "no object" row (last) from the old last row.
+    """
+    if new_num_classes < 1:
+        raise ValueError(f"new_num_classes must be >= 1, got {new_num_classes}")
+    out = dict(state_dict)
+    weight, bias = state_dict[CLASS_HEAD_KEYS[0]], state_dict[CLASS_HEAD_KEYS[1]]
+    old_rows, dim = weight.shape
+    new_weight = torch.empty(new_num_classes + 1, dim, dtype=weight.dtype, device=weight.device)
+    torch.nn.init.kaiming_uniform_(new_weight, a=math.sqrt(5))  # nn.Linear's default
+    bound = 1 / math.sqrt(dim)
+    new_bias = torch.empty(new_num_classes + 1, dtype=bias.dtype, device=bias.device).uniform_(-bound, bound)
+    if row_map is not None:
+        for new_index, old_index in row_map.items():
+            if not (0 <= new_index < new_num_classes and 0 <= old_index < old_rows - 1):
+                raise UserInputError(f"class head row map: {new_index} -> {old_index} is out of range "
+                                     f"(new classes 0..{new_num_classes - 1}, old 0..{old_rows - 2})")
+            new_weight[new_index] = weight[old_index]
+            new_bias[new_index] = bias[old_index]
+        new_weight[-1] = weight[-1]
+        new_bias[-1] = bias[-1]
+    out[CLASS_HEAD_KEYS[0]] = new_weight
+    out[CLASS_HEAD_KEYS[1]] = new_bias
+    return out
