@@ -1,0 +1,478 @@
+"""Panoptic quality, computed exactly as panopticapi's ``pq_compute`` computes it, but vectorised.
+
+Rules (per image, per category):
+
+* Ground-truth pixels with id 0 are VOID. A predicted and a ground-truth segment of the same
+  category match when IoU > 0.5, where the union leaves out the predicted pixels that fall on VOID.
+  Crowd ground-truth segments (``iscrowd == 1``) are never matched.
+* Unmatched non-crowd ground truth is a false negative. An unmatched prediction is a false positive
+  unless more than half of its pixels lie on VOID plus the (last listed) crowd segment of its
+  category.
+* Ground-truth areas come from the JSON's ``area`` (panopticapi's choice; counted from the PNG
+  when missing); predicted areas are counted from the PNG.
+* Per category: PQ = sum IoU(TP) / (TP + FP/2 + FN/2), SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2);
+  All/Things/Stuff average over the categories with TP + FP + FN > 0.
+
+The result dict has panopticapi's structure, as fractions::
+
+    {"All": {"pq", "sq", "rq", "n"}, "per_class": {category_id: {"pq", "sq", "rq"}},
+     "Things": {...}, "Stuff": {...}}
+
+``per_class`` covers every category (0.0 for those never seen), like panopticapi's. Deviations,
+only where panopticapi would crash or silently accept broken input: with no category seen, the
+averages are 0.0 with ``n = 0`` (panopticapi divides by zero); segment id 0 or a duplicate segment
+id in a JSON, and a prediction for an image that has two predictions, are errors.
+
+Per image, the two id maps are relabelled to compact indices (a lookup table over the 2^24 RGB ids)
+and every (ground truth, prediction) overlap is counted with one ``np.bincount``; matching is then a
+few operations on a small [G, P] matrix. Images are spread over worker processes.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from detr_panoptic.evaluation.panoptic_format import (
+    MAX_SEGMENT_ID,
+    _category_records,
+    _describe,
+    _to_numpy,
+    load_panoptic_json,
+    read_id_png,
+)
+from detr_panoptic.utils.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# Columns of the per-category statistics array: summed IoU of true positives, TP, FP, FN.
+IOU, TP, FP, FN = range(4)
+_LUT_MIN_PIXELS = 1 << 18  # below this, relabel with searchsorted instead of the 64 MB lookup table
+_lut: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Categories
+# --------------------------------------------------------------------------------------------
+class _Categories:
+    """Category records in their given order, with id -> row index (unknown ids -> the last row)."""
+
+    def __init__(self, categories: Any) -> None:
+        records = _category_records(categories)
+        self.records: list[dict[str, Any]] = records
+        self.ids = np.array([int(r["id"]) for r in records], dtype=np.int64)
+        if len(set(self.ids.tolist())) != len(records):
+            raise UserInputError(f"duplicate category ids in {self.ids.tolist()}")
+        self.isthing = np.array([r.get("isthing", 0) == 1 for r in records], dtype=bool)
+        self.names = [str(r.get("name", r["id"])) for r in records]
+        self.index = {int(cid): i for i, cid in enumerate(self.ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rows(self, category_ids: Sequence[int]) -> np.ndarray:
+        """Row index per category id; ``len(self)`` (a discard row) for unknown ids."""
+        unknown = len(self.records)
+        return np.array([self.index.get(int(c), unknown) for c in category_ids], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+# --------------------------------------------------------------------------------------------
+def _segment_table(segments: Iterable[Mapping[str, Any]], image_id: Any, source: str
+                   ) -> tuple[list[dict[str, Any]], np.ndarray]:
+    segments = list(segments)
+    try:
+        ids = np.array([int(s["id"]) for s in segments], dtype=np.int64)
+        for s in segments:
+            s["category_id"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserInputError(f"image {image_id!r}: {source}: every segment needs 'id' and 'category_id' "
+                             f"({exc!r})") from None
+    if (ids == 0).any():
+        raise UserInputError(f"image {image_id!r}: {source}: segment id 0 is reserved for VOID")
+    if len(np.unique(ids)) != len(ids):
+        values, counts = np.unique(ids, return_counts=True)
+        raise UserInputError(f"image {image_id!r}: {source}: duplicate segment ids {values[counts > 1].tolist()}")
+    return segments, ids
+
+
+def _relabel(id_map: np.ndarray, segment_ids: np.ndarray, *, use_lut: bool | None = None) -> np.ndarray:
+    """Compact labels: 0 = an id not in ``segment_ids``, 1 = VOID (id 0), 2 + i = ``segment_ids[i]``."""
+    n = len(segment_ids)
+    if use_lut is None:
+        use_lut = id_map.size >= _LUT_MIN_PIXELS and id_map.dtype == np.uint32
+    if use_lut and (n == 0 or (segment_ids.min() > 0 and segment_ids.max() <= MAX_SEGMENT_ID)):
+        global _lut
+        if _lut is None:
+            _lut = np.zeros(MAX_SEGMENT_ID + 1, dtype=np.int32)
+        if id_map.dtype != np.uint32:
+            if id_map.size and (id_map.min() < 0 or id_map.max() > MAX_SEGMENT_ID):
+                return _relabel(id_map, segment_ids, use_lut=False)
+            id_map = id_map.astype(np.uint32)
+        _lut[0] = 1
+        _lut[segment_ids] = np.arange(2, n + 2, dtype=np.int32)
+        try:
+            return _lut[id_map]
+        finally:
+            _lut[segment_ids] = 0
+            _lut[0] = 0
+    keys = np.concatenate([[0], segment_ids]).astype(np.int64)
+    sorter = np.argsort(keys, kind="stable")
+    sorted_keys = keys[sorter]
+    pos = np.minimum(np.searchsorted(sorted_keys, id_map), n)
+    found = sorted_keys[pos] == id_map
+    return np.where(found, sorter[pos] + 1, 0).astype(np.int32)
+
+
+def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
+                   pred_id_map: np.ndarray, pred_segments: Sequence[Mapping[str, Any]],
+                   categories: _Categories, *, image_id: Any = None,
+                   gt_source: str = "ground truth", pred_source: str = "prediction",
+                   use_lut: bool | None = None) -> np.ndarray:
+    """Statistics of one image: float64 ``[C + 1, 4]`` (summed IoU, TP, FP, FN per category row;
+    the last row collects ground truth of categories not in ``categories``, as panopticapi ignores it).
+    """
+    if gt_id_map.shape != pred_id_map.shape:
+        raise UserInputError(f"image {image_id!r}: {pred_source} is {pred_id_map.shape[1]}x"
+                             f"{pred_id_map.shape[0]} but {gt_source} is {gt_id_map.shape[1]}x"
+                             f"{gt_id_map.shape[0]} (width x height)")
+    gt_segments, gt_ids = _segment_table(gt_segments, image_id, gt_source)
+    pred_segments, pred_ids = _segment_table(pred_segments, image_id, pred_source)
+    num_gt, num_pred = len(gt_ids), len(pred_ids)
+
+    gt_labels = _relabel(gt_id_map, gt_ids, use_lut=use_lut)
+    pred_labels = _relabel(pred_id_map, pred_ids, use_lut=use_lut)
+    width = num_pred + 2
+    if (num_gt + 2) * width < 2**31:
+        gt_labels *= np.int32(width)
+        gt_labels += pred_labels
+        combined = gt_labels
+    else:
+        combined = gt_labels.astype(np.int64) * width + pred_labels
+    overlap = np.bincount(combined.ravel(), minlength=(num_gt + 2) * width).reshape(num_gt + 2, width)
+
+    # Prediction sanity checks, as panopticapi (ids in the PNG vs the JSON, known categories).
+    if overlap[:, 0].any():
+        stray = np.unique(np.asarray(pred_id_map)[pred_labels == 0]).tolist()
+        raise UserInputError(f"image {image_id!r}: segment ids {stray} are in {pred_source} PNG but not "
+                             "in its JSON segments_info")
+    pred_area = overlap[:, 2:].sum(0)
+    pred_categories = np.array([int(s["category_id"]) for s in pred_segments], dtype=np.int64)
+    pred_rows = categories.rows(pred_categories)
+    unknown = pred_rows == len(categories)
+    if unknown.any():
+        pairs = ", ".join(f"segment {i} -> {c}" for i, c in zip(pred_ids[unknown], pred_categories[unknown]))
+        raise UserInputError(f"image {image_id!r}: {pred_source} has unknown category ids ({pairs}); "
+                             f"known: {categories.ids.tolist()}")
+    absent = pred_area == 0
+    if absent.any():
+        raise UserInputError(f"image {image_id!r}: segment ids {pred_ids[absent].tolist()} are in "
+                             f"{pred_source} JSON segments_info but not in its PNG")
+
+    gt_categories = np.array([int(s["category_id"]) for s in gt_segments], dtype=np.int64)
+    gt_rows = categories.rows(gt_categories)
+    gt_crowd = np.array([s.get("iscrowd", 0) == 1 for s in gt_segments], dtype=bool)
+    counted_gt_area = overlap[2:, :].sum(1)
+    gt_area = np.array([float(s["area"]) if "area" in s else counted_gt_area[i]
+                        for i, s in enumerate(gt_segments)], dtype=np.float64)
+
+    stats = np.zeros((len(categories) + 1, 4), dtype=np.float64)
+    intersection = overlap[2:, 2:]
+    pred_on_void = overlap[1, 2:]
+    candidate = ((intersection > 0) & (gt_categories[:, None] == pred_categories[None, :])
+                 & ~gt_crowd[:, None])
+    union = pred_area[None, :] + gt_area[:, None] - intersection - pred_on_void[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(candidate, intersection / union, 0.0)
+    matched = candidate & (iou > 0.5)
+    gt_index, pred_index = np.nonzero(matched)
+    rows = gt_rows[gt_index]
+    np.add.at(stats[:, IOU], rows, iou[gt_index, pred_index])
+    np.add.at(stats[:, TP], rows, 1)
+    gt_matched = matched.any(1)
+    pred_matched = matched.any(0)
+    np.add.at(stats[:, FN], gt_rows[~gt_matched & ~gt_crowd], 1)
+
+    # Unmatched predictions mostly on VOID + same-category crowd are not false positives.
+    ignored = pred_on_void.astype(np.float64)
+    crowd_of_category: dict[int, int] = {}
+    for i in np.flatnonzero(gt_crowd).tolist():
+        crowd_of_category[int(gt_categories[i])] = i  # the last crowd segment listed wins
+    for j in np.flatnonzero(~pred_matched).tolist():
+        crowd = crowd_of_category.get(int(pred_categories[j]))
+        if crowd is not None:
+            ignored[j] += intersection[crowd, j]
+    false_positive = ~pred_matched & ~(ignored / pred_area > 0.5)
+    np.add.at(stats[:, FP], pred_rows[false_positive], 1)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Averages
+# --------------------------------------------------------------------------------------------
+def _average(stats: np.ndarray, categories: _Categories) -> dict[str, Any]:
+    """panopticapi's ``average_pq`` from ``[C, 4]`` statistics (same order of summation)."""
+    results: dict[str, Any] = {}
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        pq = sq = rq = 0.0
+        n = 0
+        per_class: dict[int, dict[str, float]] = {}
+        for row, category_id in enumerate(categories.ids.tolist()):
+            if isthing is not None and bool(categories.isthing[row]) != isthing:
+                continue
+            iou, tp, fp, fn = (float(v) for v in stats[row])
+            if tp + fp + fn == 0:
+                per_class[category_id] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
+                continue
+            n += 1
+            pq_class = iou / (tp + 0.5 * fp + 0.5 * fn)
+            sq_class = iou / tp if tp != 0 else 0.0
+            rq_class = tp / (tp + 0.5 * fp + 0.5 * fn)
+            per_class[category_id] = {"pq": pq_class, "sq": sq_class, "rq": rq_class}
+            pq += pq_class
+            sq += sq_class
+            rq += rq_class
+        if n:
+            results[name] = {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}
+        else:
+            results[name] = {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}
+        if name == "All":
+            results["per_class"] = per_class
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory API
+# --------------------------------------------------------------------------------------------
+class PQAccumulator:
+    """Accumulate PQ statistics image by image from id maps in memory (no PNGs).
+
+    ``categories``: a ``CategoryMap``, ``Category`` objects, COCO category dicts or ``{id: record}``;
+    their order is the order of ``per_class`` and of the state rows.
+
+    The state is a float64 ``[C, 4]`` array (summed IoU, TP, FP, FN per category) and is additive:
+    across processes, ``all_reduce(SUM)`` the ``to_tensor()`` of each and ``load_tensor`` the sum, or
+    ``merge`` accumulators directly.
+    """
+
+    def __init__(self, categories: Any) -> None:
+        self.categories = categories if isinstance(categories, _Categories) else _Categories(categories)
+        self.stats = np.zeros((len(self.categories) + 1, 4), dtype=np.float64)
+        self.num_images = 0
+
+    def add(self, gt_id_map: Any, gt_segments: Sequence[Mapping[str, Any]], pred_id_map: Any,
+            pred_segments: Sequence[Mapping[str, Any]], *, image_id: Any = None) -> None:
+        """Add one image. Id maps are ``[H, W]`` integer arrays (numpy or torch, any device), 0 = VOID.
+
+        ``gt_segments``: dicts with ``id``, ``category_id``, optional ``iscrowd`` and ``area`` (counted
+        from ``gt_id_map`` when missing). ``pred_segments``: dicts with ``id`` and ``category_id``.
+        """
+        gt = _to_numpy(gt_id_map)
+        pred = _to_numpy(pred_id_map)
+        for name, array in (("ground-truth", gt), ("predicted", pred)):
+            if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+                raise UserInputError(f"image {image_id!r}: the {name} id map must be an [H, W] integer "
+                                     f"array, got {array.dtype} {array.shape}")
+        self.stats += image_pq_stats(gt, [dict(s) for s in gt_segments], pred,
+                                     [dict(s) for s in pred_segments], self.categories, image_id=image_id)
+        self.num_images += 1
+
+    def merge(self, other: "PQAccumulator") -> "PQAccumulator":
+        """Add another accumulator's statistics (same categories) into this one; returns self."""
+        if other.categories.ids.tolist() != self.categories.ids.tolist():
+            raise UserInputError("cannot merge PQ accumulators with different categories")
+        self.stats += other.stats
+        self.num_images += other.num_images
+        return self
+
+    def state(self) -> np.ndarray:
+        """float64 ``[C, 4]``: summed IoU, TP, FP, FN per category (a copy)."""
+        return self.stats[:-1].copy()
+
+    def load_state(self, state: Any) -> None:
+        state = _to_numpy(state).astype(np.float64)
+        if state.shape != (len(self.categories), 4):
+            raise UserInputError(f"expected a PQ state of shape {(len(self.categories), 4)}, got {state.shape}")
+        self.stats[:-1] = state
+        self.stats[-1] = 0
+
+    def to_tensor(self, device: Any = None) -> Any:
+        """The state as a float64 torch tensor ``[C, 4]`` (sum-reducible across processes)."""
+        import torch
+
+        return torch.as_tensor(self.state(), dtype=torch.float64, device=device)
+
+    def load_tensor(self, tensor: Any) -> None:
+        self.load_state(tensor)
+
+    @classmethod
+    def from_tensor(cls, categories: Any, tensor: Any) -> "PQAccumulator":
+        accumulator = cls(categories)
+        accumulator.load_state(tensor)
+        return accumulator
+
+    def compute(self) -> dict[str, Any]:
+        """panopticapi's result dict (fractions); see the module docstring."""
+        return _average(self.stats, self.categories)
+
+    def counts(self) -> dict[int, dict[str, float]]:
+        """Per category id: ``{"iou", "tp", "fp", "fn"}`` (extra detail panopticapi does not return)."""
+        return {cid: dict(zip(("iou", "tp", "fp", "fn"), (float(v) for v in self.stats[row])))
+                for row, cid in enumerate(self.categories.ids.tolist())}
+
+
+# --------------------------------------------------------------------------------------------
+# File API
+# --------------------------------------------------------------------------------------------
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(gt_folder: str, pred_folder: str, categories: _Categories) -> None:
+    _worker.update(gt_folder=gt_folder, pred_folder=pred_folder, categories=categories)
+
+
+def _read_png(folder: str, annotation: Mapping[str, Any], what: str) -> tuple[np.ndarray, str]:
+    image_id = annotation.get("image_id")
+    file_name = annotation.get("file_name")
+    if not file_name:
+        raise UserInputError(f"image {image_id!r}: the {what} annotation has no 'file_name'")
+    path = os.path.join(folder, file_name)
+    try:
+        return read_id_png(path), path
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {image_id!r}: {what} PNG {path} not found") from None
+
+
+def _file_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> np.ndarray:
+    categories: _Categories = _worker["categories"]
+    total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
+    for gt_annotation, pred_annotation in pairs:
+        image_id = gt_annotation["image_id"]
+        gt_map, gt_path = _read_png(_worker["gt_folder"], gt_annotation, "ground-truth")
+        pred_map, pred_path = _read_png(_worker["pred_folder"], pred_annotation, "predicted")
+        total += image_pq_stats(
+            gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
+            pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
+            categories, image_id=image_id,
+            gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})")
+    return total
+
+
+def match_annotations(gt_json: Mapping[str, Any], pred_json: Mapping[str, Any], *,
+                      pred_source: str = "the prediction JSON"
+                      ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pair every ground-truth annotation with the prediction of the same ``image_id``."""
+    predictions: dict[Any, dict[str, Any]] = {}
+    for annotation in pred_json["annotations"]:
+        image_id = annotation.get("image_id")
+        if image_id in predictions:
+            raise UserInputError(f"{pred_source} has two predictions for image {image_id!r}")
+        predictions[image_id] = annotation
+    pairs = []
+    for annotation in gt_json["annotations"]:
+        image_id = annotation.get("image_id")
+        if image_id not in predictions:
+            hint = ""
+            as_text = {str(k): k for k in predictions}
+            if str(image_id) in as_text:
+                hint = (f" (there is one for {as_text[str(image_id)]!r}: image ids must have the same "
+                        "type, int or str, in both files)")
+            raise UserInputError(f"no prediction for image {image_id!r} "
+                                 f"(file {annotation.get('file_name')!r}) in {pred_source}{hint}")
+        pairs.append((annotation, predictions[image_id]))
+    return pairs
+
+
+def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | os.PathLike | Mapping[str, Any],
+               gt_folder: str | os.PathLike | None = None, pred_folder: str | os.PathLike | None = None, *,
+               workers: int | None = None) -> dict[str, Any]:
+    """Panoptic quality of COCO-panoptic predictions, equal to panopticapi's ``pq_compute``.
+
+    ``gt_json``/``pred_json``: paths or loaded dicts (``{"annotations": [...]}``; the ground truth
+    also needs ``categories``). Folders default to the JSON path without ``.json`` (panopticapi's
+    convention). Images are paired by ``image_id`` (int or str, compared as given); ``workers``
+    processes (default: all cores; 1 or 0: in this process). Returns fractions; see the module doc.
+    """
+    gt = load_panoptic_json(gt_json, what="ground-truth JSON")
+    pred = load_panoptic_json(pred_json, what="prediction JSON")
+    if not gt.get("categories"):
+        raise UserInputError(f"ground-truth JSON {_describe(gt_json)} has no 'categories'")
+    categories = _Categories(gt["categories"])
+    gt_dir = _folder(gt_folder, gt_json, "ground-truth")
+    pred_dir = _folder(pred_folder, pred_json, "prediction")
+    pairs = match_annotations(gt, pred, pred_source=f"prediction JSON {_describe(pred_json)}")
+
+    if workers is None:
+        workers = os.cpu_count() or 1
+    workers = max(1, min(workers, len(pairs)))
+    if workers == 1:
+        _init_worker(gt_dir, pred_dir, categories)
+        stats = _file_stats(pairs)
+    else:
+        # Interleave images over chunks so that every process gets a similar mix.
+        num_chunks = min(len(pairs), workers * 4)
+        chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
+        stats = np.zeros((len(categories) + 1, 4), dtype=np.float64)
+        with multiprocessing.Pool(workers, initializer=_init_worker,
+                                  initargs=(gt_dir, pred_dir, categories)) as pool:
+            for chunk_stats in pool.imap_unordered(_file_stats, chunks):
+                stats += chunk_stats
+    log.debug("PQ over %d images with %d processes", len(pairs), workers)
+    return _average(stats, categories)
+
+
+def _folder(folder: str | os.PathLike | None, json_source: Any, what: str) -> str:
+    if folder is None:
+        if isinstance(json_source, (Mapping, list)):
+            raise UserInputError(f"the {what} folder is needed when the {what} JSON is given as a dict")
+        folder = Path(json_source).with_suffix("")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} PNG folder {folder} not found (expected a folder of COCO panoptic PNGs)")
+    return str(folder)
+
+
+def format_results(results: Mapping[str, Any], categories: Any = None) -> str:
+    """panopticapi-style table: per-class PQ/SQ/RQ (%) with names, then All/Things/Stuff with N."""
+    names: dict[Any, str] = {}
+    if categories is not None:
+        table = _Categories(categories)
+        names = {cid: name for cid, name in zip(table.ids.tolist(), table.names)}
+    per_class = results.get("per_class", {})
+    width = max([14] + [len(str(names.get(_key(k), k))) for k in per_class])
+    lines = [f"{'Category':{width}s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s}"]
+    for key in sorted(per_class, key=_key):
+        m = per_class[key]
+        lines.append(f"{str(names.get(_key(key), key)):{width}s}| "
+                     f"{100 * m['pq']:5.1f}  {100 * m['sq']:5.1f}  {100 * m['rq']:5.1f}")
+    lines.append("-" * (width + 27))
+    lines.append(f"{'':{width}s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}")
+    for name in ("All", "Things", "Stuff"):
+        m = results[name]
+        lines.append(f"{name:{width}s}| {100 * m['pq']:5.1f}  {100 * m['sq']:5.1f}  {100 * m['rq']:5.1f} "
+                     f"{m['n']:5d}")
+    return "\n".join(lines)
+
+
+def _key(key: Any) -> Any:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return key
+
+
+def results_to_percentages(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat metrics-file form (percentages 0..100): ``pq, sq, rq, n, pq_things, ..., per_class``."""
+    flat: dict[str, Any] = {}
+    for name, suffix in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
+        for metric in ("pq", "sq", "rq"):
+            flat[metric + suffix] = 100.0 * results[name][metric]
+        flat["n" + suffix] = results[name]["n"]
+    flat["per_class"] = {str(k): {m: 100.0 * v[m] for m in ("pq", "sq", "rq")}
+                         for k, v in results.get("per_class", {}).items()}
+    return flat
