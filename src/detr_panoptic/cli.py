@@ -18,6 +18,7 @@ from detr_panoptic.utils.logging import setup_logging
 # Modules under detr_panoptic.commands, in the order their subcommands appear in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "config",
+    "data",
     "visualize",
 )
 

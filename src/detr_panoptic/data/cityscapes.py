@@ -46,6 +46,16 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 PNG_COMPRESS_LEVEL = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# atomic_path's temporary files are created 0600 (mkstemp); outputs get the usual 0666 & ~umask.
+FILE_MODE = 0o666 & ~_umask()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Layout helpers
 # ---------------------------------------------------------------------------------------------------
@@ -228,6 +238,7 @@ def convert_image(instance_path: str, panoptic_dir: str, tables: _LabelTables) -
     segments, id_map = _segments(ids, instance_path, tables)
     with atomic_path(os.path.join(panoptic_dir, output_name)) as tmp:
         encode_panoptic_png(id_map).save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        os.chmod(tmp, FILE_MODE)
     return {
         "image": {"id": image_id, "width": int(ids.shape[1]), "height": int(ids.shape[0]),
                   "file_name": file_name.replace("_instanceIds.png", "_leftImg8bit.png")},
@@ -379,7 +390,9 @@ def _convert_split(split: str, files: list[str], output_dir: Path, categories: l
     document = {"images": [r["image"] for r in ordered], "annotations": [r["annotation"] for r in ordered],
                 "categories": categories}
     # The reference writes json.dump(d, f, sort_keys=True, indent=4): same separators, ASCII escapes.
-    atomic_write_text(json_path, json.dumps(document, sort_keys=True, indent=4))
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(document, sort_keys=True, indent=4))
+        os.chmod(tmp, FILE_MODE)
     for record_file in work_dir.glob("*.json"):
         record_file.unlink()
     with contextlib.suppress(OSError):

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_path, atomic_write_text
+from detr_panoptic.data.cityscapes import FILE_MODE
+from detr_panoptic.utils.io import atomic_path
 
 TRAIN_CITIES: tuple[str, ...] = ("aachen", "bochum", "bremen")
 VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau", "munster")
@@ -434,6 +435,7 @@ def _polygons_json(scene: Scene) -> str:
 def _save_png(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
+        os.chmod(tmp, FILE_MODE)
 
 
 def write_sample(root: Path, split: str, city: str, sequence: int, rgb: np.ndarray, ids: np.ndarray,
@@ -449,7 +451,9 @@ def write_sample(root: Path, split: str, city: str, sequence: int, rgb: np.ndarr
     _save_png(gt_dir / f"{image_id}_gtFine_labelIds.png", labels)
     _save_png(gt_dir / f"{image_id}_gtFine_color.png", _color_png(labels))
     if scene is not None:
-        atomic_write_text(gt_dir / f"{image_id}_gtFine_polygons.json", _polygons_json(scene))
+        with atomic_path(gt_dir / f"{image_id}_gtFine_polygons.json") as tmp:
+            tmp.write_text(_polygons_json(scene))
+            os.chmod(tmp, FILE_MODE)
     return image_id
 
 

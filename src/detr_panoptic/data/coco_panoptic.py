@@ -1,0 +1,310 @@
+"""A dataset for any COCO-panoptic annotation set (JSON + PNG folder + image folder), Cityscapes included.
+
+Each item is ``(image, target)``: ``image`` a float ``[3, H, W]`` tensor (normalised by the default
+transforms) and ``target`` the dict of docs/DEVELOPING.md "Targets":
+
+* ``labels`` Long [N] class indices (``category_map.class_index`` of the category ids),
+* ``boxes`` Float [N, 4] normalised cxcywh of the transformed image, computed from the masks after
+  the transforms (pixel extent, DETR's ``masks_to_boxes`` convention),
+* ``masks`` Bool [N, H, W] at the transformed size, ``area`` Float [N] (mask pixels after transforms),
+* ``iscrowd`` Long [N], ``segment_ids`` Long [N], ``category_ids`` Long [N] from the annotation,
+* ``image_id`` as given in the JSON (Cityscapes: a string), ``orig_size`` / ``size`` Long [2] (h, w).
+
+Like the reference DETR loader (``CocoPanoptic`` + its ``ConvertCocoPanoptic``), every segment of the
+annotation is kept, crowd segments included (``iscrowd`` = 1); the criterion decides what to do with
+them. Segments with no pixel left (e.g. cut away by a crop) are dropped.
+
+``collate`` returns ``(list of images, list of targets)``: the model and ``utils.batching.pad_images``
+do the padding, so no padded batch is built here.
+
+Optional prepared cache (``prepare_cache`` / ``cache_dir=``): the image resized by the default fast
+path (uint8) and the id map at the same size (int32), stored as raw ``.npy`` files per image, so that
+an epoch skips PNG/JPEG decoding and resizing. It is only used when it was made for the same
+``min_size``/``max_size``; augmentation then runs on the cached (already resized) image.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
+from detr_panoptic.data.transforms import make_transforms, targets_from_id_map
+from detr_panoptic.utils.errors import UserInputError
+
+ImagePathFn = Callable[[Mapping[str, Any]], "str | os.PathLike"]
+
+
+def rgb_to_id(rgb: torch.Tensor) -> torch.Tensor:
+    """Panoptic PNG pixels ``[3, H, W]`` uint8 -> ids int32 ``[H, W]`` (id = R + 256 G + 256^2 B)."""
+    rgb = rgb.to(torch.int32)
+    return rgb[0] + (rgb[1] << 8) + (rgb[2] << 16)
+
+
+def _decode(path: Path, mode: ImageReadMode, what: str) -> torch.Tensor:
+    try:
+        data = read_file(str(path))
+    except (FileNotFoundError, RuntimeError) as exc:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: {what} not found") from None
+        raise UserInputError(f"{path}: cannot read the {what}: {exc}") from None
+    try:
+        return decode_image(data, mode=mode)
+    except RuntimeError:
+        pass
+    try:  # formats torchvision cannot decode (e.g. 16-bit or palette PNGs): Pillow
+        from PIL import Image
+
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    except Exception as exc:  # noqa: BLE001 - the file is broken in some way; name it
+        raise UserInputError(f"{path}: cannot decode the {what} (corrupt or truncated?): {exc}") from None
+
+
+def load_coco_json(json_path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: COCO panoptic JSON not found")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserInputError(f"{path}: expected a COCO panoptic JSON with a {key!r} list")
+    return data
+
+
+class CocoPanopticDataset(torch.utils.data.Dataset):
+    """COCO panoptic annotations as ``(image [3, H, W] float, target dict)`` items (see the module doc).
+
+    Args:
+        json_path: the COCO panoptic JSON (``images``, ``annotations``, ``categories``).
+        panoptic_dir: folder of the panoptic PNGs named by each annotation's ``file_name``.
+        image_dir: folder of the images named by each image record's ``file_name``.
+        image_path_fn: instead of ``image_dir``: image record -> image path (Cityscapes needs this).
+        category_map: category id <-> class index (default: contiguous over the JSON's categories).
+        transforms: a callable ``(image, id_map, boxes) -> (image, id_map, boxes)`` on tv_tensors
+            (default: ``make_transforms(min_size=min_size, max_size=max_size)``).
+        validate: check at construction that every annotation's image record, image file, PNG file
+            and category exist (file existence only; ``check_dataset`` also decodes the PNGs).
+        cache_dir: a folder written by ``prepare_cache`` (optional).
+    """
+
+    def __init__(
+        self,
+        json_path: str | os.PathLike,
+        panoptic_dir: str | os.PathLike,
+        image_dir: str | os.PathLike | None = None,
+        *,
+        image_path_fn: ImagePathFn | None = None,
+        category_map: CategoryMap | None = None,
+        transforms: Callable[..., Any] | None = None,
+        min_size: int = 800,
+        max_size: int | None = 1333,
+        validate: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.json_path = Path(json_path)
+        self.panoptic_dir = Path(panoptic_dir)
+        if image_dir is None and image_path_fn is None:
+            raise UserInputError("CocoPanopticDataset needs image_dir or image_path_fn")
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.image_path_fn = image_path_fn
+        data = load_coco_json(self.json_path)
+        self.category_map = category_map or CategoryMap.from_coco_json(data["categories"], source=str(self.json_path))
+        self.images = {image["id"]: image for image in data["images"]}
+        self.annotations: list[dict[str, Any]] = list(data["annotations"])
+        self.min_size, self.max_size = min_size, max_size
+        self.transforms = transforms if transforms is not None else make_transforms(min_size=min_size, max_size=max_size)
+        self._class_of = {cid: i for i, cid in enumerate(self.category_map.class_ids) if cid >= 0}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            _check_cache(self.cache_dir, min_size, max_size)
+        if validate:
+            problems = self.validate()
+            if problems:
+                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise UserInputError(f"{self.json_path}: {len(problems)} problem(s): " + "; ".join(problems[:5]) + more)
+
+    # -- paths ----------------------------------------------------------------------------------
+    def image_path(self, image_record: Mapping[str, Any]) -> Path:
+        if self.image_path_fn is not None:
+            return Path(self.image_path_fn(image_record))
+        assert self.image_dir is not None
+        return self.image_dir / image_record["file_name"]
+
+    def panoptic_path(self, annotation: Mapping[str, Any]) -> Path:
+        return self.panoptic_dir / annotation["file_name"]
+
+    def image_record(self, index: int) -> dict[str, Any]:
+        return self.images[self.annotations[index]["image_id"]]
+
+    def validate(self) -> list[str]:
+        """Cheap checks (no decoding): image records, image files, PNG files, category ids."""
+        problems = []
+        for ann in self.annotations:
+            image_id = ann.get("image_id")
+            if image_id not in self.images:
+                problems.append(f"annotation {ann.get('file_name')!r} refers to image id {image_id!r}, not in 'images'")
+                continue
+            image_path = self.image_path(self.images[image_id])
+            if not image_path.is_file():
+                problems.append(f"image {image_path} of image id {image_id!r} is missing")
+            if not self.panoptic_path(ann).is_file():
+                problems.append(f"panoptic PNG {self.panoptic_path(ann)} is missing")
+            for seg in ann.get("segments_info", []):
+                if seg.get("category_id") not in self._class_of:
+                    problems.append(f"{ann.get('file_name')}: segment {seg.get('id')} has category id "
+                                    f"{seg.get('category_id')}, not one of the known categories")
+        return problems
+
+    # -- items ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def load_raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 [3, H, W], id map int32 [H, W]) at the cached or the original size."""
+        ann = self.annotations[index]
+        if self.cache_dir is not None:
+            stem = self.cache_dir / _cache_stem(ann)
+            image_file, ids_file = stem.with_suffix(".image.npy"), stem.with_suffix(".ids.npy")
+            if image_file.is_file() and ids_file.is_file():
+                return torch.from_numpy(np.load(image_file)), torch.from_numpy(np.load(ids_file))
+        image = _decode(self.image_path(self.image_record(index)), ImageReadMode.RGB, "image")
+        id_map = rgb_to_id(_decode(self.panoptic_path(ann), ImageReadMode.RGB, "panoptic PNG"))
+        if id_map.shape != image.shape[-2:]:
+            raise UserInputError(f"{self.panoptic_path(ann)}: size {tuple(id_map.shape)} differs from the image's "
+                                 f"{tuple(image.shape[-2:])} ({self.image_path(self.image_record(index))})")
+        return image, id_map
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        ann = self.annotations[index]
+        record = self.image_record(index)
+        image, id_map = self.load_raw(index)
+        segments = ann.get("segments_info", [])
+        orig_size = (int(record.get("height", image.shape[-2])), int(record.get("width", image.shape[-1])))
+        if self.cache_dir is None:
+            orig_size = (int(image.shape[-2]), int(image.shape[-1]))
+        # JSON boxes ([x, y, w, h]) ride along so that box-aware user transforms see them.
+        xywh = torch.tensor([s.get("bbox", [0, 0, 0, 0]) for s in segments], dtype=torch.float32).reshape(-1, 4)
+        scale = torch.tensor([image.shape[-1] / orig_size[1], image.shape[-2] / orig_size[0]] * 2)
+        boxes = tv_tensors.BoundingBoxes(torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1) * scale,
+                                         format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        image, id_map, _ = self.transforms(tv_tensors.Image(image), tv_tensors.Mask(id_map.unsqueeze(0)), boxes)
+        segment_ids = torch.tensor([int(s["id"]) for s in segments], dtype=torch.int64)
+        parts = targets_from_id_map(id_map, segment_ids)
+        keep = parts["keep"]
+        category_ids = torch.tensor([int(s["category_id"]) for s in segments], dtype=torch.int64)
+        try:
+            labels = torch.tensor([self._class_of[int(c)] for c in category_ids.tolist()], dtype=torch.int64)
+        except KeyError as exc:
+            raise UserInputError(f"{self.panoptic_path(ann)}: category id {exc.args[0]} is not in the category map") from None
+        iscrowd = torch.tensor([int(s.get("iscrowd", 0)) for s in segments], dtype=torch.int64)
+        image = image.as_subclass(torch.Tensor)
+        target = {
+            "labels": labels[keep],
+            "boxes": parts["boxes"],
+            "masks": parts["masks"],
+            "iscrowd": iscrowd[keep],
+            "area": parts["area"],
+            "image_id": ann["image_id"],
+            "orig_size": torch.tensor(orig_size, dtype=torch.int64),
+            "size": torch.tensor(tuple(image.shape[-2:]), dtype=torch.int64),
+            "segment_ids": segment_ids[keep],
+            "category_ids": category_ids[keep],
+        }
+        return image, target
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """``(list of images [3, H_i, W_i], list of targets)``; pad with ``utils.batching.pad_images``."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cityscapes
+# ---------------------------------------------------------------------------------------------------
+def cityscapes_panoptic_dataset(root: str | os.PathLike, split: str, use_train_id: bool = False,
+                                **kwargs: Any) -> CocoPanopticDataset:
+    """The converted Cityscapes split: ``<root>/gtFine/cityscapes_panoptic_<split>[_trainId].json``,
+    its PNG folder, and images from ``<root>/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png``.
+
+    ``root`` is the Cityscapes root (holding ``leftImg8bit/`` and ``gtFine/``); other keyword
+    arguments go to ``CocoPanopticDataset``.
+    """
+    root = Path(root)
+    gtfine = find_gtfine(root)
+    root = gtfine.parent
+    base = panoptic_output_name(split, use_train_id)
+    json_path = gtfine / f"{base}.json"
+    if not json_path.is_file():
+        flag = " --use-train-id" if use_train_id else ""
+        raise FileNotFoundError(f"{json_path}: not found; run `detr-panoptic convert-cityscapes {gtfine} "
+                                f"--splits {split}{flag}` first")
+
+    def image_path(record: Mapping[str, Any]) -> Path:
+        return cityscapes_image_path(root, split, record["id"])
+
+    return CocoPanopticDataset(json_path, gtfine / base, image_path_fn=image_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prepared cache
+# ---------------------------------------------------------------------------------------------------
+CACHE_META = "cache.json"
+
+
+def _cache_stem(annotation: Mapping[str, Any]) -> str:
+    return Path(str(annotation["file_name"])).stem
+
+
+def _check_cache(cache_dir: Path, min_size: int, max_size: int | None) -> None:
+    meta_path = cache_dir / CACHE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not a prepared cache (run prepare_cache first)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("min_size") != min_size or meta.get("max_size") != max_size:
+        raise UserInputError(f"{cache_dir}: the cache was prepared for min_size={meta.get('min_size')}, "
+                             f"max_size={meta.get('max_size')}, not {min_size}, {max_size}")
+
+
+def prepare_cache(dataset: CocoPanopticDataset, cache_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Write every item's resized image (uint8) and id map (int32) as ``.npy`` files under ``cache_dir``.
+
+    The sizes follow the dataset's ``min_size``/``max_size`` fast path (``detr_resize_size``). Existing
+    files are kept, so an interrupted preparation resumes. Returns ``cache_dir``.
+    """
+    from tqdm import tqdm
+
+    from detr_panoptic.utils.io import atomic_path, atomic_write_json
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    resize = make_transforms(min_size=dataset.min_size, max_size=dataset.max_size, normalize=False)
+    saved_cache, dataset.cache_dir = dataset.cache_dir, None
+    try:
+        for index in tqdm(range(len(dataset)), desc="prepare cache", unit="img", disable=not progress):
+            stem = cache / _cache_stem(dataset.annotations[index])
+            image_file, ids_file = stem.with_suffix(".image.npy"), stem.with_suffix(".ids.npy")
+            if image_file.is_file() and ids_file.is_file():
+                continue
+            image, id_map = dataset.load_raw(index)
+            image, id_map = resize(tv_tensors.Image(image), tv_tensors.Mask(id_map.unsqueeze(0)))
+            for path, array in ((image_file, image.as_subclass(torch.Tensor).numpy()),
+                                (ids_file, id_map.as_subclass(torch.Tensor)[0].numpy())):
+                with atomic_path(path, suffix=".npy") as tmp:
+                    np.save(tmp, np.ascontiguousarray(array))
+    finally:
+        dataset.cache_dir = saved_cache
+    atomic_write_json(cache / CACHE_META, {"min_size": dataset.min_size, "max_size": dataset.max_size})
+    return cache

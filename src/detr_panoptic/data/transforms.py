@@ -1,0 +1,207 @@
+"""Image + panoptic id-map transforms with torchvision.transforms.v2 and tv_tensors.
+
+A sample travels through the transforms as ``(image, id_map, boxes)``:
+
+* ``image``: ``tv_tensors.Image`` uint8 ``[3, H, W]``;
+* ``id_map``: ``tv_tensors.Mask`` int32 ``[1, H, W]`` holding the panoptic segment ids (0 = void).
+  One id map instead of N binary masks: nearest resizing / flipping / cropping an id map and then
+  comparing with each id gives exactly the per-mask results, at a fraction of the cost;
+* ``boxes``: ``tv_tensors.BoundingBoxes`` (XYXY, pixels) of the segments, moved along with the image.
+
+Two pipelines (``make_transforms``):
+
+* default, the reference fast path: resize the shorter side to ``min_size`` with the longer side at
+  most ``max_size`` (DETR's ``get_size`` rounding, see ``detr_resize_size``), then float + ImageNet
+  normalisation;
+* ``augment=True``, DETR's training augmentation: horizontal flip (p=0.5), then with p=0.5 either a
+  multi-scale resize (shorter side in 480..800 step 32, longer <= 1333, scaled by ``min_size/800``)
+  or resize to 400/500/600 -> random crop (384..600) -> multi-scale resize.
+
+``targets_from_id_map`` then turns the transformed id map into the target's ``masks`` / ``boxes`` /
+``area``; segments that a crop emptied are dropped. Randomness comes from torch's RNG, so DataLoader
+worker seeding applies.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# DETR's training scales for min_size 800.
+DETR_SCALES: tuple[int, ...] = tuple(range(480, 801, 32))
+
+
+def detr_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """Output (h, w) of DETR's ``get_size_with_aspect_ratio``: shorter side ``size``, longer <= ``max_size``.
+
+    Same arithmetic and rounding as the reference (``int(round(...))`` when the longer side would
+    exceed ``max_size``, ``int(...)`` truncation for the longer side).
+    """
+    if max_size is not None:
+        short, long = float(min(height, width)), float(max(height, width))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def _choice(values: Sequence[Any]) -> Any:
+    return values[int(torch.randint(len(values), ()).item())]
+
+
+class RandomShorterSideResize(v2.Transform):
+    """Resize so that the shorter side is one of ``sizes`` (uniform choice), longer <= ``max_size``."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None, antialias: bool = True) -> None:
+        super().__init__()
+        self.sizes = tuple(int(s) for s in sizes)
+        self.max_size = max_size
+        self.antialias = antialias
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        return {"size": list(detr_resize_size(height, width, _choice(self.sizes), self.max_size))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, params["size"], antialias=self.antialias)
+
+
+class RandomSizeCrop(v2.Transform):
+    """DETR's ``RandomSizeCrop``: a crop of random size in [min_size, max_size] per side, random place.
+
+    Sides shorter than ``min_size`` are kept whole (the reference would fail on such images).
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        self.min_size, self.max_size = int(min_size), int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        crop_w = int(torch.randint(min(self.min_size, width), min(width, self.max_size) + 1, ()).item())
+        crop_h = int(torch.randint(min(self.min_size, height), min(height, self.max_size) + 1, ()).item())
+        top = int(torch.randint(0, height - crop_h + 1, ()).item())
+        left = int(torch.randint(0, width - crop_w + 1, ()).item())
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+class NormalizeImage(v2.Transform):
+    """uint8 image -> float32 normalised with ImageNet mean/std, in one pass (other inputs untouched)."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        if inpt.dtype == torch.uint8:
+            out = inpt.as_subclass(torch.Tensor).to(torch.float32)
+        else:  # already float in 0..1
+            out = inpt.as_subclass(torch.Tensor).to(torch.float32) * 255.0
+        out.sub_(self.mean.to(out.device)).mul_(self.scale.to(out.device))
+        return tv_tensors.Image(out)
+
+
+def make_transforms(*, min_size: int = 800, max_size: int | None = 1333, augment: bool = False,
+                    normalize: bool = True) -> v2.Compose:
+    """The reference fast path (default) or DETR's training augmentation (``augment=True``).
+
+    Scales of the augmentation follow DETR's (480..800 step 32; crop branch 400/500/600 then
+    RandomSizeCrop(384, 600)) multiplied by ``min_size / 800``.
+    """
+    steps: list[v2.Transform] = []
+    if augment:
+        factor = min_size / 800.0
+        scales = sorted({max(1, round(s * factor)) for s in DETR_SCALES})
+        crop_branch = v2.Compose([
+            RandomShorterSideResize([max(1, round(s * factor)) for s in (400, 500, 600)]),
+            RandomSizeCrop(max(1, round(384 * factor)), max(1, round(600 * factor))),
+            RandomShorterSideResize(scales, max_size),
+        ])
+        steps += [v2.RandomHorizontalFlip(0.5),
+                  v2.RandomChoice([RandomShorterSideResize(scales, max_size), crop_branch])]
+    else:
+        steps.append(RandomShorterSideResize([min_size], max_size))
+    if normalize:
+        steps.append(NormalizeImage())
+    return v2.Compose(steps)
+
+
+_PRIMES = (1031, 4099, 16411, 65537, 262147, 1048583, 4194319, 16777259)
+
+
+def compact_id_map(id_map: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """``[H, W]`` map of 1 + the index of each pixel's id in ``segment_ids`` (0 where it is none of them).
+
+    Vectorised with a hash table: ``id % P`` for the smallest listed prime P that separates the ids,
+    then a lookup and an equality check (a few passes over the pixels, no sort).
+    """
+    segment_ids = np.asarray(segment_ids, dtype=np.int64)
+    dtype = np.uint8 if segment_ids.size < 255 else np.int32
+    if segment_ids.size == 0:
+        return np.zeros(id_map.shape, dtype)
+    if len(np.unique(segment_ids)) != segment_ids.size:
+        raise ValueError(f"duplicate segment ids {segment_ids.tolist()}")
+    for prime in _PRIMES:
+        slots = segment_ids % prime
+        if len(np.unique(slots)) == slots.size:
+            break
+    else:  # pragma: no cover - ids beyond 2^24 with colliding residues
+        sorted_ids = np.sort(segment_ids)
+        position = np.clip(np.searchsorted(sorted_ids, id_map), 0, sorted_ids.size - 1)
+        order = np.argsort(segment_ids)
+        out = np.where(sorted_ids[position] == id_map, order[position] + 1, 0)
+        return out.astype(dtype)
+    index = np.zeros(prime, dtype)
+    index[slots] = np.arange(1, segment_ids.size + 1)
+    owner = np.full(prime, -1, np.int64)
+    owner[slots] = segment_ids
+    hashed = id_map % np.int32(prime) if id_map.dtype == np.int32 else (id_map % prime).astype(np.int64)
+    compact = index[hashed]
+    compact[owner[hashed] != id_map] = 0
+    return compact
+
+
+def targets_from_id_map(id_map: torch.Tensor, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masks, boxes and areas of ``segment_ids`` in an id map ``[H, W]`` (or ``[1, H, W]``).
+
+    Returns ``keep`` (Bool [N]: the segment still has pixels), and for the kept segments ``masks``
+    (Bool [K, H, W]), ``boxes`` (Float [K, 4] normalised cxcywh, from the mask's pixel extent as
+    DETR's ``masks_to_boxes``: x1, y1 are the last pixel's indices) and ``area`` (Float [K], pixels).
+    """
+    ids = id_map.as_subclass(torch.Tensor).reshape(id_map.shape[-2:]).numpy()
+    height, width = ids.shape
+    n = int(segment_ids.numel())
+    compact = compact_id_map(ids, segment_ids.numpy())
+    k = n + 1
+    area = np.bincount(compact.ravel(), minlength=k)[1:]
+    keep = area > 0
+    boxes = np.zeros((int(keep.sum()), 4), np.float32)
+    if boxes.shape[0]:
+        offsets = compact.astype(np.int64)
+        rows = np.bincount((offsets + (np.arange(height) * k)[:, None]).ravel(), minlength=height * k)
+        cols = np.bincount((offsets + (np.arange(width) * k)[None, :]).ravel(), minlength=width * k)
+        rows = rows.reshape(height, k)[:, 1:][:, keep] > 0
+        cols = cols.reshape(width, k)[:, 1:][:, keep] > 0
+        y0, y1 = rows.argmax(0), height - 1 - rows[::-1].argmax(0)
+        x0, x1 = cols.argmax(0), width - 1 - cols[::-1].argmax(0)
+        boxes = np.stack([(x0 + x1) / 2 / width, (y0 + y1) / 2 / height,
+                          (x1 - x0) / width, (y1 - y0) / height], 1).astype(np.float32)
+    kept_index = torch.from_numpy(np.flatnonzero(keep) + 1).to(torch.uint8 if compact.dtype == np.uint8 else torch.int32)
+    masks = torch.from_numpy(compact).unsqueeze(0) == kept_index.view(-1, 1, 1)
+    return {"keep": torch.from_numpy(keep), "masks": masks, "boxes": torch.from_numpy(boxes),
+            "area": torch.from_numpy(area[keep].astype(np.float32))}
