@@ -15,12 +15,10 @@ from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.engine import inference
 from detr_panoptic.engine.inference import (
     expand_inputs,
-    id_map_to_rgb,
     load_image,
     predict_to_folder,
     prefetch,
     resized_shape,
-    segments_for_json,
     unique_names,
 )
 from detr_panoptic.models.outputs import PanopticResult
@@ -131,23 +129,6 @@ def test_prefetch_is_bounded_keeps_order_and_passes_errors():
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-def test_id_map_to_rgb_round_trips_large_ids():
-    ids = torch.tensor([[0, 1, 255], [256, 65536 + 3, 256**3 - 1]])
-    rgb = id_map_to_rgb(ids).astype(np.int64)
-    assert (rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2] == ids.numpy()).all()
-    with pytest.raises(ValueError):
-        id_map_to_rgb(torch.tensor([[256**3]]))
-
-
-def test_segments_for_json_counts_on_the_map_and_drops_empty_segments():
-    id_map = torch.zeros((4, 6), dtype=torch.long)
-    id_map[1:3, 2:5] = 2
-    result = PanopticResult(id_map, [{"id": 1, "category_id": 7, "isthing": False, "area": 99, "score": 0.9},
-                                     {"id": 2, "category_id": 1, "isthing": True, "area": 99, "score": 0.8}])
-    assert segments_for_json(result) == [{"id": 2, "category_id": 1, "iscrowd": 0, "bbox": [2, 1, 3, 2],
-                                          "area": 6, "isthing": 1, "score": 0.8}]
-
-
 def test_unique_names():
     from pathlib import Path
     assert unique_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == ["x", "x-2", "y", "x-3"]

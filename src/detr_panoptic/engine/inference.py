@@ -19,16 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.ops import masks_to_boxes
 from torchvision.transforms.v2 import functional as TF
 
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_path, atomic_write_json
+from detr_panoptic.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -266,40 +264,6 @@ def iter_predictions(
 
 
 # -- writing outputs ------------------------------------------------------------------------------
-def id_map_to_rgb(id_map: torch.Tensor | np.ndarray) -> np.ndarray:
-    """``[H, W]`` segment ids -> ``[H, W, 3]`` uint8 with id = R + 256 G + 256^2 B (COCO panoptic PNG)."""
-    ids = np.asarray(id_map.cpu() if isinstance(id_map, torch.Tensor) else id_map, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError(f"segment ids must be in [0, 256^3), got {ids.min()}..{ids.max()}")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
-
-
-def segments_for_json(result: PanopticResult) -> list[dict[str, Any]]:
-    """COCO panoptic ``segments_info`` for ``result``: areas and [x, y, w, h] boxes counted on the id map.
-
-    Segments absent from the id map are dropped, so the JSON and the PNG always hold the same ids.
-    """
-    id_map = result.id_map.cpu()
-    ids, counts = torch.unique(id_map, return_counts=True)
-    area_of = {int(i): int(c) for i, c in zip(ids, counts) if int(i) != 0}
-    declared = {int(seg["id"]) for seg in result.segments_info}
-    undeclared = set(area_of) - declared
-    assert not undeclared, f"id map holds segment ids {sorted(undeclared)} missing from segments_info"
-    segments = [seg for seg in result.segments_info if int(seg["id"]) in area_of]
-    if not segments:
-        return []
-    boxes = masks_to_boxes(torch.stack([id_map == int(seg["id"]) for seg in segments])).long()
-    records = []
-    for seg, (x0, y0, x1, y1) in zip(segments, boxes.tolist()):
-        record = {"id": int(seg["id"]), "category_id": int(seg["category_id"]), "iscrowd": 0,
-                  "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "area": area_of[int(seg["id"])],
-                  "isthing": int(bool(seg.get("isthing", False)))}
-        if seg.get("score") is not None:
-            record["score"] = round(float(seg["score"]), 5)
-        records.append(record)
-    return records
-
-
 def unique_names(paths: Sequence[Path]) -> list[str]:
     """Output stems for ``paths``: the file stem, with ``-2``, ``-3``... when stems repeat."""
     seen: dict[str, int] = {}
@@ -355,6 +319,7 @@ def predict_to_folder(
     """
     from tqdm import tqdm
 
+    from detr_panoptic.evaluation import PanopticPredictionWriter
     from detr_panoptic.visualize.overlay import draw_panoptic, save_image
 
     draw = draw or draw_panoptic
@@ -362,34 +327,29 @@ def predict_to_folder(
     paths = expand_inputs(inputs, skip_bad=skip_bad)
     names = dict(zip(paths, unique_names(paths)))
     out_dir = Path(out_dir)
-    png_dir, overlay_dir = out_dir / "predictions", out_dir / "overlays"
-    png_dir.mkdir(parents=True, exist_ok=True)
-    if overlays:
-        overlay_dir.mkdir(parents=True, exist_ok=True)
+    overlay_dir = out_dir / "overlays"
     summary = PredictSummary(out_dir=out_dir, predictions_json=None)
-    images, annotations = [], []
+    # The writer checks ids (PNG ids == JSON ids, no stray pixels), counts areas and boxes on the
+    # id map and drops segments with no pixel; we add the ``images`` list to its JSON.
+    writer = PanopticPredictionWriter(out_dir / "predictions.json", out_dir / "predictions", category_map)
+    images = []
     stream = iter_predictions(model, paths, category_map=category_map, threshold=threshold, size=size,
                               max_size=max_size, batch_size=batch_size, device=device, skip_bad=skip_bad,
                               skipped=summary.skipped)
     for prediction in tqdm(stream, total=len(paths), unit="image", disable=not progress, desc="predict"):
         name = names[prediction.path]
         image_id = image_id_for(name)
-        segments = segments_for_json(prediction.result)
-        with atomic_path(png_dir / f"{name}.png") as tmp:
-            Image.fromarray(id_map_to_rgb(prediction.result.id_map)).save(tmp, format="PNG")
+        writer.add(image_id, prediction.result.id_map, prediction.result.segments_info, file_name=f"{name}.png")
         if overlays:
             save_image(draw(prediction.image, prediction.result, category_map), overlay_dir / f"{name}.png")
         images.append({"id": image_id, "file_name": prediction.path.name,
                        "height": prediction.image.height, "width": prediction.image.width})
-        annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments})
         summary.processed.append(prediction.path)
     if not summary.processed:
         raise UserInputError(f"no image could be processed ({len(summary.skipped)} skipped)")
-    summary.predictions_json = out_dir / "predictions.json"
-    atomic_write_json(summary.predictions_json, {
-        "images": images, "annotations": annotations,
-        "categories": [c.to_json() for c in category_map.categories],
-    })
+    summary.predictions_json = writer.json_path
+    atomic_write_json(writer.json_path, {"images": images, "annotations": writer.annotations,
+                                         "categories": writer.categories})
     return summary
 
 
