@@ -19,6 +19,7 @@ from detr_panoptic.utils.logging import setup_logging
 COMMAND_MODULES: tuple[str, ...] = (
     "config",
     "data",
+    "train",
     "visualize",
 )
 

@@ -113,6 +113,9 @@ class TrainConfig:
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
     matched_masks_only: bool = True
+    # Continue from <output_dir>/checkpoints/last.pth when it exists (model, optimizer, scheduler, step,
+    # epoch, RNG states, data position); false starts over in the same folder.
+    resume: bool = True
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ class CheckpointHook(Hook):
 
 class EvalHook(Hook):
     """Validation every ``every_epochs`` epochs and at the end of training (unless that step was just
-    evaluated): ``evaluate(model) -> {"pq", "sq", "rq", ...}`` (percentages), logged as a val record."""
+    evaluated; ``every_epochs`` 0: never): ``evaluate(model) -> {"pq", "sq", "rq", ...}`` (percentages),
+    logged as a val record."""
 
     def __init__(self, evaluate: Callable[[torch.nn.Module], Mapping[str, Any]], *, every_epochs: int) -> None:
         self.evaluate = evaluate
@@ -194,6 +195,8 @@ class EvalHook(Hook):
             self.run(trainer, epoch)
 
     def after_train(self, trainer: "Trainer") -> None:
+        if self.every_epochs <= 0:
+            return
         if self._evaluated_step != trainer.state.step and trainer.state.step > trainer.state.start_step:
             self.run(trainer, trainer.state.epoch)
 

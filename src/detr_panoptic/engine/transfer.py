@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from detr_panoptic.checkpoints import CLASS_HEAD_KEYS, adapt_class_head
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.utils.errors import UserInputError
 
@@ -90,24 +91,26 @@ def new_class_head(old_head: nn.Linear, num_classes: int, *, source_map: Categor
                    target_map: CategoryMap | None = None, warm_start: bool = False,
                    table: Mapping[str, str | None] | None = None) -> tuple[nn.Linear, WarmStartReport | None]:
     """A fresh ``Linear(hidden, num_classes + 1)`` (PyTorch's default initialisation, as the reference),
-    optionally warm-started from ``old_head`` rows matched by class name."""
+    optionally warm-started from ``old_head`` rows matched by class name (``checkpoints.adapt_class_head``)."""
+    rows: dict[int, int] | None = None
+    if warm_start:
+        if source_map is None or target_map is None:
+            raise UserInputError("model.class_warm_start needs the category names of both the source checkpoint "
+                                 "and the dataset (the checkpoint has no category map)")
+        if source_map.num_classes + 1 != old_head.out_features:
+            raise UserInputError(f"the source category map has {source_map.num_classes} classes but the "
+                                 f"checkpoint's class head has {old_head.out_features - 1} (+1 no-object)")
+        rows = class_row_sources(source_map, target_map, table)
+    state = adapt_class_head({CLASS_HEAD_KEYS[0]: old_head.weight.detach(), CLASS_HEAD_KEYS[1]: old_head.bias.detach()},
+                             num_classes, row_map=rows)
     head = nn.Linear(old_head.in_features, num_classes + 1).to(device=old_head.weight.device,
                                                                dtype=old_head.weight.dtype)
-    if not warm_start:
-        return head, None
-    if source_map is None or target_map is None:
-        raise UserInputError("model.class_warm_start needs the category names of both the source checkpoint "
-                             "and the dataset (the checkpoint has no category map)")
-    if source_map.num_classes + 1 != old_head.out_features:
-        raise UserInputError(f"the source category map has {source_map.num_classes} classes but the "
-                             f"checkpoint's class head has {old_head.out_features - 1} (+1 no-object)")
-    rows = class_row_sources(source_map, target_map, table)
     with torch.no_grad():
-        for target, source in rows.items():
-            head.weight[target].copy_(old_head.weight[source])
-            head.bias[target].copy_(old_head.bias[source])
-        head.weight[-1].copy_(old_head.weight[-1])
-        head.bias[-1].copy_(old_head.bias[-1])
+        head.weight.copy_(state[CLASS_HEAD_KEYS[0]])
+        head.bias.copy_(state[CLASS_HEAD_KEYS[1]])
+    if rows is None:
+        return head, None
+    assert source_map is not None and target_map is not None
     names = {i: target_map.category_of_class(i) for i in range(target_map.num_classes)}
     copied = {names[t].name: source_map.category_of_class(s).name for t, s in rows.items()}  # type: ignore[union-attr]
     randoms = tuple(c.name for i, c in names.items() if c is not None and i not in rows)
