@@ -142,7 +142,8 @@ class PanopticDETR(nn.Module):
         logits, boxes = trunk["logits"], trunk["boxes"]
         aux = [DETROutput(pred_logits=lg, pred_boxes=bx) for lg, bx in zip(logits[:-1], boxes[:-1])] \
             if self.aux_loss else []
-        output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux)
+        output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux,
+                            input_size=tuple(batch.shape[-2:]))
         b, q = logits.shape[1], logits.shape[2]
         if mask_queries is None:
             all_queries = [torch.arange(q, device=batch.device)] * b
@@ -175,7 +176,8 @@ class PanopticDETR(nn.Module):
         batch, pad_mask = self._batch(images, mask)
         processed_sizes = image_sizes(pad_mask)
         trunk = self._trunk(batch, pad_mask)
-        output = DETROutput(pred_logits=trunk["logits"][-1], pred_boxes=trunk["boxes"][-1])
+        output = DETROutput(pred_logits=trunk["logits"][-1], pred_boxes=trunk["boxes"][-1],
+                            input_size=tuple(batch.shape[-2:]))
         keep = kept_queries(output.pred_logits, threshold)
         selected = [k.nonzero().squeeze(1) for k in keep]
         output.pred_masks = self._masks(trunk, selected)

@@ -21,6 +21,8 @@ class DETROutput:
                  None means "all queries, [B, Q, H/4, W/4]".
     aux_outputs: per intermediate decoder layer, a ``DETROutput`` with logits and boxes only.
     attentions:  optional attention weights, filled only when asked for (visualisation).
+    input_size:  (H, W) of the padded batch the model saw (set by ``PanopticDETR``); lets the
+                 post-processor crop each image's valid part of the masks. None: masks are unpadded.
     """
 
     pred_logits: torch.Tensor
@@ -29,6 +31,7 @@ class DETROutput:
     mask_queries: list[torch.Tensor] | None = None
     aux_outputs: list["DETROutput"] = field(default_factory=list)
     attentions: dict[str, Any] | None = None
+    input_size: tuple[int, int] | None = None
 
 
 @dataclass
