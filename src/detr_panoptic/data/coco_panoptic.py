@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode
 
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
@@ -49,16 +50,18 @@ def rgb_to_id(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(path: Path, mode: ImageReadMode, what: str) -> torch.Tensor:
-    try:
-        data = read_file(str(path))
-    except (FileNotFoundError, RuntimeError) as exc:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: {what} not found") from None
-        raise UserInputError(f"{path}: cannot read the {what}: {exc}") from None
-    try:
-        return decode_image(data, mode=mode)
-    except RuntimeError:
-        pass
+    """uint8 ``[3, H, W]``: torchvision's libpng/libjpeg decoders (faster than Pillow), else Pillow."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are still the fastest here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import decode_image, read_file
+
+            return decode_image(read_file(str(path)), mode=mode)
+        except (ImportError, RuntimeError):
+            pass
     try:  # formats torchvision cannot decode (e.g. 16-bit or palette PNGs): Pillow
         from PIL import Image
 
