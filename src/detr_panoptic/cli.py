@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "config",
     "data",
     "train",
+    "evaluate",
     "visualize",
 )
 

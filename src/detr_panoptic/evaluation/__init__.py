@@ -15,7 +15,7 @@ from detr_panoptic.evaluation.pq import (
     image_pq_stats,
     match_annotations,
     pq_compute,
-    results_to_percentages,
+    results_to_metrics,
 )
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "match_annotations",
     "pq_compute",
     "read_id_png",
-    "results_to_percentages",
+    "results_to_metrics",
     "rgb_to_id_map",
     "save_panoptic_predictions",
     "segment_boxes_and_areas",

@@ -58,8 +58,8 @@ def read_id_png(path: str | os.PathLike) -> np.ndarray:
         if image.mode == "RGB":
             # Pillow pads RGB -> RGBX with 255; reading the 4 bytes as one little-endian uint32
             # gives R + 256 G + 256^2 B + 255 * 256^3 without per-channel arithmetic.
-            packed = np.asarray(image.convert("RGBX")).view("<u4")[..., 0]
-            return packed & np.uint32(0xFFFFFF)
+            packed = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4")
+            return (packed & np.uint32(0xFFFFFF)).reshape(image.height, image.width)
         if image.mode == "RGBA":
             return rgb_to_id_map(np.asarray(image)[..., :3]).astype(np.uint32)
         raise UserInputError(f"{path}: expected an RGB panoptic PNG, got mode {image.mode}")

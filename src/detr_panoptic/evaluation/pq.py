@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 # Columns of the per-category statistics array: summed IoU of true positives, TP, FP, FN.
 IOU, TP, FP, FN = range(4)
-_LUT_MIN_PIXELS = 1 << 18  # below this, relabel with searchsorted instead of the 64 MB lookup table
+_LUT_MIN_PIXELS = 1 << 18  # below this, relabel with searchsorted instead of the lookup table
 _lut: np.ndarray | None = None
 
 
@@ -101,21 +101,23 @@ def _segment_table(segments: Iterable[Mapping[str, Any]], image_id: Any, source:
     return segments, ids
 
 
-def _relabel(id_map: np.ndarray, segment_ids: np.ndarray, *, use_lut: bool | None = None) -> np.ndarray:
-    """Compact labels: 0 = an id not in ``segment_ids``, 1 = VOID (id 0), 2 + i = ``segment_ids[i]``."""
+def _relabel(id_map: np.ndarray, segment_ids: np.ndarray, *, scale: int = 1,
+             use_lut: bool | None = None) -> np.ndarray:
+    """Compact int64 labels times ``scale``: label 0 = an id not in ``segment_ids``, 1 = VOID (id 0),
+    2 + i = ``segment_ids[i]``."""
     n = len(segment_ids)
     if use_lut is None:
         use_lut = id_map.size >= _LUT_MIN_PIXELS and id_map.dtype == np.uint32
     if use_lut and (n == 0 or (segment_ids.min() > 0 and segment_ids.max() <= MAX_SEGMENT_ID)):
         global _lut
         if _lut is None:
-            _lut = np.zeros(MAX_SEGMENT_ID + 1, dtype=np.int32)
+            _lut = np.zeros(MAX_SEGMENT_ID + 1, dtype=np.int64)  # 128 MB, reused for every image
         if id_map.dtype != np.uint32:
             if id_map.size and (id_map.min() < 0 or id_map.max() > MAX_SEGMENT_ID):
-                return _relabel(id_map, segment_ids, use_lut=False)
+                return _relabel(id_map, segment_ids, scale=scale, use_lut=False)
             id_map = id_map.astype(np.uint32)
-        _lut[0] = 1
-        _lut[segment_ids] = np.arange(2, n + 2, dtype=np.int32)
+        _lut[0] = scale
+        _lut[segment_ids] = np.arange(2, n + 2, dtype=np.int64) * scale
         try:
             return _lut[id_map]
         finally:
@@ -126,7 +128,7 @@ def _relabel(id_map: np.ndarray, segment_ids: np.ndarray, *, use_lut: bool | Non
     sorted_keys = keys[sorter]
     pos = np.minimum(np.searchsorted(sorted_keys, id_map), n)
     found = sorted_keys[pos] == id_map
-    return np.where(found, sorter[pos] + 1, 0).astype(np.int32)
+    return np.where(found, (sorter[pos] + 1) * scale, 0).astype(np.int64)
 
 
 def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
@@ -145,15 +147,10 @@ def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any
     pred_segments, pred_ids = _segment_table(pred_segments, image_id, pred_source)
     num_gt, num_pred = len(gt_ids), len(pred_ids)
 
-    gt_labels = _relabel(gt_id_map, gt_ids, use_lut=use_lut)
-    pred_labels = _relabel(pred_id_map, pred_ids, use_lut=use_lut)
     width = num_pred + 2
-    if (num_gt + 2) * width < 2**31:
-        gt_labels *= np.int32(width)
-        gt_labels += pred_labels
-        combined = gt_labels
-    else:
-        combined = gt_labels.astype(np.int64) * width + pred_labels
+    pred_labels = _relabel(pred_id_map, pred_ids, use_lut=use_lut)
+    combined = _relabel(gt_id_map, gt_ids, scale=width, use_lut=use_lut)
+    combined += pred_labels
     overlap = np.bincount(combined.ravel(), minlength=(num_gt + 2) * width).reshape(num_gt + 2, width)
 
     # Prediction sanity checks, as panopticapi (ids in the PNG vs the JSON, known categories).
@@ -466,13 +463,28 @@ def _key(key: Any) -> Any:
         return key
 
 
-def results_to_percentages(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat metrics-file form (percentages 0..100): ``pq, sq, rq, n, pq_things, ..., per_class``."""
+def results_to_metrics(results: Mapping[str, Any], categories: Any = None) -> dict[str, Any]:
+    """The metrics-file form: percentages (0..100) as in ``metrics.jsonl``, per-class names, and
+    panopticapi's own result dict (fractions) under ``"panopticapi"``::
+
+        {"pq", "sq", "rq", "n", "pq_things", ..., "n_stuff",
+         "per_class": {"<id>": {"name", "isthing", "pq", "sq", "rq"}}, "panopticapi": {...}}
+    """
+    table = _Categories(categories) if categories is not None else None
     flat: dict[str, Any] = {}
     for name, suffix in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
         for metric in ("pq", "sq", "rq"):
             flat[metric + suffix] = 100.0 * results[name][metric]
         flat["n" + suffix] = results[name]["n"]
-    flat["per_class"] = {str(k): {m: 100.0 * v[m] for m in ("pq", "sq", "rq")}
-                         for k, v in results.get("per_class", {}).items()}
+    per_class: dict[str, Any] = {}
+    for key, values in results.get("per_class", {}).items():
+        entry: dict[str, Any] = {}
+        if table is not None and _key(key) in table.index:
+            row = table.index[_key(key)]
+            entry.update(name=table.names[row], isthing=bool(table.isthing[row]))
+        entry.update({m: 100.0 * values[m] for m in ("pq", "sq", "rq")})
+        per_class[str(key)] = entry
+    flat["per_class"] = per_class
+    flat["panopticapi"] = {name: dict(results[name]) for name in ("All", "Things", "Stuff")}
+    flat["panopticapi"]["per_class"] = {str(k): dict(v) for k, v in results.get("per_class", {}).items()}
     return flat
