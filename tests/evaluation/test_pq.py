@@ -285,3 +285,17 @@ def test_in_memory_errors_name_the_image():
         accumulator.add(gt, segments, np.zeros((3, 3), int), [{"id": 0, "category_id": 7}], image_id="x")
     with pytest.raises(UserInputError, match="integer"):
         accumulator.add(gt.astype(float), segments, gt, segments)
+
+
+def test_percentage_forms(make_case):
+    from detr_panoptic.evaluation import results_to_metrics, results_to_percentages
+
+    case = make_case(6)
+    results = ours(case)
+    flat = results_to_percentages(results)
+    assert flat["pq"] == 100 * results["All"]["pq"] and flat["n_stuff"] == results["Stuff"]["n"]
+    assert flat["per_class"]["7"] == {m: 100 * results["per_class"][7][m] for m in ("pq", "sq", "rq")}
+    assert "panopticapi" not in flat
+    named = results_to_metrics(results, CATEGORIES)
+    assert named["per_class"]["7"]["name"] == "road" and named["per_class"]["7"]["isthing"] is False
+    assert named["panopticapi"]["All"] == results["All"]

@@ -16,6 +16,7 @@ from detr_panoptic.evaluation.pq import (
     match_annotations,
     pq_compute,
     results_to_metrics,
+    results_to_percentages,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "pq_compute",
     "read_id_png",
     "results_to_metrics",
+    "results_to_percentages",
     "rgb_to_id_map",
     "save_panoptic_predictions",
     "segment_boxes_and_areas",

@@ -463,7 +463,8 @@ def _key(key: Any) -> Any:
         return key
 
 
-def results_to_metrics(results: Mapping[str, Any], categories: Any = None) -> dict[str, Any]:
+def results_to_metrics(results: Mapping[str, Any], categories: Any = None, *,
+                       include_fractions: bool = True) -> dict[str, Any]:
     """The metrics-file form: percentages (0..100) as in ``metrics.jsonl``, per-class names, and
     panopticapi's own result dict (fractions) under ``"panopticapi"``::
 
@@ -485,6 +486,13 @@ def results_to_metrics(results: Mapping[str, Any], categories: Any = None) -> di
         entry.update({m: 100.0 * values[m] for m in ("pq", "sq", "rq")})
         per_class[str(key)] = entry
     flat["per_class"] = per_class
+    if not include_fractions:
+        return flat
     flat["panopticapi"] = {name: dict(results[name]) for name in ("All", "Things", "Stuff")}
     flat["panopticapi"]["per_class"] = {str(k): dict(v) for k, v in results.get("per_class", {}).items()}
     return flat
+
+
+def results_to_percentages(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Percentages only (a ``metrics.jsonl`` val record): ``pq, sq, rq, n, pq_things, ..., per_class``."""
+    return results_to_metrics(results, include_fractions=False)
