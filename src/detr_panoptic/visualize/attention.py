@@ -21,8 +21,35 @@ from detr_panoptic.visualize.overlay import as_image_tensor
 ATTENTION_CMAP = "inferno"
 
 
+DISPLAY_WIDTH = 480  # pixels: panels are ~300 px wide, so larger pictures only cost drawing time
+
+
 def _hwc(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     return as_image_tensor(image).permute(1, 2, 0).numpy()
+
+
+def _small(picture: np.ndarray) -> np.ndarray:
+    """``picture`` shrunk to ``DISPLAY_WIDTH`` (shown with ``extent`` so coordinates stay in original pixels)."""
+    height, width = picture.shape[:2]
+    if width <= DISPLAY_WIDTH:
+        return picture
+    size = (DISPLAY_WIDTH, max(1, round(height * DISPLAY_WIDTH / width)))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BILINEAR))
+
+
+def _small_map(values: torch.Tensor) -> np.ndarray:
+    height, width = values.shape[-2:]
+    if width > DISPLAY_WIDTH:
+        size = (max(1, round(height * DISPLAY_WIDTH / width)), DISPLAY_WIDTH)
+        values = torch.nn.functional.interpolate(values[None, None].float(), size=size, mode="bilinear",
+                                                 align_corners=False)[0, 0]
+    return values.float().numpy()
+
+
+def _imshow(ax, picture: np.ndarray, extent_of: np.ndarray, **kwargs) -> None:
+    """Show ``picture`` (maybe shrunk) over the pixel coordinates of ``extent_of`` (the full picture)."""
+    height, width = extent_of.shape[:2]
+    ax.imshow(picture, extent=(0, width, height, 0), **kwargs)
 
 
 def _clean(ax) -> None:
@@ -33,7 +60,7 @@ def _clean(ax) -> None:
 def _show_map(ax, image: np.ndarray, heat: torch.Tensor, *, alpha: float = 0.65) -> None:
     """``heat`` [h, w] stretched over the whole image, semi-transparent, bilinear."""
     height, width = image.shape[:2]
-    ax.imshow(image)
+    _imshow(ax, _small(image), image)
     ax.imshow(heat.float().numpy(), cmap=ATTENTION_CMAP, alpha=alpha, extent=(0, width, height, 0),
               interpolation="bilinear")
     _clean(ax)
@@ -60,7 +87,11 @@ def plot_query_attention(
     maps = heads if per_head else 1
     columns = maps + 2
     aspect = picture.shape[0] / picture.shape[1]
-    fig = Figure(figsize=(panel_size * columns, panel_size * aspect * max(count, 1) + 0.4), layout="constrained")
+    # A fixed grid with manual spacing: constrained layout costs seconds with many panels (per head).
+    row_height = panel_size * aspect + 0.35
+    fig = Figure(figsize=(panel_size * columns, row_height * max(count, 1) + 0.1))
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - 0.35 / (row_height * max(count, 1) + 0.1),
+                        wspace=0.04, hspace=0.35 / (panel_size * aspect))
     if count == 0:
         ax = fig.add_subplot()
         ax.imshow(picture)
@@ -68,6 +99,7 @@ def plot_query_attention(
         _clean(ax)
         return fig
     axes = fig.subplots(count, columns, squeeze=False)
+    small = _small(picture)
     for row, title in enumerate(titles):
         heat = decoder[row] if per_head else decoder[row].mean(0, keepdim=True)
         for column in range(maps):
@@ -75,14 +107,14 @@ def plot_query_attention(
             label = f"head {column}" if per_head else "cross-attention (mean of heads)"
             axes[row, column].set_title(label if row == 0 else "", fontsize=9)
         ax_box = axes[row, maps]
-        ax_box.imshow(picture)
+        _imshow(ax_box, small, picture)
         x0, y0, x1, y1 = (float(v) for v in boxes[row])
         ax_box.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", linewidth=2))
         ax_box.set_title(title, fontsize=9)
         _clean(ax_box)
         ax_mask = axes[row, maps + 1]
-        ax_mask.imshow(masks[row].float().numpy() if len(masks) else np.zeros(picture.shape[:2]),
-                       cmap="gray", vmin=0, vmax=1)
+        _imshow(ax_mask, _small_map(masks[row]) if len(masks) else np.zeros(small.shape[:2]), picture,
+                cmap="gray", vmin=0, vmax=1)
         ax_mask.set_title("mask" if row == 0 else "", fontsize=9)
         _clean(ax_mask)
     return fig
@@ -108,7 +140,7 @@ def plot_encoder_attention(
     fig = Figure(figsize=(panel_size * count, panel_size * aspect * 2 + 0.6), layout="constrained")
     grid = fig.add_gridspec(2, count)
     ax_image = fig.add_subplot(grid[0, :])
-    ax_image.imshow(picture)
+    _imshow(ax_image, _small(picture), picture)
     ax_image.set_title("encoder self-attention: reference points", fontsize=10)
     _clean(ax_image)
     colors = [f"C{i % 10}" for i in range(len(points))]
@@ -164,12 +196,11 @@ def plot_mask_grid(
         if index >= count:
             ax.set_axis_off()
             continue
+        full = picture if picture is not None else np.zeros((height, width))
         if picture is not None:
-            ax.imshow(picture, alpha=0.35)
-            ax.imshow(masks[index].float().numpy(), cmap="viridis", alpha=0.65, vmin=0, vmax=1,
-                      extent=(0, picture.shape[1], picture.shape[0], 0))
-        else:
-            ax.imshow(masks[index].float().numpy(), cmap="viridis", vmin=0, vmax=1)
+            _imshow(ax, _small(picture), full, alpha=0.35)
+        _imshow(ax, _small_map(masks[index]), full, cmap="viridis", alpha=0.65 if picture is not None else 1.0,
+                vmin=0, vmax=1)
         ax.set_title(titles[index], fontsize=8)
     if count == 0:
         axes[0, 0].set_axis_on()
@@ -182,7 +213,7 @@ def save_figure(fig: Figure, path, *, dpi: int = 100) -> None:
     from detr_panoptic.utils.io import atomic_path
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 3})
 
 
 def write_attention_figures(

@@ -266,6 +266,8 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
         sections.append(("Per class (weakest first)", body, "per-class"))
 
     pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
+    if (folder / "metrics.jsonl").is_file():  # drawn fresh above: skip ``plot``'s copies
+        pngs = [p for p in pngs if p.parent != folder / "plots" or p.stem not in ("losses", "pq", "per_class")]
     overlays = [p for p in pngs if p.parent.name == "overlays"]
     attention = [p for p in pngs if p not in overlays and _is_attention(p)]
     others = [p for p in pngs if p not in overlays and p not in attention]
