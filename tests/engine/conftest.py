@@ -87,3 +87,12 @@ def toy_datasets(train_size: int = 8, val_size: int = 2, **kwargs: Any):
 @pytest.fixture
 def toy():
     return toy_datasets()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-30x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

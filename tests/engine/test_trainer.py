@@ -1,0 +1,127 @@
+"""A short run on generated data: run folder, metrics, checkpoints, divergence, accumulation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ToyPanoptic, tiny_config, toy_datasets
+
+from detr_panoptic.cli import main
+from detr_panoptic.config import load_config
+from detr_panoptic.engine import training
+from detr_panoptic.engine.metrics_log import read_metrics
+from detr_panoptic.engine.trainer import TrainingDiverged
+from detr_panoptic.engine.training import train_stage
+
+
+class ScriptedEval:
+    """Stand-in validation returning the given PQ values in turn."""
+
+    def __init__(self, *pqs: float) -> None:
+        self.pqs = list(pqs)
+        self.calls = 0
+
+    def __call__(self, model):
+        assert not model.training
+        pq = self.pqs[min(self.calls, len(self.pqs) - 1)]
+        self.calls += 1
+        return {"pq": pq, "sq": 80.0, "rq": pq / 0.8, "pq_things": pq, "pq_stuff": pq, "per_class": {"7": {"pq": pq}}}
+
+
+def test_run_folder_metrics_and_checkpoints(tmp_path):
+    config = tiny_config(tmp_path / "run", train={"checkpoint_every_steps": 3}, logging={"tensorboard": True})
+    evaluate = ScriptedEval(30.0, 20.0)
+    result = train_stage(config, datasets=toy_datasets(), evaluate=evaluate)
+    out = tmp_path / "run"
+    assert load_config(out / "config.yaml") == config
+    records = read_metrics(out / "metrics.jsonl")
+    train_records = [r for r in records if r["kind"] == "train"]
+    val_records = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in train_records] == list(range(1, 9))  # 8 images, batch 2, 2 epochs
+    for key in ("epoch", "lr", "loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice",
+                "loss_ce_0", "step_time", "data_time"):
+        assert key in train_records[0]
+    assert [(r["step"], r["epoch"], r["pq"]) for r in val_records] == [(4, 0, 30.0), (8, 1, 20.0)]
+    assert evaluate.calls == 2  # the end-of-training validation is not repeated at step 8
+    assert list((out / "tb").iterdir())
+    last = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+    best = torch.load(out / "checkpoints" / "best.pth", weights_only=True)
+    assert last["step"] == 8 and last["epoch"] == 2 and last["best_pq"] == 30.0
+    assert best["step"] == 4 and "optimizer" not in best
+    assert last["detr_panoptic"]["format_version"] == 1
+    assert last["detr_panoptic"]["category_map"]["class_ids"] == [7, 24, 26]
+    assert {"optimizer", "lr_scheduler", "rng", "run_state"} <= set(last)
+    assert "detr.class_embed.weight" in last["model"] and "mask_head.lay1.weight" in last["model"]
+    assert result.best_pq == 30.0 and result.best_checkpoint == out / "checkpoints" / "best.pth"
+    # frozen backbone untouched, heads trained
+    from detr_panoptic.checkpoints import load_pretrained
+
+    model = load_pretrained(out / "checkpoints" / "last.pth")
+    assert model.num_classes == 3 and model.category_map.class_ids == (7, 24, 26)
+    # a second call finds the run complete and does nothing
+    again = train_stage(config, datasets=toy_datasets(), evaluate=evaluate)
+    assert evaluate.calls == 2 and again.best_pq == 30.0
+
+
+class NaNAfter(ToyPanoptic):
+    """Returns NaN images from the ``after``-th item read on (workers=0: reads happen in step order)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(8)
+        self.after = after
+        self.reads = 0
+
+    def __getitem__(self, index):
+        image, target = super().__getitem__(index)
+        self.reads += 1
+        if self.reads > self.after:
+            image = torch.full_like(image, float("nan"))
+        return image, target
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path / "run", train={"checkpoint_every_steps": 2, "epochs": 3})
+    datasets = (NaNAfter(after=6), ToyPanoptic(2), toy_datasets()[2])
+    with pytest.raises(TrainingDiverged, match=r"step 4 .*last good checkpoint .*last\.pth \(step 2\)") as info:
+        train_stage(config, datasets=datasets, evaluate=ScriptedEval(1.0))
+    assert info.value.step == 4
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)
+    assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_cli_exits_non_zero_on_divergence(tmp_path, monkeypatch, capsys):
+    def diverge(config):
+        raise TrainingDiverged("toy: training stopped at step 7 (epoch 0): non-finite loss (loss=nan)", step=7)
+
+    monkeypatch.setattr(training, "train", diverge)
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("train: {output_dir: x}\n")
+    assert main(["train", str(config_file)]) == 1
+    assert "step 7" in capsys.readouterr().err
+
+
+def _final_parameters(tmp_path, name, **train):
+    config = tiny_config(tmp_path / name, model={"dropout": 0.0}, train={"max_steps": 3, **train},
+                         freeze={"backbone": True})
+    datasets = (ToyPanoptic(8, num_segments=3), ToyPanoptic(2), toy_datasets()[2])
+    train_stage(config, datasets=datasets, evaluate=ScriptedEval(1.0))
+    return torch.load(tmp_path / name / "checkpoints" / "last.pth", weights_only=True)["model"]
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
+    big = _final_parameters(tmp_path, "big", batch_size=2, accumulate_steps=1)
+    accumulated = _final_parameters(tmp_path, "acc", batch_size=1, accumulate_steps=2)
+    initial = _final_parameters(tmp_path, "init", batch_size=2, max_steps=0)
+    for key, value in big.items():
+        torch.testing.assert_close(accumulated[key], value, rtol=1e-4, atol=2e-5, msg=key)
+    moved = (big["detr.class_embed.weight"] - initial["detr.class_embed.weight"]).abs().max()
+    assert moved > 1e-4  # the runs did train
+
+
+def test_metrics_records_are_json_lines(tmp_path):
+    config = tiny_config(tmp_path / "run", train={"max_steps": 2}, logging={"log_every_steps": 2})
+    train_stage(config, datasets=toy_datasets(), evaluate=ScriptedEval(5.0))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds == ["train", "val"]  # every 2nd step logged; final validation at the end
