@@ -182,3 +182,38 @@ def test_device_resolution():
     assert inference.resolve_device("auto").type in {"cpu", "cuda"}
     with pytest.raises(UserInputError, match="device"):
         inference.resolve_device("tpu:banana")
+
+
+class FakeAttentionModel(FakeModel):
+    """``forward(return_attention=True)`` with hand-set logits, boxes, masks and attention maps."""
+
+    def forward(self, images, *, return_attention=False):
+        from detr_panoptic.models.outputs import DETROutput
+
+        (image,) = images
+        feat_h, feat_w = -(-image.shape[1] // 32), -(-image.shape[2] // 32)
+        logits = torch.tensor([[[9.0, 0.0, 0.0],     # query 0: class 0 (car), kept
+                                [0.0, 0.0, 9.0],     # query 1: no object
+                                [0.0, 0.4, 0.0]]])   # query 2: road but below the threshold
+        boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2]]])
+        masks = torch.full((1, 3, -(-image.shape[1] // 4), -(-image.shape[2] // 4)), -5.0)
+        masks[0, 0, :2] = 5.0
+        cross = torch.arange(2 * 3 * feat_h * feat_w, dtype=torch.float).reshape(1, 2, 3, feat_h * feat_w)
+        encoder = torch.rand(1, 2, feat_h * feat_w, feat_h * feat_w)
+        return DETROutput(pred_logits=logits, pred_boxes=boxes, pred_masks=masks,
+                          attentions={"decoder_cross": [cross * 0, cross], "encoder_self": encoder,
+                                      "feature_size": (feat_h, feat_w)})
+
+
+def test_compute_attention_keeps_confident_queries_and_reshapes_maps():
+    image = Image.new("RGB", (100, 60))
+    maps = inference.compute_attention(FakeAttentionModel(), image, category_map=CATEGORIES, size=64, max_size=200)
+    assert maps.queries.tolist() == [0] and maps.category_ids.tolist() == [1]
+    feat_h, feat_w = maps.feature_size
+    assert (feat_h, feat_w) == (2, 4)                                  # a 64 x 107 input at stride 32
+    expected = torch.arange(2 * 3 * 8, dtype=torch.float).reshape(2, 3, 2, 4)[:, 0]
+    assert torch.equal(maps.decoder[0], expected)                      # last layer, query 0, every head
+    assert maps.encoder.shape == (2, 4, 2, 4)
+    assert torch.allclose(maps.boxes[0], torch.tensor([25.0, 15.0, 75.0, 45.0]))
+    assert maps.masks.shape == (1, 60, 100) and maps.masks[0, 0, 0] > 0.9 and maps.masks[0, -1, -1] < 0.1
+    assert maps.result is not None and maps.result.id_map.shape == (60, 100)
