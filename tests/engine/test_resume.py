@@ -1,0 +1,88 @@
+"""A run killed with SIGKILL and resumed ends with exactly the parameters of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+RUNNER = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+from conftest import tiny_config, toy_datasets
+from detr_panoptic.engine import hooks
+from detr_panoptic.engine.training import train_stage
+from detr_panoptic.utils.logging import setup_logging
+
+setup_logging()
+delay = float(sys.argv[2])
+if delay:  # slow the victim down so the test can kill it mid-run
+    original = hooks.LRSchedulerHook.after_step
+    def slow_after_step(self, trainer, record):
+        original(self, trainer, record)
+        time.sleep(delay)
+    hooks.LRSchedulerHook.after_step = slow_after_step
+config = tiny_config(sys.argv[1], train={{"epochs": 3, "checkpoint_every_steps": 1}}, data={{"workers": 1}})
+train_stage(config, datasets=toy_datasets(6), evaluate=lambda model: {{"pq": 1.0}})
+"""
+
+
+def _run(script: Path, out: Path, delay: float) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script), str(out), str(delay)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _train_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["kind"] == "train")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(here=str(HERE)))
+    reference = _run(script, tmp_path / "reference", 0.0)
+
+    killed_dir = tmp_path / "killed"
+    victim = _run(script, killed_dir, 0.3)
+    deadline = time.time() + 120
+    while _train_steps(killed_dir) < 4 and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    assert victim.poll() is None, victim.communicate()[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    at_kill = torch.load(killed_dir / "checkpoints" / "last.pth", weights_only=True)
+    assert 1 <= at_kill["step"] < 9  # 6 images, batch 2, 3 epochs = 9 steps
+
+    resumed = _run(script, killed_dir, 0.0)
+    log_resumed = resumed.communicate(timeout=300)[0]
+    log_reference = reference.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log_resumed
+    assert reference.returncode == 0, log_reference
+    assert f"resuming from {killed_dir / 'checkpoints' / 'last.pth'} at step {at_kill['step']}" in log_resumed
+
+    final = torch.load(killed_dir / "checkpoints" / "last.pth", weights_only=True)
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / "last.pth", weights_only=True)
+    assert final["step"] == expected["step"] == 9
+    for key, value in expected["model"].items():
+        assert torch.equal(final["model"][key], value), key
+    for a, b in zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    # the metrics file tells one consistent story: steps 1..9 once each, same losses
+    steps = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r for r in steps if r["kind"] == "train"]
+    assert [r["step"] for r in train_steps] == list(range(1, 10))
+    assert [r["loss"] for r in train_steps] == [r["loss"] for r in ref_steps if r["kind"] == "train"]
