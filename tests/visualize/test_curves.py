@@ -83,3 +83,17 @@ def test_plot_run_writes_pngs(tmp_path):
     assert [p.name for p in written] == ["losses.png", "pq.png"]
     for path in written:
         assert Image.open(path).size[0] > 300
+
+
+def test_plot_run_draws_per_class_bars_of_the_last_validation(tmp_path):
+    run = write_run(tmp_path / "run")
+    (run / "categories.json").write_text(json.dumps([{"id": 1, "name": "car", "isthing": 1},
+                                                     {"id": 7, "name": "road", "isthing": 0}]))
+    written = plot_run(run, tmp_path / "figures")
+    assert [p.name for p in written] == ["losses.png", "pq.png", "per_class.png"]
+    assert all(p.parent == tmp_path / "figures" for p in written)
+    from detr_panoptic.visualize.curves import per_class_figure, run_categories
+    train, val = split_records(read_metrics(run))
+    ax = per_class_figure(val[-1], categories=run_categories(run)).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["car", "road"]
+    assert sorted(round(p.get_height(), 1) for p in ax.patches)[:2] == [10.0, 15.0]

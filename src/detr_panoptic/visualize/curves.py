@@ -167,29 +167,36 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int
     for name, fig in (("losses", plot_losses(train, val)), ("pq", plot_pq(val))):
         save_figure(fig, out_dir / f"{name}.png", dpi=dpi)
         written.append(out_dir / f"{name}.png")
-    per_class = last_per_class(val)
-    if per_class:
-        fig = per_class_figure(per_class, categories=run_categories(run_dir))
+    last = next((r for r in reversed(val) if r.get("per_class")), None)
+    if last is not None:
+        fig = per_class_figure(last, categories=run_categories(run_dir))
         save_figure(fig, out_dir / "per_class.png", dpi=dpi)
         written.append(out_dir / "per_class.png")
     return written
 
 
-def run_categories(run_dir: Path) -> dict[int, str]:
-    """Category id -> name, from the run's ``categories.json`` or checkpoint metadata when present."""
-    for candidate in (run_dir / "categories.json", run_dir / "eval" / "predictions.json"):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-                records = data["categories"] if isinstance(data, dict) else data
-                return {int(r["id"]): str(r["name"]) for r in records}
-            except (ValueError, KeyError, TypeError):
-                continue
-    return {}
+def run_categories(folder: str | Path) -> list[dict[str, Any]] | None:
+    """COCO category records (``id``, ``name``, ``isthing``) found in a run or evaluation folder:
+    ``categories.json`` or the ``categories`` of a ``predictions.json`` (``eval/`` or one level down)."""
+    folder = Path(folder)
+    candidates = [folder / "categories.json", folder / "predictions.json", folder / "eval" / "predictions.json"]
+    candidates += sorted(folder.glob("*/predictions.json"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            records = data["categories"] if isinstance(data, dict) else data
+            return [{"id": int(r["id"]), "name": str(r["name"]), "isthing": int(bool(r.get("isthing", 0)))}
+                    for r in records]
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
-def per_class_figure(per_class: Mapping[Any, Mapping[str, float]], *, categories: Mapping[int, str] | None = None) -> Figure:
-    """Per-class PQ/SQ/RQ bars; drawn by the evaluation's chart (``visualize.charts``)."""
-    from detr_panoptic.visualize import charts
+def per_class_figure(metrics: Mapping[str, Any], *, categories: Any = None) -> Figure:
+    """Per-class PQ/SQ/RQ bars of a validation record (or any metrics dict with ``per_class``),
+    drawn by the evaluation's chart (``visualize.charts``), so both commands show the same picture."""
+    from detr_panoptic.visualize.charts import per_class_bar_chart_figure
 
-    return charts.per_class_figure(per_class, categories=categories)
+    return per_class_bar_chart_figure(metrics, categories)

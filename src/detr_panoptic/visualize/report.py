@@ -123,22 +123,6 @@ def section(title: str, body: str, anchor: str) -> str:
 
 
 # -- reading the folder --------------------------------------------------------------------------------
-def _category_names(folder: Path) -> dict[str, str]:
-    """Category id (as a string) -> name, from the first categories list found in the folder."""
-    candidates = [folder / "categories.json", folder / "predictions.json", folder / "eval" / "predictions.json"]
-    candidates += sorted(folder.glob("*/predictions.json"))
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-            records = data["categories"] if isinstance(data, dict) else data
-            return {str(r["id"]): str(r["name"]) for r in records}
-        except (ValueError, KeyError, TypeError):
-            continue
-    return {}
-
-
 def _eval_metrics(folder: Path) -> tuple[Path, dict] | None:
     for path in (folder / "metrics.json", folder / "eval" / "metrics.json"):
         if path.is_file():
@@ -217,7 +201,8 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder} (expected a run or evaluation folder)")
     out = Path(out) if out is not None else folder / "report.html"
-    names = _category_names(folder)
+    categories = curves.run_categories(folder)
+    names = {str(c["id"]): c["name"] for c in categories or []}
     sections: list[tuple[str, str, str]] = []
     per_class = None
 
@@ -258,10 +243,9 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     if per_class:
         body = per_class_table(per_class, names)
         try:
-            chart = curves.per_class_figure(per_class, categories={int(k): v for k, v in names.items()
-                                                                   if k.lstrip("-").isdigit()})
+            chart = curves.per_class_figure({"per_class": per_class}, categories=categories)
             body = html_figure(figure_data_uri(chart), "per-class PQ / SQ / RQ") + body
-        except (ImportError, AttributeError) as exc:  # the chart module is optional here
+        except (ImportError, ValueError, KeyError) as exc:  # a chart is a bonus: the table is there
             log.warning("report: no per-class chart (%s)", exc)
         sections.append(("Per class (weakest first)", body, "per-class"))
 
