@@ -151,11 +151,12 @@ def draw_panoptic(
         raise ValueError(f"id map is {tuple(id_map.shape)} but the image is {(height, width)}: "
                          "post-process to the original image size (target_sizes)")
     cats = categories_by_id(categories)
-    segments = [seg for seg in result.segments_info if bool((id_map == int(seg["id"])).any())]
+    present = set(torch.unique(id_map).tolist())
+    segments = [seg for seg in result.segments_info if int(seg["id"]) in present]
     if not segments:
         return canvas
     colors = segment_colors(segments, cats)
-    masks = torch.stack([id_map == int(seg["id"]) for seg in segments])
+    masks = id_map[None] == torch.tensor([int(seg["id"]) for seg in segments])[:, None, None]
     canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=[colors[int(s["id"])] for s in segments])
     thickness = max(1, round(min(height, width) / 300))
     if boundaries:
@@ -170,8 +171,10 @@ def draw_panoptic(
                                      width=thickness + 1)
     if labels:
         # A label box of zero width anchored inside each segment: torchvision draws only its text.
-        anchors = torch.tensor([label_anchor(m) for m in masks], dtype=torch.float)
-        anchors = torch.where(thing[:, None], masks_to_boxes(masks)[:, :2], anchors)
+        # Things: the top-left corner of their box; stuff: a pixel inside, near its centroid.
+        anchors = masks_to_boxes(masks)[:, :2]
+        for index in torch.nonzero(~thing).flatten().tolist():
+            anchors[index] = torch.tensor(label_anchor(masks[index]), dtype=anchors.dtype)
         anchors[:, 0].clamp_(0, max(0, width - 1))
         anchors[:, 1].clamp_(0, max(0, height - 1))
         canvas = draw_bounding_boxes(
