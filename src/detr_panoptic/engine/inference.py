@@ -400,9 +400,12 @@ def compute_attention(
     tensor = preprocess(image, size, max_size).to(device)
     with torch.inference_mode():
         output = model([tensor], return_attention=True)
-        results = model.predict([tensor], threshold=threshold, is_thing=category_map.is_thing().to(device),
-                                target_sizes=[(image.height, image.width)],
-                                class_to_category=category_map.class_to_category_tensor().to(device))
+        # One forward: its masks for every query also give the panoptic result (no second trunk run).
+        from detr_panoptic.models.postprocess import panoptic_postprocess
+
+        results = panoptic_postprocess(output, [tuple(tensor.shape[-2:])], [(image.height, image.width)],
+                                       is_thing=category_map.is_thing().to(device), threshold=threshold,
+                                       class_to_category=category_map.class_to_category_tensor().to(device))
     attentions = output.attentions or {}
     decoder_maps = _first_present(attentions, "decoder_cross", "decoder")
     if decoder_maps is None:
