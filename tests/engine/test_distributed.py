@@ -1,0 +1,83 @@
+"""Sharding, and DDP with 2 CPU processes (torchrun, gloo): parameters equal across ranks and equal to one
+process with the same global batch."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ToyPanoptic, tiny_config, toy_datasets
+
+from detr_panoptic.engine.distributed import shard_indices
+from detr_panoptic.engine.training import train_stage
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_shards_partition_the_epoch_and_interleave_like_one_big_batch():
+    single = shard_indices(10, seed=1, epoch=3)
+    assert sorted(single) == list(range(10))
+    shards = [shard_indices(10, seed=1, epoch=3, rank=r, world_size=2) for r in range(2)]
+    # rank r's k-th item is global position 2k + r
+    assert [x for pair in zip(*shards) for x in pair] == single
+    assert shard_indices(10, seed=1, epoch=4) != single  # a new order each epoch
+    padded = [shard_indices(5, seed=0, epoch=0, rank=r, world_size=2) for r in range(2)]
+    assert len(padded[0]) == len(padded[1]) == 3 and set(padded[0] + padded[1]) == set(range(5))
+
+
+RUNNER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+from conftest import ToyPanoptic, tiny_config, toy_datasets
+from detr_panoptic.engine.training import train
+from detr_panoptic.utils.logging import setup_logging
+
+setup_logging()
+out = sys.argv[1]
+
+def evaluate(model):
+    # runs on every rank after the last step: keep each rank's parameters for the test
+    torch.save(model.state_dict(), f"{{out}}/rank{{dist.get_rank()}}.pt")
+    return {{"pq": 1.0}}
+
+config = tiny_config(out, model={{"dropout": 0.0}}, train={{"batch_size": 1, "max_steps": 3, "eos_coef": 1.0}})
+datasets = (ToyPanoptic(8), ToyPanoptic(2), toy_datasets()[2])
+train(config, datasets=datasets, evaluate=evaluate)
+"""
+
+
+# Why the losses agree: box and mask losses are sums over matched pairs divided by num_boxes, which is the
+# global count averaged over processes, so each rank's loss is (its sum) / (global count / world_size) and
+# DDP's gradient average gives (sum of all) / (global count): the single-process loss. The cross-entropy is
+# a weighted mean per process; its average over processes equals the global weighted mean when every
+# process has the same total weight, which eos_coef=1 (all weights 1, Q queries per image) guarantees while
+# the images keep different numbers of segments (so the num_boxes all_reduce is exercised).
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(here=str(HERE)))
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+
+    config = tiny_config(tmp_path / "single", model={"dropout": 0.0},
+                         train={"batch_size": 2, "max_steps": 3, "eos_coef": 1.0})
+    datasets = (ToyPanoptic(8), ToyPanoptic(2), toy_datasets()[2])
+    train_stage(config, datasets=datasets, evaluate=lambda model: {"pq": 1.0})
+    single = torch.load(tmp_path / "single" / "checkpoints" / "last.pth", weights_only=True)["model"]
+    ddp_checkpoint = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+    assert ddp_checkpoint["step"] == 3 and len(ddp_checkpoint["rng"]["per_rank"]) == 2
+    for key, value in single.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=2e-5, msg=key)
+        assert torch.equal(ddp_checkpoint["model"][key], rank0[key])
