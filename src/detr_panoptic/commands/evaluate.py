@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data = evaluate.add_argument_group("data (either Cityscapes or COCO-panoptic files)")
     data.add_argument("--cityscapes", metavar="ROOT", help="Cityscapes root (leftImg8bit/, gtFine/ with the "
                       "converted cityscapes_panoptic_<split>.json and folder)")
-    data.add_argument("--split", default="val", help="Cityscapes split (default: val)")
+    data.add_argument("--split", help="Cityscapes split (default: the config's data.val_split, else val)")
     data.add_argument("--use-train-id", action="store_true",
                       help="use the _trainId variant of the converted Cityscapes panoptic files")
     data.add_argument("--gt-json", help="ground-truth COCO panoptic JSON")
