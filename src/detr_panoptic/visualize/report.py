@@ -253,10 +253,12 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     if (folder / "metrics.jsonl").is_file():  # drawn fresh above: skip ``plot``'s copies
         pngs = [p for p in pngs if p.parent != folder / "plots" or p.stem not in ("losses", "pq", "per_class")]
     overlays = [p for p in pngs if p.parent.name == "overlays"]
-    attention = [p for p in pngs if p not in overlays and _is_attention(p)]
+    attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
+                       key=lambda p: (str(p.parent), [p.name.startswith(n) for n in ATTENTION_NAMES].index(True)
+                                      if p.name.startswith(ATTENTION_NAMES) else len(ATTENTION_NAMES), p.name))
     others = [p for p in pngs if p not in overlays and p not in attention]
     for heading, paths, anchor, photo in (("Example overlays", overlays, "overlays", True),
-                                          ("Attention maps", attention, "attention", False),
+                                          ("Attention maps", attention, "attention", True),
                                           ("Figures", others, "figures", False)):
         if not paths:
             continue
