@@ -91,6 +91,14 @@ def test_skip_bad_warns_and_keeps_going(tmp_path, caplog):
         expand_inputs([str(tmp_path / "missing.png")], skip_bad=True)
 
 
+def test_load_image_applies_exif_rotation(tmp_path):
+    image = Image.new("RGB", (40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (20, 40)
+
+
 def test_resized_shape_follows_the_reference_rule():
     assert resized_shape(1024, 2048, 800, 1333) == (666, 1332)  # round(666.5) == 666, as in the reference
     assert resized_shape(480, 640, 800, 1333) == (800, 1066)
@@ -132,6 +140,7 @@ def test_prefetch_is_bounded_keeps_order_and_passes_errors():
 def test_unique_names():
     from pathlib import Path
     assert unique_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg"), Path("c/x.jpg")]) == ["x", "x-2", "y", "x-3"]
+    assert unique_names([Path("x.jpg"), Path("x.png"), Path("x-2.jpg")]) == ["x", "x-2", "x-2-2"]
 
 
 def _decode(path):

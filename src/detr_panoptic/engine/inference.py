@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from detr_panoptic.data.categories import CategoryMap
@@ -85,7 +85,8 @@ def load_image(path: str | Path) -> Image.Image:
     """Decode an image file as RGB; ``UserInputError`` naming the file if it is not a readable image."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            # Camera photos store their rotation in EXIF: predict on the picture as people see it.
+            return ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"input not found: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -265,13 +266,16 @@ def iter_predictions(
 
 # -- writing outputs ------------------------------------------------------------------------------
 def unique_names(paths: Sequence[Path]) -> list[str]:
-    """Output stems for ``paths``: the file stem, with ``-2``, ``-3``... when stems repeat."""
-    seen: dict[str, int] = {}
+    """Output stems for ``paths``: the file stem, with ``-2``, ``-3``... appended when a stem is taken."""
+    taken: set[str] = set()
     names = []
     for path in paths:
-        stem = path.stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        name, counter = path.stem, 1
+        while name in taken:
+            counter += 1
+            name = f"{path.stem}-{counter}"
+        taken.add(name)
+        names.append(name)
     return names
 
 
