@@ -120,3 +120,37 @@ def test_frozen_prefix_builds_no_graph():
 def test_negative_first_layers_rejected():
     with pytest.raises(ValueError, match="first_layers"):
         apply_freeze(StandIn(), first_layers=-1)
+
+
+def _tiny_detr():
+    from detr_panoptic.models.detr import PanopticDETR
+
+    return PanopticDETR(3, backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=2, dec_layers=2,
+                        dim_feedforward=64, num_queries=5)
+
+
+def test_policies_on_panoptic_detr_and_no_graph_through_frozen_parts():
+    model = _tiny_detr()
+    report = apply_freeze(model, backbone=True, transformer=True)
+    assert set(report.parts) >= {"backbone", "encoder", "decoder", "class_embed", "mask_head", "bbox_attention"}
+    trainable_parts = {p for p, (t, _) in report.parts.items() if t}
+    assert trainable_parts == {"class_embed", "bbox_embed", "bbox_attention", "mask_head"}
+    seen = {}
+
+    def keep(name, pick):
+        def hook(module, inputs, output):
+            seen[name] = pick(output)  # returns None: the output is left alone
+        return hook
+
+    model.detr.backbone.register_forward_hook(keep("backbone", lambda o: o[0][-1][0]))
+    model.detr.transformer.register_forward_hook(keep("transformer", lambda o: o[0]))
+    out = model(torch.randn(1, 3, 64, 64))
+    assert not seen["backbone"].requires_grad and not seen["transformer"].requires_grad
+    assert out.pred_logits.requires_grad and out.pred_masks.requires_grad
+
+    report = apply_freeze(model, attention=True, first_layers=1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "detr.transformer.decoder.layers.1.multihead_attn.in_proj_weight" in frozen
+    assert "detr.transformer.encoder.layers.0.linear1.weight" in frozen
+    assert "detr.transformer.encoder.layers.1.linear1.weight" not in frozen
+    assert "bbox_attention.q_linear.weight" not in frozen
