@@ -186,6 +186,17 @@ def test_predict_to_folder_bad_inputs(tmp_path, caplog):
         predict_to_folder(FakeModel(), [str(broken)], tmp_path / "out2", progress=False, skip_bad=True)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(threshold=1.5), "threshold"), (dict(size=0), "size"), (dict(size=800, max_size=100), "max size"),
+    (dict(batch_size=0), "batch size"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, options, message):
+    good = write_image(tmp_path / "good.png")
+    with pytest.raises(UserInputError, match=message):
+        predict_to_folder(FakeModel(), [str(good)], tmp_path / "out", progress=False, **options)
+    assert not (tmp_path / "out").exists()
+
+
 def test_device_resolution():
     assert inference.resolve_device("cpu").type == "cpu"
     assert inference.resolve_device("auto").type in {"cpu", "cuda"}

@@ -287,6 +287,18 @@ def image_id_for(name: str) -> int | str:
     return int(name) if name.isdigit() else name
 
 
+def check_options(*, threshold: float, size: int | None, max_size: int | None, batch_size: int = 1) -> None:
+    """``UserInputError`` for option values that cannot work, before any file is touched."""
+    if not 0.0 <= threshold < 1.0:
+        raise UserInputError(f"threshold must be in [0, 1), got {threshold}")
+    if size is not None and size < 1:
+        raise UserInputError(f"size must be a positive number of pixels, got {size}")
+    if max_size is not None and size is not None and max_size < size:
+        raise UserInputError(f"max size {max_size} is smaller than size {size}")
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be at least 1, got {batch_size}")
+
+
 @dataclass
 class PredictSummary:
     out_dir: Path
@@ -326,6 +338,7 @@ def predict_to_folder(
     from detr_panoptic.evaluation import PanopticPredictionWriter
     from detr_panoptic.visualize.overlay import draw_panoptic, save_image
 
+    check_options(threshold=threshold, size=size, max_size=max_size, batch_size=batch_size)
     draw = draw or draw_panoptic
     category_map = category_map or model_category_map(model)
     paths = expand_inputs(inputs, skip_bad=skip_bad)
@@ -399,6 +412,7 @@ def compute_attention(
     ``"encoder_self"`` (last layer, [B, heads, h*w, h*w] or [B, h*w, h*w]; a list per layer also
     works) and ``"feature_size"`` ((h, w); derived from the stride-32 input size when absent).
     """
+    check_options(threshold=threshold, size=size, max_size=max_size)
     device = resolve_device(device)
     model.eval().to(device)
     tensor = preprocess(image, size, max_size).to(device)
