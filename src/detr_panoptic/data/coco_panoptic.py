@@ -33,7 +33,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode
 
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
@@ -45,11 +44,15 @@ ImagePathFn = Callable[[Mapping[str, Any]], "str | os.PathLike"]
 
 def rgb_to_id(rgb: torch.Tensor) -> torch.Tensor:
     """Panoptic PNG pixels ``[3, H, W]`` uint8 -> ids int32 ``[H, W]`` (id = R + 256 G + 256^2 B)."""
-    rgb = rgb.to(torch.int32)
-    return rgb[0] + (rgb[1] << 8) + (rgb[2] << 16)
+    ids = rgb[2].to(torch.int32)
+    ids <<= 8
+    ids |= rgb[1]
+    ids <<= 8
+    ids |= rgb[0]
+    return ids
 
 
-def _decode(path: Path, mode: ImageReadMode, what: str) -> torch.Tensor:
+def _decode(path: Path, what: str) -> torch.Tensor:
     """uint8 ``[3, H, W]``: torchvision's libpng/libjpeg decoders (faster than Pillow), else Pillow."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: {what} not found")
@@ -57,9 +60,9 @@ def _decode(path: Path, mode: ImageReadMode, what: str) -> torch.Tensor:
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they are still the fastest here.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            from torchvision.io import decode_image, read_file
+            from torchvision.io import ImageReadMode, decode_image, read_file
 
-            return decode_image(read_file(str(path)), mode=mode)
+            return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
         except (ImportError, RuntimeError):
             pass
     try:  # formats torchvision cannot decode (e.g. 16-bit or palette PNGs): Pillow
@@ -182,8 +185,8 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
             image_file, ids_file = stem.with_suffix(".image.npy"), stem.with_suffix(".ids.npy")
             if image_file.is_file() and ids_file.is_file():
                 return torch.from_numpy(np.load(image_file)), torch.from_numpy(np.load(ids_file))
-        image = _decode(self.image_path(self.image_record(index)), ImageReadMode.RGB, "image")
-        id_map = rgb_to_id(_decode(self.panoptic_path(ann), ImageReadMode.RGB, "panoptic PNG"))
+        image = _decode(self.image_path(self.image_record(index)), "image")
+        id_map = rgb_to_id(_decode(self.panoptic_path(ann), "panoptic PNG"))
         if id_map.shape != image.shape[-2:]:
             raise UserInputError(f"{self.panoptic_path(ann)}: size {tuple(id_map.shape)} differs from the image's "
                                  f"{tuple(image.shape[-2:])} ({self.image_path(self.image_record(index))})")

@@ -289,8 +289,12 @@ def _side_x(rng: np.random.Generator, w: float, vanish: float, top_half: float, 
     return rng.uniform(min(w - 1.0, vanish + half * 1.02), min(w, vanish + half + 0.35 * w))
 
 
-def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bool = True) -> Scene:
-    """A random street scene as an ordered list of labelled polygons (see the module docstring)."""
+def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bool = True,
+                density: float = 1.0) -> Scene:
+    """A random street scene as an ordered list of labelled polygons (see the module docstring).
+
+    ``density`` scales the number of cars, persons, riders and bicycles (1: 2-13 things per image).
+    """
     scene = Scene(height, width)
     horizon = height * rng.uniform(0.36, 0.5)
     vanish, top_half, bottom_half = _stuff(scene, rng, horizon)
@@ -299,8 +303,11 @@ def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bo
     # Things, each as (foot y, kind); drawn far (small y) to near.
     objects: list[tuple[float, str]] = []
     if things:
-        kinds = (["car"] * int(rng.integers(1, 6)) + ["person"] * int(rng.integers(1, 6))
-                 + ["rider"] * int(rng.integers(0, 3)) + ["bicycle"] * int(rng.integers(0, 3)))
+        def count(low: int, high: int) -> int:
+            return int(round(rng.integers(low, high) * density))
+
+        kinds = (["car"] * count(1, 6) + ["person"] * count(1, 6) + ["rider"] * count(0, 3)
+                 + ["bicycle"] * count(0, 3))
         if rng.random() < 0.3:
             kinds.append("truck")
         if rng.random() < 0.15:
@@ -401,12 +408,12 @@ def render(scene: Scene, material_map: np.ndarray, rng: np.random.Generator) -> 
 
 
 def synthetic_sample(seed: int | Sequence[int], height: int = 512, width: int = 1024, *,
-                     things: bool = True) -> tuple[np.ndarray, np.ndarray, Scene]:
+                     things: bool = True, density: float = 1.0) -> tuple[np.ndarray, np.ndarray, Scene]:
     """One scene: (RGB uint8 [H, W, 3], instance ids uint16 [H, W], the Scene with its polygons)."""
     if height < 16 or width < 16:
         raise UserInputError(f"synthetic images need at least 16x16 pixels, got {height}x{width}")
     rng = np.random.default_rng(seed)
-    scene = build_scene(rng, height, width, things=things)
+    scene = build_scene(rng, height, width, things=things, density=density)
     ids, material_map = rasterize(scene)
     return render(scene, material_map, rng), ids, scene
 
