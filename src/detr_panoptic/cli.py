@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "evaluate",
     "visualize",
+    "demo",
 )
 
 log = logging.getLogger("detr_panoptic")
