@@ -187,8 +187,8 @@ def test_predict_to_folder_bad_inputs(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(threshold=1.5), "threshold"), (dict(size=0), "size"), (dict(size=800, max_size=100), "max size"),
-    (dict(batch_size=0), "batch size"),
+    ({"threshold": 1.5}, "threshold"), ({"size": 0}, "size"), ({"size": 800, "max_size": 100}, "max size"),
+    ({"batch_size": 0}, "batch size"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, options, message):
     good = write_image(tmp_path / "good.png")

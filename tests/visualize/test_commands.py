@@ -19,8 +19,8 @@ CATEGORIES = CategoryMap.contiguous([
     Category(7, "road", False, (128, 64, 128)),
     Category(9, "sky", False, (70, 130, 180)),
 ])
-TINY = dict(backbone="resnet18", hidden_dim=32, nheads=8, enc_layers=1, dec_layers=1, dim_feedforward=64,
-            num_queries=4, dropout=0.0)
+TINY = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 8, "enc_layers": 1, "dec_layers": 1,
+        "dim_feedforward": 64, "num_queries": 4, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def test_plot_run_draws_per_class_bars_of_the_last_validation(tmp_path):
     assert [p.name for p in written] == ["losses.png", "pq.png", "per_class.png"]
     assert all(p.parent == tmp_path / "figures" for p in written)
     from detr_panoptic.visualize.curves import per_class_figure, run_categories
-    train, val = split_records(read_metrics(run))
+    _, val = split_records(read_metrics(run))
     ax = per_class_figure(val[-1], categories=run_categories(run)).axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["car", "road"]
     assert sorted(round(p.get_height(), 1) for p in ax.patches)[:2] == [10.0, 15.0]

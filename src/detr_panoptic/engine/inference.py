@@ -15,9 +15,10 @@ import glob
 import logging
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,7 +102,7 @@ def resized_shape(height: int, width: int, size: int, max_size: int | None = Non
     if max_size is not None:
         short, long = min(height, width), max(height, width)
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = round(max_size * short / long)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:
@@ -151,7 +152,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             for item in items:
                 if not put(("item", item)):
                     return
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # noqa: BLE001 -- handed to the consumer and raised there
             put(("error", exc))
             return
         put(("done", done))

@@ -24,7 +24,9 @@ _EXPORTS = {
     "build_report": "report",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["build_report", "draw_panoptic", "plot_encoder_attention", "plot_losses", "plot_mask_grid", "plot_pq",
+           "plot_query_attention", "plot_run", "read_metrics", "result_from_panoptic_png", "save_figure",
+           "save_image", "segment_colors"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -42,13 +43,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
         except ValueError as exc:
             if number == len(lines):
                 log.warning("%s:%d: skipping an incomplete last line", path, number)
                 continue
             raise UserInputError(f"{path}:{number}: not a JSON object per line ({exc})") from None
+        if not isinstance(record, dict):
+            raise UserInputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records
 
@@ -66,9 +67,9 @@ def loss_keys(records: Sequence[Mapping[str, Any]], *, include_aux: bool = False
     keys: dict[str, None] = {}
     for record in records:
         for key, value in record.items():
-            if (key == "loss" or key.startswith("loss_")) and isinstance(value, (int, float)):
-                if include_aux or not AUX_SUFFIX.search(key):
-                    keys[key] = None
+            is_loss = (key == "loss" or key.startswith("loss_")) and isinstance(value, (int, float))
+            if is_loss and (include_aux or not AUX_SUFFIX.search(key)):
+                keys[key] = None
     return sorted(keys, key=lambda k: (k != "loss",))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import colorsys
 import functools
 from collections import defaultdict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def shade(color: Color, index: int, count: int) -> Color:
     if high - low < 0.2:  # very dark or very light colours: use the usable range instead
         low, high = 0.25, 0.75
     target = low + (high - low) * index / (count - 1)
-    return tuple(int(round(c * 255)) for c in colorsys.hls_to_rgb(hue, target, saturation))
+    return tuple(round(c * 255) for c in colorsys.hls_to_rgb(hue, target, saturation))
 
 
 def segment_colors(segments_info: Sequence[Mapping[str, Any]], categories: Mapping[int, Category]) -> dict[int, Color]:

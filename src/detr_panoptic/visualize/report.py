@@ -19,8 +19,9 @@ import html
 import io
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 from PIL import Image
