@@ -1,0 +1,144 @@
+"""One training step of the full DETR-R50 panoptic model at 800x1600 with 30 target segments:
+masks for the matched queries only (the default, ``train.matched_masks_only``) vs masks for all 100
+queries (the reference's way). Both paths must give the same losses (checked, same weights, same
+dropout masks); the figure is the median step time of each and their ratio (goal >= 3x).
+
+A step = forward (Hungarian matching inside the forward for the matched path) + criterion + backward +
+gradient clipping + AdamW step, with the recipe's default freezing (backbone frozen, lr 0). The optimizer
+runs with lr 0 so that every repetition sees the same weights. Random weights, generated image and
+targets (ellipses and rectangles of 19 Cityscapes-like classes).
+
+Usage: python bench/bench_train_step.py [--reps 3] [--height 800] [--width 1600] [--segments 30]
+                                        [--queries 100] [--threads N]
+Prints the figures and writes bench/results/bench_train_step.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.ops import box_convert, masks_to_boxes
+
+from detr_panoptic.engine.freezing import apply_freeze
+from detr_panoptic.models.criterion import build_criterion
+from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.models.matcher import QuerySelector
+
+NUM_CLASSES = 19
+
+
+def make_targets(height: int, width: int, segments: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    yy = torch.arange(height)[:, None].float()
+    xx = torch.arange(width)[None, :].float()
+    masks = torch.zeros(segments, height, width, dtype=torch.bool)
+    taken = torch.zeros(height, width, dtype=torch.bool)
+    for k in range(segments):
+        cy, cx = float(torch.rand(1, generator=g)) * height, float(torch.rand(1, generator=g)) * width
+        ry = 20 + float(torch.rand(1, generator=g)) * height / 6
+        rx = 20 + float(torch.rand(1, generator=g)) * width / 6
+        shape = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1 if k % 2 else \
+            ((yy - cy).abs() < ry) & ((xx - cx).abs() < rx)
+        masks[k] = shape & ~taken
+        if not masks[k].any():
+            masks[k, k, :10] = True
+        taken |= masks[k]
+    boxes = box_convert(masks_to_boxes(masks), "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+    return {"labels": torch.randint(0, NUM_CLASSES, (segments,), generator=g), "boxes": boxes, "masks": masks}
+
+
+def train_step(model, criterion, optimizer, image, mask, targets, *, matched_only: bool, seed: int
+               ) -> tuple[float, dict[str, float]]:
+    torch.manual_seed(seed)  # same dropout masks in both paths
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    selector = QuerySelector(criterion.matcher, targets) if matched_only else None
+    outputs = model(image, mask, mask_queries=selector)
+    losses = criterion(outputs, targets, indices=selector.indices if selector else None)
+    total = criterion.weighted_total(losses)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    elapsed = time.perf_counter() - start
+    return elapsed, {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--segments", type=int, default=30)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = PanopticDETR(NUM_CLASSES, num_queries=args.queries, aux_loss=True)  # R50, official sizes
+    model.train()
+    report = apply_freeze(model, backbone=True)
+    criterion = build_criterion(NUM_CLASSES, aux_loss=True, num_decoder_layers=6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=1e-4)
+    image = torch.randn(1, 3, args.height, args.width)
+    pad_mask = torch.zeros(1, args.height, args.width, dtype=torch.bool)
+    targets = [make_targets(args.height, args.width, args.segments)]
+
+    times: dict[str, list[float]] = {"matched": [], "all": []}
+    losses: dict[str, dict[str, float]] = {}
+    # warm-up rep (first-call allocations) of each path, then alternate so drift hits both equally
+    for rep in range(args.reps + 1):
+        for path in ("matched", "all"):
+            elapsed, values = train_step(model, criterion, optimizer, image, pad_mask, targets,
+                                         matched_only=path == "matched", seed=rep)
+            print(f"rep {rep} {path:>7}: {elapsed:.2f} s  loss {values['loss']:.6f}", flush=True)
+            if rep == 0:
+                losses[path] = values
+            else:
+                times[path].append(elapsed)
+    worst = max(abs(losses["matched"][k] - losses["all"][k]) / max(abs(losses["all"][k]), 1e-12)
+                for k in losses["all"])
+    if worst > 1e-4:
+        print(f"losses differ between the paths (max relative difference {worst:.2e}): {losses}", file=sys.stderr)
+        return 1
+    matched, full = statistics.median(times["matched"]), statistics.median(times["all"])
+    figures = {
+        "image_size": f"{args.width}x{args.height}",
+        "segments": args.segments,
+        "queries": args.queries,
+        "reps": args.reps,
+        "threads": torch.get_num_threads(),
+        "matched_only_s": round(matched, 3),
+        "all_queries_s": round(full, 3),
+        "speedup": round(full / matched, 2),
+        "loss": round(losses["matched"]["loss"], 6),
+        "max_relative_loss_difference": worst,
+        "trainable_parameters": report.trainable,
+    }
+    print(json.dumps(figures, indent=2))
+    result = {
+        "name": "bench_train_step",
+        "figures": figures,
+        "command": "python " + " ".join(["bench/bench_train_step.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "notes": "median wall time of one training step (forward, criterion, backward, clip, AdamW) of "
+                 "DETR-R50 panoptic (random weights, backbone frozen, aux losses) on one image; matched-only "
+                 "masks vs all queries; losses checked equal (same weights, same dropout masks); "
+                 f"goal >= 3x; reps alternate between the paths after one warm-up rep each",
+    }
+    out = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
