@@ -64,8 +64,10 @@ def test_report_reads_an_evaluation_folder_in_either_form(tmp_path):
     (flat / "metrics.json").write_text(json.dumps({"pq": 43.4, "sq": 79.3, "rq": 53.8, "n": 133, "pq_things": 48.2,
                                                    "sq_things": 1, "rq_things": 1, "n_things": 80,
                                                    "per_class": {"1": {"pq": 60.0, "sq": 80.0, "rq": 75.0}}}))
+    Image.new("RGB", (50, 20), (0, 0, 255)).save(flat / "per_class_pq.png")  # evaluate's chart: drawn anew
     page = build_report(flat, tmp_path / "flat.html").read_text()
     assert "43.40" in page and "48.20" in page and "60.00" in page
+    assert "per_class_pq.png" not in page and page.count("<img") == 1
     nested = tmp_path / "nested"
     nested.mkdir()
     (nested / "metrics.json").write_text(json.dumps({

@@ -205,6 +205,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     categories = curves.run_categories(folder)
     names = {str(c["id"]): c["name"] for c in categories or []}
     sections: list[tuple[str, str, str]] = []
+    drawn: set[str] = set()  # stems of charts drawn fresh here: their PNG copies in the folder are skipped
     per_class = None
 
     if (folder / "metrics.jsonl").is_file():
@@ -246,13 +247,15 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
         try:
             chart = curves.per_class_figure({"per_class": per_class}, categories=categories)
             body = html_figure(figure_data_uri(chart), "per-class PQ / SQ / RQ") + body
+            drawn.update({"per_class", "per_class_pq"})
         except (ImportError, ValueError, KeyError) as exc:  # a chart is a bonus: the table is there
             log.warning("report: no per-class chart (%s)", exc)
         sections.append(("Per class (weakest first)", body, "per-class"))
 
     pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
-    if (folder / "metrics.jsonl").is_file():  # drawn fresh above: skip ``plot``'s copies
-        pngs = [p for p in pngs if p.parent != folder / "plots" or p.stem not in ("losses", "pq", "per_class")]
+    if (folder / "metrics.jsonl").is_file():
+        drawn.update({"losses", "pq"})
+    pngs = [p for p in pngs if p.stem not in drawn or p.parent.name == "overlays"]
     overlays = [p for p in pngs if p.parent.name == "overlays"]
     attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
                        key=lambda p: (str(p.parent), [p.name.startswith(n) for n in ATTENTION_NAMES].index(True)
