@@ -11,7 +11,6 @@ from PIL import Image
 
 from conftest import CATEGORIES, Case, assert_same_results, reference_pq, to_rgb
 from detr_panoptic.evaluation import PQAccumulator, pq_compute
-from detr_panoptic.evaluation.pq import _Categories, image_pq_stats
 from detr_panoptic.utils.errors import UserInputError
 
 
@@ -169,15 +168,33 @@ def test_accumulators_merge_and_round_trip_through_tensors(make_case):
     assert merged.num_images == 4
 
 
-def test_lookup_table_and_searchsorted_relabelling_agree(make_case):
-    case = make_case(9, num_images=2)
-    categories = _Categories(case.gt_json["categories"])
-    predictions = {p["image_id"]: p for p in case.pred_json["annotations"]}
-    for ann in case.gt_json["annotations"]:
-        args = (case.gt_maps[ann["image_id"]].astype(np.uint32), ann["segments_info"],
-                case.pred_maps[ann["image_id"]].astype(np.uint32), predictions[ann["image_id"]]["segments_info"],
-                categories)
-        np.testing.assert_array_equal(image_pq_stats(*args, use_lut=True), image_pq_stats(*args, use_lut=False))
+@pytest.mark.parametrize("noise", [False, True])
+def test_run_length_counting_equals_pixel_counting(noise):
+    from detr_panoptic.evaluation.pq import _runs
+
+    rng = np.random.default_rng(1)
+    gt = np.repeat(rng.integers(0, 4, (6, 5)), 3, axis=1)
+    pred = np.repeat(rng.integers(0, 3, (6, 5)), 3, axis=1)
+    if noise:
+        gt, pred = rng.integers(0, 4, (6, 15)), rng.integers(0, 3, (6, 15))
+    gt_values, pred_values, lengths = _runs(gt, pred)
+    assert lengths.sum() == gt.size
+    counted = {}
+    for g, p, n in zip(gt_values.tolist(), pred_values.tolist(), lengths.tolist()):
+        counted[(g, p)] = counted.get((g, p), 0) + n
+    pairs, counts = np.unique(np.stack([gt.ravel(), pred.ravel()]), axis=1, return_counts=True)
+    assert counted == {(int(g), int(p)): int(c) for (g, p), c in zip(pairs.T, counts)}
+
+
+def test_packed_png_reading_keeps_ids_in_the_low_24_bits(make_case):
+    from detr_panoptic.evaluation import read_id_png
+
+    case = make_case(9, num_images=1)
+    ann = case.pred_json["annotations"][0]
+    path = case.pred_folder / ann["file_name"]
+    expected = case.pred_maps[ann["image_id"]]
+    np.testing.assert_array_equal(read_id_png(path), expected)
+    np.testing.assert_array_equal(read_id_png(path, packed=True) & 0xFFFFFF, expected)
 
 
 def test_no_category_seen_gives_zero_averages():

@@ -49,17 +49,19 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
     return rgb
 
 
-def read_id_png(path: str | os.PathLike) -> np.ndarray:
+def read_id_png(path: str | os.PathLike, *, packed: bool = False) -> np.ndarray:
     """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids.
 
+    ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
+    byte is Pillow's padding), which is all that comparisons between neighbours need.
     Raises ``FileNotFoundError`` naming the path when it does not exist.
     """
     with Image.open(path) as image:
         if image.mode == "RGB":
-            # Pillow pads RGB -> RGBX with 255; reading the 4 bytes as one little-endian uint32
-            # gives R + 256 G + 256^2 B + 255 * 256^3 without per-channel arithmetic.
-            packed = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4")
-            return (packed & np.uint32(0xFFFFFF)).reshape(image.height, image.width)
+            # RGB -> RGBX bytes read as little-endian uint32: R + 256 G + 256^2 B + 256^3 X, no
+            # per-channel arithmetic.
+            ids = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4").reshape(image.height, image.width)
+            return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
         if image.mode == "RGBA":
             return rgb_to_id_map(np.asarray(image)[..., :3]).astype(np.uint32)
         raise UserInputError(f"{path}: expected an RGB panoptic PNG, got mode {image.mode}")

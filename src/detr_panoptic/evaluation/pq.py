@@ -23,9 +23,10 @@ only where panopticapi would crash or silently accept broken input: with no cate
 averages are 0.0 with ``n = 0`` (panopticapi divides by zero); segment id 0 or a duplicate segment
 id in a JSON, and a prediction for an image that has two predictions, are errors.
 
-Per image, the two id maps are relabelled to compact indices (a lookup table over the 2^24 RGB ids)
-and every (ground truth, prediction) overlap is counted with one ``np.bincount``; matching is then a
-few operations on a small [G, P] matrix. Images are spread over worker processes.
+Per image, the two id maps are cut into runs of equal (ground truth, prediction) pixels in raster
+order (panoptic maps are piecewise constant: a few runs per row); only the run values are relabelled to
+compact indices, and one weighted ``np.bincount`` gives every overlap. Matching is then a few
+operations on a small [G, P] matrix. Images are spread over worker processes.
 """
 from __future__ import annotations
 
@@ -51,8 +52,6 @@ log = logging.getLogger(__name__)
 
 # Columns of the per-category statistics array: summed IoU of true positives, TP, FP, FN.
 IOU, TP, FP, FN = range(4)
-_LUT_MIN_PIXELS = 1 << 18  # below this, relabel with searchsorted instead of the lookup table
-_lut: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,43 +100,43 @@ def _segment_table(segments: Iterable[Mapping[str, Any]], image_id: Any, source:
     return segments, ids
 
 
-def _relabel(id_map: np.ndarray, segment_ids: np.ndarray, *, scale: int = 1,
-             use_lut: bool | None = None) -> np.ndarray:
-    """Compact int64 labels times ``scale``: label 0 = an id not in ``segment_ids``, 1 = VOID (id 0),
-    2 + i = ``segment_ids[i]``."""
-    n = len(segment_ids)
-    if use_lut is None:
-        use_lut = id_map.size >= _LUT_MIN_PIXELS and id_map.dtype == np.uint32
-    if use_lut and (n == 0 or (segment_ids.min() > 0 and segment_ids.max() <= MAX_SEGMENT_ID)):
-        global _lut
-        if _lut is None:
-            _lut = np.zeros(MAX_SEGMENT_ID + 1, dtype=np.int64)  # 128 MB, reused for every image
-        if id_map.dtype != np.uint32:
-            if id_map.size and (id_map.min() < 0 or id_map.max() > MAX_SEGMENT_ID):
-                return _relabel(id_map, segment_ids, scale=scale, use_lut=False)
-            id_map = id_map.astype(np.uint32)
-        _lut[0] = scale
-        _lut[segment_ids] = np.arange(2, n + 2, dtype=np.int64) * scale
-        try:
-            return _lut[id_map]
-        finally:
-            _lut[segment_ids] = 0
-            _lut[0] = 0
+def _labels(values: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """Compact labels of ``values``: 0 = an id not in ``segment_ids``, 1 = VOID (id 0), 2 + i = ``segment_ids[i]``."""
     keys = np.concatenate([[0], segment_ids]).astype(np.int64)
     sorter = np.argsort(keys, kind="stable")
     sorted_keys = keys[sorter]
-    pos = np.minimum(np.searchsorted(sorted_keys, id_map), n)
-    found = sorted_keys[pos] == id_map
-    return np.where(found, (sorter[pos] + 1) * scale, 0).astype(np.int64)
+    pos = np.minimum(np.searchsorted(sorted_keys, values), len(keys) - 1)
+    return np.where(sorted_keys[pos] == values, sorter[pos] + 1, 0)
+
+
+def _runs(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal (gt, pred) pixels in raster order: (gt value, pred value, length) per run.
+
+    Panoptic maps are piecewise constant, so there are far fewer runs than pixels and everything after
+    this step (relabelling, counting) works on the runs.
+    """
+    gt, pred = gt.reshape(-1), pred.reshape(-1)
+    n = gt.size
+    if n == 0:
+        return gt[:0], pred[:0], np.zeros(0, np.int64)
+    change = np.empty(n, dtype=bool)
+    change[0] = True
+    np.not_equal(gt[1:], gt[:-1], out=change[1:])
+    change[1:] |= pred[1:] != pred[:-1]
+    starts = np.flatnonzero(change)
+    lengths = np.diff(starts, append=n)
+    return gt[starts], pred[starts], lengths
 
 
 def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
                    pred_id_map: np.ndarray, pred_segments: Sequence[Mapping[str, Any]],
                    categories: _Categories, *, image_id: Any = None,
                    gt_source: str = "ground truth", pred_source: str = "prediction",
-                   use_lut: bool | None = None) -> np.ndarray:
+                   low_24_bits: bool = False) -> np.ndarray:
     """Statistics of one image: float64 ``[C + 1, 4]`` (summed IoU, TP, FP, FN per category row;
     the last row collects ground truth of categories not in ``categories``, as panopticapi ignores it).
+
+    ``low_24_bits``: the maps hold the ids in their low 24 bits only (``read_id_png(packed=True)``).
     """
     if gt_id_map.shape != pred_id_map.shape:
         raise UserInputError(f"image {image_id!r}: {pred_source} is {pred_id_map.shape[1]}x"
@@ -147,15 +146,21 @@ def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any
     pred_segments, pred_ids = _segment_table(pred_segments, image_id, pred_source)
     num_gt, num_pred = len(gt_ids), len(pred_ids)
 
+    gt_values, pred_values, lengths = _runs(gt_id_map, pred_id_map)
+    gt_values = gt_values.astype(np.int64)
+    pred_values = pred_values.astype(np.int64)
+    if low_24_bits:
+        gt_values &= MAX_SEGMENT_ID
+        pred_values &= MAX_SEGMENT_ID
+    pred_labels = _labels(pred_values, pred_ids)
     width = num_pred + 2
-    pred_labels = _relabel(pred_id_map, pred_ids, use_lut=use_lut)
-    combined = _relabel(gt_id_map, gt_ids, scale=width, use_lut=use_lut)
-    combined += pred_labels
-    overlap = np.bincount(combined.ravel(), minlength=(num_gt + 2) * width).reshape(num_gt + 2, width)
+    combined = _labels(gt_values, gt_ids) * width + pred_labels
+    overlap = np.bincount(combined, weights=lengths, minlength=(num_gt + 2) * width)
+    overlap = overlap.astype(np.int64).reshape(num_gt + 2, width)
 
     # Prediction sanity checks, as panopticapi (ids in the PNG vs the JSON, known categories).
     if overlap[:, 0].any():
-        stray = np.unique(np.asarray(pred_id_map)[pred_labels == 0]).tolist()
+        stray = np.unique(pred_values[pred_labels == 0]).tolist()
         raise UserInputError(f"image {image_id!r}: segment ids {stray} are in {pred_source} PNG but not "
                              "in its JSON segments_info")
     pred_area = overlap[:, 2:].sum(0)
@@ -340,7 +345,7 @@ def _read_png(folder: str, annotation: Mapping[str, Any], what: str) -> tuple[np
         raise UserInputError(f"image {image_id!r}: the {what} annotation has no 'file_name'")
     path = os.path.join(folder, file_name)
     try:
-        return read_id_png(path), path
+        return read_id_png(path, packed=True), path
     except FileNotFoundError:
         raise FileNotFoundError(f"image {image_id!r}: {what} PNG {path} not found") from None
 
@@ -356,7 +361,7 @@ def _file_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) ->
             gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
             pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
             categories, image_id=image_id,
-            gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})")
+            gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})", low_24_bits=True)
     return total
 
 
