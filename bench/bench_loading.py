@@ -48,7 +48,7 @@ def make_tree(root: Path, images: int) -> list[int]:
     return counts
 
 
-def time_dataset(dataset, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001
+def time_dataset(dataset, repeats: int) -> tuple[float, float, float]:
     """(median wall s/sample, median CPU s/sample of this process, mean segments per sample)."""
     wall, cpu, segments = [], [], []
     for _ in range(repeats):
@@ -72,7 +72,7 @@ def main() -> int:
         make_tree(root, args.images)
         convert_cityscapes(root, splits=["val"], workers=2, progress=False)
         dataset = cityscapes_panoptic_dataset(root, "val", min_size=800, max_size=1600)
-        image, target = dataset[0]
+        image, _ = dataset[0]
         assert tuple(image.shape[-2:]) == (800, 1600), image.shape
         plain, plain_cpu, segments = time_dataset(dataset, args.repeats)
         start = time.perf_counter()

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cityscapes_trees import load_json, make_tree, write_instance_png
 from PIL import Image
 
 from detr_panoptic.cli import main
 from detr_panoptic.data import cityscapes
 from detr_panoptic.data.cityscapes import cityscapes_image_path, convert_cityscapes, find_gtfine
-
-from cityscapes_trees import load_json, make_tree, write_instance_png
 
 createPanopticImgs = pytest.importorskip("cityscapesscripts.preparation.createPanopticImgs")
 
@@ -78,7 +77,7 @@ def test_restart_reuses_finished_images_and_leaves_no_temporaries(tree: Path, tm
     real = cityscapes._convert_and_record
     calls: list[str] = []
 
-    def dies_after_two(job):  # noqa: ANN001, ANN202
+    def dies_after_two(job):
         if len(calls) == 2:
             raise KeyboardInterrupt  # a kill in the middle of the run
         calls.append(job[0])
@@ -96,7 +95,7 @@ def test_restart_reuses_finished_images_and_leaves_no_temporaries(tree: Path, tm
 
     calls.clear()
 
-    def counting(job):  # noqa: ANN001, ANN202
+    def counting(job):
         calls.append(job[0])
         return real(job)
 
@@ -115,14 +114,14 @@ def test_changed_source_is_reconverted(tree: Path, tmp_path: Path, monkeypatch: 
     out = tmp_path / "out"
     real = cityscapes._convert_and_record
 
-    def dies(job):  # noqa: ANN001, ANN202
+    def dies(job):
         real(job)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cityscapes, "_convert_and_record", dies)
     with pytest.raises(KeyboardInterrupt):
         convert_cityscapes(src, out, splits=["train"], workers=1, progress=False)
-    first = sorted((src / "gtFine" / "train").glob("*/*_instanceIds.png"))[0]
+    first = min((src / "gtFine" / "train").glob("*/*_instanceIds.png"))
     write_instance_png(first, np.full((64, 128), 26003, np.uint16))  # edited after the interrupted run
     monkeypatch.setattr(cityscapes, "_convert_and_record", real)
     path = convert_cityscapes(src, out, splits=["train"], workers=1, progress=False)["train"]

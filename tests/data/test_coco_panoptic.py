@@ -29,7 +29,7 @@ TARGET_KEYS = {"labels", "boxes", "masks", "iscrowd", "area", "image_id", "orig_
                "segment_ids", "category_ids"}
 
 
-def identity(image, id_map, boxes):  # noqa: ANN001, ANN201 - keeps the original size and uint8 pixels
+def identity(image, id_map, boxes):
     return image, id_map, boxes
 
 
@@ -46,7 +46,7 @@ def cityscapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def coco_dataset(sample: Path, **kwargs) -> CocoPanopticDataset:  # noqa: ANN003
+def coco_dataset(sample: Path, **kwargs) -> CocoPanopticDataset:
     return CocoPanopticDataset(sample / "panoptic_examples.json", sample / "panoptic_examples",
                                sample / "input_images", **kwargs)
 

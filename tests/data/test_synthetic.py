@@ -82,7 +82,7 @@ def test_appearance_is_not_a_flat_colour_per_class() -> None:
 
 
 def test_small_sizes_and_bad_arguments(tmp_path: Path) -> None:
-    rgb, ids, _ = synthetic_sample(0, 16, 32)
+    _, ids, _ = synthetic_sample(0, 16, 32)
     assert ids.shape == (16, 32)
     with pytest.raises(UserInputError):
         synthetic_sample(0, 8, 8)

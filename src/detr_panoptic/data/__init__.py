@@ -23,7 +23,21 @@ _LAZY = {
     "make_transforms": "transforms",
 }
 
-__all__ = ["Category", "CategoryMap", "coco_category_map", *sorted(_LAZY)]
+__all__ = [
+    "Category",
+    "CategoryMap",
+    "CocoPanopticDataset",
+    "check_cityscapes",
+    "check_dataset",
+    "cityscapes_image_path",
+    "cityscapes_panoptic_dataset",
+    "coco_category_map",
+    "collate",
+    "convert_cityscapes",
+    "make_synthetic_cityscapes",
+    "make_transforms",
+    "prepare_cache",
+]
 
 
 def __getattr__(name: str) -> Any:

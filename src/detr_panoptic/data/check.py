@@ -8,13 +8,14 @@ duplicate segment ids, and a category id that is not in ``categories``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from detr_panoptic.data.coco_panoptic import load_coco_json
 from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
+from detr_panoptic.data.coco_panoptic import load_coco_json
 
 
 def _png_ids(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:

@@ -27,15 +27,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.data.cityscapes import FILE_MODE
+from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
 
 TRAIN_CITIES: tuple[str, ...] = ("aachen", "bochum", "bremen")
@@ -304,7 +304,7 @@ def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bo
     objects: list[tuple[float, str]] = []
     if things:
         def count(low: int, high: int) -> int:
-            return int(round(rng.integers(low, high) * density))
+            return round(int(rng.integers(low, high)) * density)
 
         kinds = (["car"] * count(1, 6) + ["person"] * count(1, 6) + ["rider"] * count(0, 3)
                  + ["bicycle"] * count(0, 3))

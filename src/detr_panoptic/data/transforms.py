@@ -23,7 +23,8 @@ worker seeding applies.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def detr_resize_size(height: int, width: int, size: int, max_size: int | None = 
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = round(max_size * short / long)  # Python rounding (half to even), as the reference
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:
