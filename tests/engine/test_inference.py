@@ -237,3 +237,15 @@ def test_compute_attention_keeps_confident_queries_and_reshapes_maps():
     assert torch.allclose(maps.boxes[0], torch.tensor([25.0, 15.0, 75.0, 45.0]))
     assert maps.masks.shape == (1, 60, 100) and maps.masks[0, 0, 0] > 0.9 and maps.masks[0, -1, -1] < 0.1
     assert maps.result is not None and maps.result.id_map.shape == (60, 100)
+
+
+def test_attention_with_no_kept_query_still_draws(tmp_path):
+    from detr_panoptic.visualize.attention import write_attention_figures
+
+    image = Image.new("RGB", (100, 60))
+    maps = inference.compute_attention(FakeAttentionModel(), image, category_map=CATEGORIES, size=64,
+                                       max_size=200, threshold=0.99999)
+    assert len(maps.queries) == 0 and maps.decoder.shape[:2] == (0, 2) and maps.masks.shape == (0, 60, 100)
+    written = write_attention_figures(maps, tmp_path, CATEGORIES, points=2)
+    assert [p.name for p in written] == ["queries_01.png", "encoder.png", "masks.png"]
+    assert all(p.stat().st_size > 0 for p in written)

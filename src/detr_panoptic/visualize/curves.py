@@ -82,8 +82,11 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray,
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
-def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
-    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+def smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
+    """Exponential moving average with bias correction (TensorBoard's smoothing); the default weight
+    grows with the number of points (0.6 for short runs, up to 0.95), so short runs are not flattened."""
+    if weight is None:
+        weight = min(0.95, max(0.6, 1.0 - 10.0 / max(len(values), 1)))
     out = np.empty_like(values)
     average = 0.0
     for i, value in enumerate(values):
