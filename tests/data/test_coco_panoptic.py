@@ -138,7 +138,9 @@ def test_augmented_items_stay_consistent(cityscapes_root: Path) -> None:
 
 def test_prepared_cache_gives_the_same_items(cityscapes_root: Path, tmp_path: Path) -> None:
     plain = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200)
-    prepare_cache(plain, tmp_path / "cache", progress=False)
+    to_prepare = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200)
+    assert prepare_cache(to_prepare, tmp_path / "cache", progress=False) == tmp_path / "cache"
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(plain)
     cached = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200, cache_dir=tmp_path / "cache")
     for index in range(len(plain)):
         (a, ta), (b, tb) = plain[index], cached[index]
@@ -147,6 +149,20 @@ def test_prepared_cache_gives_the_same_items(cityscapes_root: Path, tmp_path: Pa
             torch.testing.assert_close(ta[key], tb[key], msg=key)
     with pytest.raises(UserInputError, match="min_size"):
         cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=64, cache_dir=tmp_path / "cache")
+
+
+def test_cache_fills_on_first_read(cityscapes_root: Path, tmp_path: Path) -> None:
+    dataset = cityscapes_panoptic_dataset(cityscapes_root, "train", min_size=48, max_size=200, cache_dir=tmp_path / "c")
+    assert list((tmp_path / "c").glob("*.npy")) == []
+    first_image, first_target = dataset[1]
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    (tmp_path / "c" / "marker").write_text("")  # the second read must come from the cache files
+    image_file = next((tmp_path / "c").glob("*.image.npy"))
+    np.save(image_file, np.zeros_like(np.load(image_file)))
+    second_image, second_target = dataset[1]
+    assert not torch.equal(first_image, second_image)
+    assert torch.equal(first_target["masks"], second_target["masks"])
+    assert not [p for p in (tmp_path / "c").iterdir() if ".tmp" in p.name]
 
 
 def test_validation_at_construction(cityscapes_root: Path, tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ inference knows the classes. Two layouts exist:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class Category:
                 "supercategory": self.supercategory}
 
     @classmethod
-    def from_json(cls, record: Mapping[str, Any], *, source: str = "categories") -> "Category":
+    def from_json(cls, record: Mapping[str, Any], *, source: str = "categories") -> Category:
         try:
             color = tuple(int(c) for c in record.get("color", (128, 128, 128)))
             return cls(id=int(record["id"]), name=str(record["name"]), isthing=bool(record["isthing"]),
@@ -67,12 +68,12 @@ class CategoryMap:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def contiguous(cls, categories: Iterable[Category]) -> "CategoryMap":
+    def contiguous(cls, categories: Iterable[Category]) -> CategoryMap:
         cats = tuple(sorted(categories, key=lambda c: c.id))
         return cls(categories=cats, class_ids=tuple(c.id for c in cats))
 
     @classmethod
-    def identity(cls, categories: Iterable[Category], num_classes: int) -> "CategoryMap":
+    def identity(cls, categories: Iterable[Category], num_classes: int) -> CategoryMap:
         cats = tuple(sorted(categories, key=lambda c: c.id))
         if cats and cats[-1].id >= num_classes:
             raise UserInputError(f"category id {cats[-1].id} does not fit in {num_classes} classes")
@@ -80,7 +81,7 @@ class CategoryMap:
         return cls(categories=cats, class_ids=tuple(i if i in present else UNUSED for i in range(num_classes)))
 
     @classmethod
-    def from_coco_json(cls, records: Sequence[Mapping[str, Any]], *, source: str = "categories") -> "CategoryMap":
+    def from_coco_json(cls, records: Sequence[Mapping[str, Any]], *, source: str = "categories") -> CategoryMap:
         """Contiguous map from a COCO ``categories`` list."""
         return cls.contiguous(Category.from_json(r, source=source) for r in records)
 
@@ -120,7 +121,7 @@ class CategoryMap:
         return {"categories": [c.to_json() for c in self.categories], "class_ids": list(self.class_ids)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], *, source: str = "category map") -> "CategoryMap":
+    def from_json(cls, data: Mapping[str, Any], *, source: str = "category map") -> CategoryMap:
         try:
             cats = tuple(Category.from_json(r, source=source) for r in data["categories"])
             return cls(categories=cats, class_ids=tuple(int(i) for i in data["class_ids"]))

@@ -17,10 +17,11 @@ them. Segments with no pixel left (e.g. cut away by a crop) are dropped.
 ``collate`` returns ``(list of images, list of targets)``: the model and ``utils.batching.pad_images``
 do the padding, so no padded batch is built here.
 
-Optional prepared cache (``prepare_cache`` / ``cache_dir=``): the image resized by the default fast
-path (uint8) and the id map at the same size (int32), stored as raw ``.npy`` files per image, so that
-an epoch skips PNG/JPEG decoding and resizing. It is only used when it was made for the same
-``min_size``/``max_size``; augmentation then runs on the cached (already resized) image.
+Optional cache (``cache_dir=``, filled as items are read, or all at once by ``prepare_cache``): the
+image resized by the default fast path (uint8) and the id map at the same size (int32), as raw
+``.npy`` files per image, so that later epochs skip PNG/JPEG decoding and resizing. ``cache.json``
+records ``min_size``/``max_size``; a cache made for other sizes is refused. With augmentation, the
+random transforms then run on the cached (already resized) image.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
             (default: ``make_transforms(min_size=min_size, max_size=max_size)``).
         validate: check at construction that every annotation's image record, image file, PNG file
             and category exist (file existence only; ``check_dataset`` also decodes the PNGs).
-        cache_dir: a folder written by ``prepare_cache`` (optional).
+        cache_dir: a cache folder (optional; created and filled on first use, see the module doc).
     """
 
     def __init__(
@@ -135,7 +136,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         self._class_of = {cid: i for i, cid in enumerate(self.category_map.class_ids) if cid >= 0}
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
-            _check_cache(self.cache_dir, min_size, max_size)
+            _open_cache(self.cache_dir, min_size, max_size)
         if validate:
             problems = self.validate()
             if problems:
@@ -179,11 +180,10 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         return len(self.annotations)
 
     def load_raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image uint8 [3, H, W], id map int32 [H, W]) at the cached or the original size."""
+        """(image uint8 [3, H, W], id map int32 [H, W]) at the cached (resized) or the original size."""
         ann = self.annotations[index]
         if self.cache_dir is not None:
-            stem = self.cache_dir / _cache_stem(ann)
-            image_file, ids_file = stem.with_suffix(".image.npy"), stem.with_suffix(".ids.npy")
+            image_file, ids_file = _cache_files(self.cache_dir, ann)
             if image_file.is_file() and ids_file.is_file():
                 return torch.from_numpy(np.load(image_file)), torch.from_numpy(np.load(ids_file))
         image = _decode(self.image_path(self.image_record(index)), "image")
@@ -191,6 +191,8 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         if id_map.shape != image.shape[-2:]:
             raise UserInputError(f"{self.panoptic_path(ann)}: size {tuple(id_map.shape)} differs from the image's "
                                  f"{tuple(image.shape[-2:])} ({self.image_path(self.image_record(index))})")
+        if self.cache_dir is not None:
+            image, id_map = _write_cache_entry(self.cache_dir, ann, image, id_map, self.min_size, self.max_size)
         return image, id_map
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -271,47 +273,59 @@ def cityscapes_panoptic_dataset(root: str | os.PathLike, split: str, use_train_i
 CACHE_META = "cache.json"
 
 
-def _cache_stem(annotation: Mapping[str, Any]) -> str:
-    return Path(str(annotation["file_name"])).stem
+def _cache_files(cache_dir: Path, annotation: Mapping[str, Any]) -> tuple[Path, Path]:
+    stem = Path(str(annotation["file_name"])).stem
+    return cache_dir / f"{stem}.image.npy", cache_dir / f"{stem}.ids.npy"
 
 
-def _check_cache(cache_dir: Path, min_size: int, max_size: int | None) -> None:
+def _open_cache(cache_dir: Path, min_size: int, max_size: int | None) -> None:
+    """Create the cache folder and its ``cache.json``, or check that an existing one has these sizes."""
+    from detr_panoptic.utils.io import atomic_write_json
+
     meta_path = cache_dir / CACHE_META
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not a prepared cache (run prepare_cache first)")
-    meta = json.loads(meta_path.read_text())
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {"min_size": min_size, "max_size": max_size})
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{meta_path}: not valid JSON ({exc}); delete the cache folder") from None
     if meta.get("min_size") != min_size or meta.get("max_size") != max_size:
         raise UserInputError(f"{cache_dir}: the cache was prepared for min_size={meta.get('min_size')}, "
-                             f"max_size={meta.get('max_size')}, not {min_size}, {max_size}")
+                             f"max_size={meta.get('max_size')}, not {min_size}, {max_size}: use another cache_dir "
+                             "or delete this one")
 
 
-def prepare_cache(dataset: CocoPanopticDataset, cache_dir: str | os.PathLike, *, progress: bool = True) -> Path:
-    """Write every item's resized image (uint8) and id map (int32) as ``.npy`` files under ``cache_dir``.
+def _write_cache_entry(cache_dir: Path, annotation: Mapping[str, Any], image: torch.Tensor, id_map: torch.Tensor,
+                       min_size: int, max_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize by the fast path, save both arrays atomically (``.npy``), return the resized pair."""
+    from detr_panoptic.utils.io import atomic_path
 
-    The sizes follow the dataset's ``min_size``/``max_size`` fast path (``detr_resize_size``). Existing
-    files are kept, so an interrupted preparation resumes. Returns ``cache_dir``.
+    resize = make_transforms(min_size=min_size, max_size=max_size, normalize=False)
+    image, id_map = resize(tv_tensors.Image(image), tv_tensors.Mask(id_map.unsqueeze(0)))
+    image, id_map = image.as_subclass(torch.Tensor), id_map.as_subclass(torch.Tensor)[0]
+    for path, array in zip(_cache_files(cache_dir, annotation), (image, id_map)):
+        with atomic_path(path, suffix=".npy") as tmp:
+            np.save(tmp, np.ascontiguousarray(array.numpy()))
+    return image, id_map
+
+
+def prepare_cache(dataset: CocoPanopticDataset, cache_dir: str | os.PathLike | None = None, *,
+                  progress: bool = True) -> Path:
+    """Fill the cache for every item now (instead of during the first epoch); returns the cache folder.
+
+    ``cache_dir`` defaults to the dataset's own; otherwise the dataset is switched to the given one.
+    Existing entries are kept, so an interrupted preparation resumes.
     """
     from tqdm import tqdm
 
-    from detr_panoptic.utils.io import atomic_path, atomic_write_json
-
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    resize = make_transforms(min_size=dataset.min_size, max_size=dataset.max_size, normalize=False)
-    saved_cache, dataset.cache_dir = dataset.cache_dir, None
-    try:
-        for index in tqdm(range(len(dataset)), desc="prepare cache", unit="img", disable=not progress):
-            stem = cache / _cache_stem(dataset.annotations[index])
-            image_file, ids_file = stem.with_suffix(".image.npy"), stem.with_suffix(".ids.npy")
-            if image_file.is_file() and ids_file.is_file():
-                continue
-            image, id_map = dataset.load_raw(index)
-            image, id_map = resize(tv_tensors.Image(image), tv_tensors.Mask(id_map.unsqueeze(0)))
-            for path, array in ((image_file, image.as_subclass(torch.Tensor).numpy()),
-                                (ids_file, id_map.as_subclass(torch.Tensor)[0].numpy())):
-                with atomic_path(path, suffix=".npy") as tmp:
-                    np.save(tmp, np.ascontiguousarray(array))
-    finally:
-        dataset.cache_dir = saved_cache
-    atomic_write_json(cache / CACHE_META, {"min_size": dataset.min_size, "max_size": dataset.max_size})
-    return cache
+    if cache_dir is not None:
+        dataset.cache_dir = Path(cache_dir)
+    if dataset.cache_dir is None:
+        raise UserInputError("prepare_cache needs a cache_dir (or a dataset made with cache_dir=...)")
+    _open_cache(dataset.cache_dir, dataset.min_size, dataset.max_size)
+    for index in tqdm(range(len(dataset)), desc="prepare cache", unit="img", disable=not progress):
+        if not all(p.is_file() for p in _cache_files(dataset.cache_dir, dataset.annotations[index])):
+            dataset.load_raw(index)
+    return dataset.cache_dir
