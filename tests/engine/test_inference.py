@@ -249,3 +249,17 @@ def test_attention_with_no_kept_query_still_draws(tmp_path):
     written = write_attention_figures(maps, tmp_path, CATEGORIES, points=2)
     assert [p.name for p in written] == ["queries_01.png", "encoder.png", "masks.png"]
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_iter_predictions_streams_with_a_bounded_read_ahead(tmp_path, monkeypatch):
+    paths = [write_image(tmp_path / f"{i:02d}.png", size=(16, 12)) for i in range(12)]
+    loaded = []
+    real_load = inference.load_image
+    monkeypatch.setattr(inference, "load_image", lambda path: loaded.append(path) or real_load(path))
+    stream = inference.iter_predictions(FakeModel(), paths, category_map=CATEGORIES, size=None, batch_size=2,
+                                        prefetch_batches=1)
+    first = next(stream)
+    time.sleep(0.3)
+    assert first.path == paths[0]
+    assert len(loaded) <= 2 * 3  # the batch in hand, one queued, one being built
+    assert [p.path for p in stream] == paths[1:]
