@@ -215,3 +215,19 @@ def test_check_dataset_cli_clean_and_bad_usage(coco_sample: Path, capsys: pytest
     assert main(["check-dataset"]) == 2
     assert main(["check-dataset", "--json", "/nonexistent.json", "--panoptic-dir", "/x"]) == 2
     assert "/nonexistent.json" in capsys.readouterr().err
+
+
+def test_corrupt_files_are_named(cityscapes_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(cityscapes_root, root)
+    dataset = cityscapes_panoptic_dataset(root, "val")
+    image_path = dataset.image_path(dataset.image_record(0))
+    image_path.write_bytes(image_path.read_bytes()[:200])
+    with pytest.raises(UserInputError, match=image_path.name):
+        dataset[0]
+    png = dataset.panoptic_path(dataset.annotations[1])
+    png.write_bytes(b"not a png")
+    with pytest.raises(UserInputError, match=png.name):
+        dataset[1]
+    problems = check_cityscapes(root, "val")
+    assert any(str(png) in p and "cannot be decoded" in p for p in problems)
