@@ -5,9 +5,10 @@ import contextlib
 import copy
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ class Case:
     def pred_folder(self) -> Path:
         return self.root / "pred"
 
-    def write(self, root: Path) -> "Case":
+    def write(self, root: Path) -> Case:
         self.root = root
         self.gt_folder.mkdir(parents=True, exist_ok=True)
         self.pred_folder.mkdir(parents=True, exist_ok=True)

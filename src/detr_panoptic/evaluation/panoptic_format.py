@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -231,10 +232,10 @@ class PanopticPredictionWriter:
         atomic_write_json(self.json_path, {"annotations": self.annotations, "categories": self.categories})
         return self.json_path
 
-    def __enter__(self) -> "PanopticPredictionWriter":
+    def __enter__(self) -> PanopticPredictionWriter:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is None:
             self.close()
 

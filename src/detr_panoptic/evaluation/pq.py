@@ -33,8 +33,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -284,7 +285,7 @@ class PQAccumulator:
                                      [dict(s) for s in pred_segments], self.categories, image_id=image_id)
         self.num_images += 1
 
-    def merge(self, other: "PQAccumulator") -> "PQAccumulator":
+    def merge(self, other: PQAccumulator) -> PQAccumulator:
         """Add another accumulator's statistics (same categories) into this one; returns self."""
         if other.categories.ids.tolist() != self.categories.ids.tolist():
             raise UserInputError("cannot merge PQ accumulators with different categories")
@@ -313,7 +314,7 @@ class PQAccumulator:
         self.load_state(tensor)
 
     @classmethod
-    def from_tensor(cls, categories: Any, tensor: Any) -> "PQAccumulator":
+    def from_tensor(cls, categories: Any, tensor: Any) -> PQAccumulator:
         accumulator = cls(categories)
         accumulator.load_state(tensor)
         return accumulator
@@ -450,7 +451,7 @@ def format_results(results: Mapping[str, Any], categories: Any = None) -> str:
     lines = [f"{'Category':{width}s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s}"]
     for key in sorted(per_class, key=_key):
         m = per_class[key]
-        lines.append(f"{str(names.get(_key(key), key)):{width}s}| "
+        lines.append(f"{names.get(_key(key), key)!s:{width}s}| "
                      f"{100 * m['pq']:5.1f}  {100 * m['sq']:5.1f}  {100 * m['rq']:5.1f}")
     lines.append("-" * (width + 27))
     lines.append(f"{'':{width}s}| {'PQ':>5s}  {'SQ':>5s}  {'RQ':>5s} {'N':>5s}")

@@ -5,8 +5,9 @@ Drawn on a ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no displ
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
