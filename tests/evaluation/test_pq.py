@@ -316,3 +316,19 @@ def test_percentage_forms(make_case):
     named = results_to_metrics(results, CATEGORIES)
     assert named["per_class"]["7"]["name"] == "road" and named["per_class"]["7"]["isthing"] is False
     assert named["panopticapi"]["All"] == results["All"]
+
+
+def test_zero_copy_pixel_view_equals_tobytes_and_outlives_the_image(make_case):
+    from detr_panoptic.evaluation.panoptic_format import _rgbx_view
+
+    case = make_case(9, num_images=1)
+    ann = case.gt_json["annotations"][0]
+    with Image.open(case.gt_folder / ann["file_name"]) as image:
+        image.load()
+        view = _rgbx_view(image)
+        copied = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4").reshape(image.height, image.width)
+    if view is None:
+        pytest.skip("this Pillow has no Arrow export")
+    del image
+    np.testing.assert_array_equal(view, copied)
+    np.testing.assert_array_equal(view & 0xFFFFFF, case.gt_maps[ann["image_id"]])
