@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--gt-json", help="ground-truth COCO panoptic JSON")
     data.add_argument("--gt-folder", help="ground-truth PNG folder (default: the JSON path without .json)")
     data.add_argument("--image-dir", help="folder of the input images (COCO layout)")
-    add_out(evaluate, default=None, help="output folder (default: eval/ beside the checkpoint's run folder, "
-            "else ./eval)")
+    add_out(evaluate, default=None, help="output folder (default: <run>/eval for a checkpoint in "
+            "<run>/checkpoints/, else ./eval)")
     evaluate.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     evaluate.add_argument("--threshold", type=float, default=0.85,
                           help="keep queries whose class score exceeds this (default: 0.85)")
