@@ -154,3 +154,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def test_coco_layout_data_from_flags(tmp_path):
+    from conftest import to_rgb
+    from detr_panoptic.engine.evaluate import build_eval_dataset
+
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "images").mkdir()
+    annotations, images = [], []
+    for k in range(2):
+        ids = np.full((32, 48), 7000, np.int64)
+        ids[4:12, 5 + k:20 + k] = 26001
+        Image.fromarray(to_rgb(ids)).save(tmp_path / "gt" / f"{k}.png")
+        Image.fromarray(np.full((32, 48, 3), 90, np.uint8)).save(tmp_path / "images" / f"{k}.jpg")
+        images.append({"id": k, "file_name": f"{k}.jpg", "height": 32, "width": 48})
+        annotations.append({"image_id": k, "file_name": f"{k}.png", "segments_info": [
+            {"id": 7000, "category_id": 7, "iscrowd": 0, "area": int((ids == 7000).sum()), "bbox": [0, 0, 48, 32]},
+            {"id": 26001, "category_id": 26, "iscrowd": 0, "area": 120, "bbox": [5 + k, 4, 15, 8]}]})
+    categories = [{"id": 7, "name": "road", "isthing": 0}, {"id": 26, "name": "car", "isthing": 1}]
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                  "categories": categories}))
+    dataset = build_eval_dataset(gt_json=str(tmp_path / "gt.json"), image_dir=str(tmp_path / "images"))
+    assert dataset.panoptic_dir == tmp_path / "gt"
+    out = evaluate_model(Oracle(dataset, CategoryMap.from_coco_json(categories)), dataset, tmp_path / "eval",
+                         workers=1, progress=False, chart=False, limit=1)
+    assert out["num_images"] == 1 and out["results"]["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 2}
+    with pytest.raises(UserInputError, match="--image-dir"):
+        build_eval_dataset(gt_json=str(tmp_path / "gt.json"))
