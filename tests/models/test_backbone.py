@@ -57,3 +57,19 @@ def test_position_embedding_ignores_padding():
     mask[0, :4, :6] = False
     padded = embed(mask)
     torch.testing.assert_close(padded[..., :4, :6], alone)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_batch_norm_equals_running_the_modules(name):
+    backbone = ResNetBackbone(name).eval()
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        images = torch.randn(1, 3, 64, 64)
+        expected = list(backbone.body(images).values())  # torchvision's own module-by-module forward
+        for ours, reference in zip(backbone.features(images), expected):
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())

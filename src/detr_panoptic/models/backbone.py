@@ -49,10 +49,46 @@ class ResNetBackbone(nn.Module):
         """images [B, 3, H, W], padding_mask [B, H, W] -> [(features [B, C_l, h_l, w_l], mask [B, h_l, w_l])]
         for layer1..layer4 (strides 4, 8, 16, 32)."""
         levels = []
-        for feature in self.body(images).values():
+        for feature in self.features(images):
             mask = F.interpolate(padding_mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
             levels.append((feature, mask))
         return levels
+
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """layer1..layer4 outputs, each frozen batch norm folded into the convolution before it.
+
+        Same function as running the modules one by one (to float32 rounding), without the separate
+        scale-and-shift passes over every activation map (~15% of the backbone's time on CPU).
+        """
+        body = self.body
+        x = F.relu(_conv_bn(body.conv1, body.bn1, images))
+        x = body.maxpool(x)
+        outputs = []
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(body, name):
+                x = _block(block, x)
+            outputs.append(x)
+        return outputs
+
+
+def _conv_bn(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    shift = norm.bias - norm.running_mean * scale
+    return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
+def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock or Bottleneck with folded frozen batch norms."""
+    identity = x if block.downsample is None else _conv_bn(block.downsample[0], block.downsample[1], x)
+    out = F.relu(_conv_bn(block.conv1, block.bn1, x))
+    if hasattr(block, "conv3"):  # bottleneck
+        out = F.relu(_conv_bn(block.conv2, block.bn2, out))
+        out = _conv_bn(block.conv3, block.bn3, out)
+    else:
+        out = _conv_bn(block.conv2, block.bn2, out)
+    return F.relu(out + identity)
 
 
 class BackboneWithPosition(nn.Sequential):

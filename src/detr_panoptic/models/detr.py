@@ -112,16 +112,34 @@ class PanopticDETR(nn.Module):
                     logits=logits, boxes=boxes, attentions=attentions)
 
     def _masks(self, trunk: dict, query_indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image)."""
-        hs_last = trunk["hs"][-1]
+        """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image).
+
+        Without autograd, each query runs on its own (batch of one) after the per-image parts: a query's
+        mask is then bit-for-bit the same whichever other queries are computed, so ``predict`` (kept
+        queries only) reproduces the all-queries forward exactly, and no per-query copy of the
+        1/4-resolution maps is ever held for all queries at once. With autograd, one batched pass.
+        """
+        hs_last, memory, pad_mask = trunk["hs"][-1], trunk["memory"], trunk["mask"]
         device = hs_last.device
+        fpns = [trunk["levels"][i][0] for i in (2, 1, 0)]
+        size = tuple(memory.shape[-2:])
+        queries = self.bbox_attention.project_queries(hs_last)  # [B, Q, heads, dh], all queries
+        keys = self.bbox_attention.project_keys(memory)  # [B, heads, dh, hw]
+        flat_mask = pad_mask.flatten(1)
+        context, laterals = self.mask_head.prepare(trunk["projected"], fpns)
         image_index = torch.cat([torch.full((len(q),), b, dtype=torch.long, device=device)
                                  for b, q in enumerate(query_indices)])
         query_index = torch.cat([q.to(device=device, dtype=torch.long) for q in query_indices])
-        attention = self.bbox_attention(hs_last[image_index, query_index], trunk["memory"], trunk["mask"],
-                                        image_index)
-        fpns = [trunk["levels"][i][0] for i in (2, 1, 0)]
-        return self.mask_head(trunk["projected"], attention, fpns, image_index)
+        if torch.is_grad_enabled() or image_index.numel() == 0:
+            attention = self.bbox_attention.attend(queries[image_index, query_index], keys[image_index],
+                                                   flat_mask[image_index], size)
+            return self.mask_head.decode(context, attention, laterals, image_index)
+        masks = []
+        for b, q in zip(image_index.tolist(), query_index.tolist()):
+            attention = self.bbox_attention.attend(queries[b, q:q + 1], keys[b:b + 1], flat_mask[b:b + 1], size)
+            one = torch.zeros(1, dtype=torch.long, device=device)
+            masks.append(self.mask_head.decode(context[b:b + 1], attention, [lat[b:b + 1] for lat in laterals], one))
+        return torch.cat(masks)
 
     # -- public API -----------------------------------------------------------------------------------
     def forward(self, images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None = None, *,

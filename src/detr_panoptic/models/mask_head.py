@@ -32,22 +32,33 @@ class MHAttentionMap(nn.Module):
             nn.init.zeros_(linear.bias)
             nn.init.xavier_uniform_(linear.weight)
 
+    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries [..., D] -> scaled per-head queries [..., heads, D/heads]."""
+        q = self.q_linear(queries) * self.normalize_fact
+        return q.view(*queries.shape[:-1], self.num_heads, self.hidden_dim // self.num_heads)
+
+    def project_keys(self, memory: torch.Tensor) -> torch.Tensor:
+        """memory [B, D, h, w] -> per-head keys [B, heads, D/heads, h*w]."""
+        b, _, h, w = memory.shape
+        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
+        return k.view(b, self.num_heads, self.hidden_dim // self.num_heads, h * w)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, padding_mask: torch.Tensor | None,
+               size: tuple[int, int]) -> torch.Tensor:
+        """q [N, heads, dh], k [N, heads, dh, hw], padding_mask [N, hw] -> weights [N, heads, h, w]."""
+        n, heads = q.shape[:2]
+        logits = (q.unsqueeze(2) @ k).view(n, heads, k.shape[-1])
+        if padding_mask is not None:
+            logits = logits.masked_fill(padding_mask[:, None, :], float("-inf"))
+        return self.dropout(logits.flatten(1).softmax(-1).view(n, heads, *size))
+
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor | None,
                 image_index: torch.Tensor) -> torch.Tensor:
         """queries [N, D] (packed), memory [B, D, h, w], padding_mask [B, h, w] (True = padding),
         image_index [N] -> attention [N, heads, h, w] (sums to 1 over heads*h*w for each query)."""
-        n = queries.shape[0]
-        b, _, h, w = memory.shape
-        heads = self.num_heads
-        q = self.q_linear(queries) * self.normalize_fact
-        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
-        q = q.view(n, heads, 1, self.hidden_dim // heads)
-        k = k.view(b, heads, self.hidden_dim // heads, h * w)[image_index]
-        logits = (q @ k).view(n, heads, h * w)  # [N, heads, hw]
-        if padding_mask is not None:
-            logits = logits.masked_fill(padding_mask.flatten(1)[image_index][:, None, :], float("-inf"))
-        weights = logits.flatten(1).softmax(-1).view(n, heads, h, w)
-        return self.dropout(weights)
+        k = self.project_keys(memory)[image_index]
+        mask = None if padding_mask is None else padding_mask.flatten(1)[image_index]
+        return self.attend(self.project_queries(queries), k, mask, tuple(memory.shape[-2:]))
 
 
 def _add_per_image(x: torch.Tensor, per_image: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
@@ -100,21 +111,36 @@ class MaskHeadSmallConv(nn.Module):
     def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return F.relu(getattr(self, f"gn{i}")(getattr(self, f"lay{i}")(x)))
 
+    def prepare(self, projected: torch.Tensor, fpns: Sequence[torch.Tensor]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The per-image parts, shared by all queries of an image: lay1 applied to the projected feature
+        map (its context channels only, with the bias) and the adapters applied to layer3, layer2, layer1.
+
+        lay1(concat(projected, attention)) == conv(projected, W_context) + b + conv(attention, W_attention):
+        the context part is the same for every query, so it runs once per image.
+        """
+        w_context = self.lay1.weight[:, : self.context_dim]
+        context = F.conv2d(projected, w_context, self.lay1.bias, padding=1)
+        laterals = [getattr(self, f"adapter{i}")(fpn) for i, fpn in enumerate(fpns, start=1)]
+        return context, laterals
+
+    def decode(self, context: torch.Tensor, attention: torch.Tensor, laterals: Sequence[torch.Tensor],
+               image_index: torch.Tensor) -> torch.Tensor:
+        """context [B, C1, h, w] and laterals from ``prepare``; attention [N, heads, h, w]; image_index [N]
+        -> mask logits [N, H/4, W/4]."""
+        w_attention = self.lay1.weight[:, self.context_dim:]
+        x = context[image_index] + F.conv2d(attention, w_attention, padding=1)
+        x = F.relu(self.gn1(x))
+        x = self._block(2, x)
+        for i, lateral in enumerate(laterals, start=1):
+            x = _add_per_image(F.interpolate(x, size=lateral.shape[-2:], mode="nearest"), lateral, image_index)
+            x = self._block(i + 2, x)
+        return self.out_lay(x).squeeze(1)
+
     def forward(self, projected: torch.Tensor, attention: torch.Tensor, fpns: Sequence[torch.Tensor],
                 image_index: torch.Tensor) -> torch.Tensor:
         """projected [B, context_dim, h, w] (``input_proj`` of layer4), attention [N, heads, h, w],
         fpns: layer3, layer2, layer1 features [B, C, h_l, w_l]; image_index [N].
         Returns mask logits [N, H/4, W/4] (the size of layer1)."""
-        # lay1 on concat(projected, attention) == conv(projected, W_ctx) + conv(attention, W_att) + b:
-        # the context part is the same for every query of an image, so it runs once per image.
-        w_ctx, w_att = self.lay1.weight.split([self.context_dim, attention.shape[1]], dim=1)
-        context = F.conv2d(projected, w_ctx, self.lay1.bias, padding=1)
-        x = context[image_index] + F.conv2d(attention, w_att, padding=1)
-        x = F.relu(self.gn1(x))
-        x = self._block(2, x)
-        for i, fpn in enumerate(fpns, start=1):
-            # adapters run once per image, then are shared by that image's queries
-            lateral = getattr(self, f"adapter{i}")(fpn)
-            x = _add_per_image(F.interpolate(x, size=lateral.shape[-2:], mode="nearest"), lateral, image_index)
-            x = self._block(i + 2, x)
-        return self.out_lay(x).squeeze(1)
+        context, laterals = self.prepare(projected, fpns)
+        return self.decode(context, attention, laterals, image_index)
