@@ -91,6 +91,7 @@ def test_tiny_model_through_the_evaluate_command(cityscapes, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["evaluate", "--checkpoint", str(checkpoint), "--cityscapes", str(cityscapes), "--split", "val",
                  "--out", str(out), "--threshold", "0.0", "--batch-size", "2", "--device", "cpu",
+                 "--size", "64", "--max-size", "128",
                  "--workers", "1"])
     assert code == 0
     printed = capsys.readouterr().out

@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     evaluate.add_argument("--threshold", type=float, default=0.85,
                           help="keep queries whose class score exceeds this (default: 0.85)")
+    evaluate.add_argument("--size", type=int, help="resize the shorter side to this before the model "
+                          "(default: the config's data.min_size, else 800)")
+    evaluate.add_argument("--max-size", type=int, help="but keep the longer side at most this "
+                          "(default: the config's data.max_size, else 1333)")
     evaluate.add_argument("--limit", type=int, help="only the first N images (a quick look)")
     add_device(evaluate)
     add_workers(evaluate)
@@ -76,6 +80,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
         gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir,
         out_dir=args.out, batch_size=args.batch_size, threshold=args.threshold, device=args.device,
+        size=args.size, max_size=args.max_size,
         workers=args.workers, limit=args.limit)
     _print_summary(metrics)
     return 0

@@ -181,9 +181,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = N
                         gt_json: str | None = None, gt_folder: str | None = None, image_dir: str | None = None,
                         out_dir: str | os.PathLike | None = None, batch_size: int = 1, threshold: float = 0.85,
                         device: str | None = "auto", workers: int | None = None, limit: int | None = None,
+                        size: int | None = None, max_size: int | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Load ``checkpoint`` (``checkpoints.load_pretrained``), pick the data (flags, else the config's
-    val split) and run ``evaluate_model``; ``out_dir`` defaults to the run's ``eval/``."""
+    val split) and run ``evaluate_model``; ``out_dir`` defaults to the run's ``eval/``. ``size``/``max_size``
+    (the model's input resize) default to the config's ``data.min_size``/``data.max_size``, else 800/1333."""
     from detr_panoptic.checkpoints import load_pretrained
     from detr_panoptic.config import load_config
 
@@ -196,5 +198,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = N
         limit = loaded_config.data.max_val_images
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
     return evaluate_model(model, dataset, out, threshold=threshold, batch_size=batch_size, device=device,
-                          workers=workers, limit=limit, progress=progress,
+                          workers=workers, limit=limit, progress=progress, size=size, max_size=max_size,
                           extra_metrics={"checkpoint": str(checkpoint)})
