@@ -227,17 +227,35 @@ def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
     return any(k.startswith(("detr.model.", "detr.class_labels_classifier.")) for k in state)
 
 
+def hugging_face_key_to_official(key: str) -> str:
+    """Official name of one ``DetrForSegmentation`` key; q/k/v projections keep their ``q_proj`` etc. suffix
+    (``hugging_face_to_official`` fuses them into ``in_proj_weight``/``in_proj_bias``)."""
+    key = _HF_BACKBONE_PREFIX.sub("BB.", key)
+    for pattern, replacement in _HF_RULES:
+        key = pattern.sub(replacement, key)
+    for pattern, name, offset in _OFFSETS:
+        key = pattern.sub(lambda m, n=name, o=offset: f"{n}{int(m.group(1)) + o}", key)
+    return key
+
+
+def official_to_hugging_face(state: Mapping[str, torch.Tensor], hf_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The inverse mapping, for the keys ``hf_keys`` of a ``DetrForSegmentation`` (saved or in-memory names)."""
+    out = {}
+    for key in hf_keys:
+        official = hugging_face_key_to_official(key)
+        match = _QKV.match(official)
+        if match and ".bbox_attention" not in official:
+            fused = state[f"{match.group(1)}.in_proj_{match.group(3)}"]
+            out[key] = fused.chunk(3)["qkv".index(match.group(2))]
+        else:
+            out[key] = state[official]
+    return out
+
+
 def hugging_face_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a ``DetrForSegmentation`` state dict (saved or in-memory names, timm or transformers ResNet)
     to the official DETR keys; q/k/v projections are fused into ``in_proj_weight``/``in_proj_bias``."""
-    renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = _HF_BACKBONE_PREFIX.sub("BB.", key)
-        for pattern, replacement in _HF_RULES:
-            key = pattern.sub(replacement, key)
-        for pattern, name, offset in _OFFSETS:
-            key = pattern.sub(lambda m, n=name, o=offset: f"{n}{int(m.group(1)) + o}", key)
-        renamed[key] = value
+    renamed = {hugging_face_key_to_official(key): value for key, value in state.items()}
     fused: dict[str, torch.Tensor] = {}
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in renamed.items():

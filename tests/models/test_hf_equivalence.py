@@ -65,3 +65,12 @@ def test_in_memory_names_map_too():
                         num_queries=7)
     expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+
+
+def test_official_to_hugging_face_round_trip():
+    from detr_panoptic.checkpoints import official_to_hugging_face
+
+    hf = build_hf_model()
+    state = hf.state_dict()
+    back = official_to_hugging_face(hugging_face_to_official(state), list(state))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
