@@ -174,3 +174,32 @@ def test_wrong_number_of_classes_is_reported():
     criterion = build_criterion(NUM_CLASSES + 2)
     with pytest.raises(ValueError, match="classes"):
         criterion(DETROutput(pred_logits=logits, pred_boxes=boxes, pred_masks=masks), targets)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_fused_mask_losses_equal_torchvision_focal_and_dice(scale):
+    from detr_panoptic.models.criterion import dice_loss, focal_loss, sigmoid_mask_losses
+
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(4, 300, generator=g) * scale).requires_grad_()
+    targets = torch.rand(4, 300, generator=g) > 0.7
+    targets[3] = False  # an empty target mask
+    focal, dice = sigmoid_mask_losses(logits, targets)
+    (grad_fused,) = torch.autograd.grad(2 * focal.sum() + 3 * dice.sum(), logits)
+    want_focal = focal_loss(logits, targets.float(), 1.0)
+    want_dice = dice_loss(logits, targets.float(), 1.0)
+    (grad_ref,) = torch.autograd.grad(2 * want_focal + 3 * want_dice, logits)
+    torch.testing.assert_close(focal.sum(), want_focal)
+    torch.testing.assert_close(dice.sum(), want_dice)
+    torch.testing.assert_close(grad_fused, grad_ref)
+    assert torch.isfinite(grad_fused).all()
+
+
+def test_other_gamma_uses_the_reference_formula():
+    logits, boxes, masks, targets, _ = _case(0)
+    criterion = build_criterion(NUM_CLASSES, eos_coef=EOS)
+    outputs = DETROutput(pred_logits=logits, pred_boxes=boxes, pred_masks=masks)
+    fused = criterion(outputs, targets)
+    criterion.focal_gamma = 2.0 + 1e-9  # takes the torchvision path, numerically the same
+    plain = criterion(outputs, targets)
+    torch.testing.assert_close(fused["loss_mask"], plain["loss_mask"])

