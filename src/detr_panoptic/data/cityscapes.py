@@ -254,8 +254,8 @@ def panoptic_png_bytes(id_map: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> b
     """An 8-bit RGB PNG (id = R + 256 G, B = 0) of a uint16 id map ``[H, W]``, encoded directly.
 
     Every row uses PNG's "Sub" filter (each byte minus the byte 3 to its left, mod 256): id maps are
-    piecewise constant, so the filtered rows are mostly zeros and zlib level 1 compresses them fast.
-    About 3x faster than Pillow's encoder, same pixels.
+    piecewise constant, so the filtered rows are mostly zeros and zlib (level 1, run-length strategy)
+    compresses them fast. Several times faster than Pillow's encoder, same pixels.
     """
     id_map = np.asarray(id_map, dtype=np.uint16)
     height, width = id_map.shape
@@ -269,7 +269,14 @@ def panoptic_png_bytes(id_map: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> b
         rows[:, 1 + channel::3] = filtered
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return b"".join([b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", zlib.compress(rows.data, level)), _png_chunk(b"IEND", b"")])
+                     _png_chunk(b"IDAT", _deflate(rows.data, level)), _png_chunk(b"IEND", b"")])
+
+
+def _deflate(data: memoryview, level: int) -> bytes:
+    # Run-length matching only: the filtered rows are long runs of zeros, so this is faster than the
+    # default strategy and gives smaller files.
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return compressor.compress(data) + compressor.flush()
 
 
 def convert_image(instance_path: str, panoptic_dir: str, tables: _LabelTables) -> dict[str, Any]:
