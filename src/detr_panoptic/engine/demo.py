@@ -270,13 +270,15 @@ def _set(node: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def demo_configs(raw: Mapping[str, Any], *, out: Path, target_root: Path, source: Mapping[str, Path],
-                 init: str | None, device: str, seed: int) -> tuple[Config, Config]:
+                 init: str | None, device: str, seed: int, progress: bool = True) -> tuple[Config, Config]:
     """(pre-training config, the stage1 -> stage2 fine-tuning config) with the demo's paths filled in."""
     data = copy.deepcopy(dict(raw))
     _set(data, "train.output_dir", str(out))
     _set(data, "train.device", device)
     _set(data, "train.seed", int(data.get("train", {}).get("seed", 42)) + seed)
     _set(data, "data.root", str(target_root))
+    if not progress:
+        _set(data, "logging.progress", False)
     stages = {s["name"]: s for s in data.pop("stages")}
     pretrain = copy.deepcopy(stages["pretrain"])
     source_root = source["train"].parent
@@ -406,7 +408,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
     source = timer.run("data", data_phase)
     pretrain_config, finetune_config = demo_configs(raw, out=out, target_root=target_root, source=source,
-                                                    init=init, device=device, seed=seed)
+                                                    init=init, device=device, seed=seed, progress=progress)
     stage_configs = finetune_config.resolve_stages()
 
     source_pq = None
@@ -573,3 +575,37 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
     html = html.replace("<main>", "<main>" + report.section("PQ on the synthetic val split, per stage", body,
                                                             "stages"), 1)
     atomic_write_text(report_path, html)
+
+
+# -- initialisation of a random backbone ------------------------------------------------------------------------
+@torch.no_grad()
+def calibrate_frozen_batchnorm(model: torch.nn.Module, images: Sequence[torch.Tensor]) -> int:
+    """Data-dependent initialisation of a *random* backbone's frozen batch norms; returns how many.
+
+    A ResNet built for fine-tuning has ``FrozenBatchNorm2d`` layers; with random weights they are the
+    identity, so nothing normalises the activations and training from scratch is slow and unstable. One
+    forward pass over ``images`` (normalised [3, H, W], same size) sets each frozen BN's running mean and
+    variance to the statistics of its input *as it arrives*, earlier layers already calibrated, so every
+    block starts with unit-variance activations (as a trained BN network does). The statistics are then
+    frozen like any pre-trained backbone's.
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def calibrate(module: FrozenBatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    layers = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [m.register_forward_pre_hook(calibrate) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        # The torchvision modules one by one (the backbone's own forward folds the norms into the convs).
+        body = model.detr.backbone[0].body  # type: ignore[attr-defined, index]
+        body(torch.stack(list(images)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return len(layers)

@@ -1,0 +1,134 @@
+"""The demo: ``detr-panoptic demo --quick`` end to end (files, metrics.json structure, resume), and its parts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from detr_panoptic.cli import main
+from detr_panoptic.engine import demo
+from detr_panoptic.utils.errors import UserInputError
+
+METRIC_KEYS = ("pq", "sq", "rq", "pq_things", "pq_stuff")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["demo", "--quick", "--out", str(out), "--device", "cpu"])
+    return out, code, stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_everything(quick_run: tuple[Path, int, str]) -> None:
+    out, code, printed = quick_run
+    assert code == 0
+    for path in ("metrics.json", "report.html", "source_model.pth", "data/cityscapes/gtFine/cityscapes_panoptic_val.json",
+                 "data/source/panoptic_train.json", "stage1/checkpoints/best.pth", "stage2/checkpoints/best.pth",
+                 "stage2/metrics.jsonl", "eval/start/metrics.json", "eval/stage1/predictions.json",
+                 "eval/stage2/metrics.json", "summary/plots/losses.png", "summary/plots/pq.png"):
+        assert (out / path).is_file(), path
+    assert sorted(p.name for p in (out / "summary" / "overlays").glob("*.png"))
+    assert list((out / "summary" / "attention").rglob("*.png"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 100.0
+    assert set(metrics["stages"]) == {"start", "stage1", "stage2"}
+    for stage in metrics["stages"].values():
+        assert all(isinstance(stage[k], float) and 0.0 <= stage[k] <= 100.0 for k in METRIC_KEYS)
+    assert metrics["pq"] == metrics["stages"]["stage2"]["pq"]
+    assert {"data", "pretrain", "finetune", "evaluate", "total"} <= set(metrics["seconds"])
+    assert metrics["source_domain"] is not None and "pq" in metrics["source_domain"]
+    html = (out / "report.html").read_text()
+    assert "PQ on the synthetic val split, per stage" in html and "data:image/" in html
+    # what the command prints: the PQ table and where things are
+    assert "start point" in printed and "stage 2 (attention frozen)" in printed and "report.html" in printed
+
+
+@pytest.mark.slow
+def test_source_model_is_in_the_official_format(quick_run: tuple[Path, int, str]) -> None:
+    out, _, _ = quick_run
+    saved = torch.load(out / "source_model.pth", map_location="cpu", weights_only=True)
+    assert "optimizer" not in saved and "detr.class_embed.weight" in saved["model"]
+    assert any(k.startswith("detr.backbone.0.body.layer1.") for k in saved["model"])
+    names = {c["name"] for c in saved["detr_panoptic"]["category_map"]["categories"]}
+    assert {"person", "sky-other-merged", "building-other-merged"} <= names and "rider" not in names
+    # the source label set differs from the fine-tuned model's (Cityscapes names)
+    final = torch.load(out / "stage2" / "checkpoints" / "best.pth", map_location="cpu", weights_only=True)
+    final_names = {c["name"] for c in final["detr_panoptic"]["category_map"]["categories"]}
+    assert {"rider", "sky", "building"} <= final_names
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_phases_and_refuses_other_settings(quick_run: tuple[Path, int, str]) -> None:
+    out, _, _ = quick_run
+    before = (out / "stage2" / "checkpoints" / "best.pth").stat().st_mtime_ns
+    summary = demo.run_demo(out, quick=True, device="cpu", progress=False)
+    assert (out / "stage2" / "checkpoints" / "best.pth").stat().st_mtime_ns == before
+    assert summary["seconds"]["pretrain"] < 10 and summary["seconds"]["finetune"] < 10
+    with pytest.raises(UserInputError, match="other settings"):
+        demo.run_demo(out, quick=True, device="cpu", seed=1)
+
+
+def test_source_segments_use_the_coarser_coco_label_set() -> None:
+    from cityscapesscripts.helpers.labels import labels
+
+    names = {label.id: label.name for label in labels}
+    instances = {label.id: bool(label.hasInstances) for label in labels}
+    ids = np.array([[23, 23, 11, 12],           # sky | building, wall -> one building-other-merged segment
+                    [24000, 25000, 17, 24],     # person, rider -> two person instances | pole -> void | crowd
+                    [7, 7, 26001, 26001]], np.uint16)
+    id_map, segments = demo._source_segments(ids, names, instances)
+    by_id = {s["id"]: s for s in segments}
+    assert id_map[1, 2] == 0  # pole: no COCO class
+    assert id_map[0, 2] == id_map[0, 3] and by_id[int(id_map[0, 2])]["category_id"] == 197
+    person_a, person_b = by_id[int(id_map[1, 0])], by_id[int(id_map[1, 1])]
+    assert person_a["id"] != person_b["id"] and person_a["category_id"] == person_b["category_id"] == 1
+    assert by_id[int(id_map[1, 3])]["iscrowd"] == 1 and person_a["iscrowd"] == 0
+    assert by_id[int(id_map[2, 2])]["category_id"] == 3
+    assert {s["category_id"] for s in segments} == {187, 197, 1, 149, 3}
+
+
+def test_calibrated_backbone_has_unit_scale_activations() -> None:
+    from detr_panoptic.models.detr import PanopticDETR
+
+    torch.manual_seed(0)
+    model = PanopticDETR(3, backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                         dim_feedforward=32, num_queries=4)
+    images = [torch.randn(3, 64, 96) for _ in range(2)]
+    batch, mask = torch.stack(images), torch.zeros(2, 64, 96, dtype=torch.bool)
+    before = model.detr.backbone[0](batch, mask)[-1][0].std().item()
+    assert demo.calibrate_frozen_batchnorm(model, images) == 20
+    after = model.detr.backbone[0](batch, mask)[-1][0]
+    assert after.std().item() != pytest.approx(before, rel=0.1)
+    assert 0.2 < after.std().item() < 5.0  # ResNet-18 blocks add two unit-variance branches at most
+
+
+def test_demo_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("demo: {sizes: [1, 2]}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
+    with pytest.raises(UserInputError, match="demo.sizes"):
+        demo.load_demo_config(bad)
+    bad.write_text("demo: {size: [64, 128]}\nstages: [{name: stage1}]\n")
+    with pytest.raises(UserInputError, match="pretrain, stage1, stage2"):
+        demo.load_demo_config(bad)
+    with pytest.raises(FileNotFoundError):
+        demo.run_demo(tmp_path / "out", config_path=tmp_path / "missing.yaml")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "something.txt").write_text("x")
+    with pytest.raises(UserInputError, match="not a demo run folder"):
+        demo.run_demo(tmp_path / "taken", quick=True)
+
+
+def test_both_demo_configs_load() -> None:
+    for quick in (False, True):
+        settings, raw = demo.load_demo_config(demo.demo_config_path(quick))
+        assert settings.val_images > 0 and [s["name"] for s in raw["stages"]] == ["pretrain", "stage1", "stage2"]
