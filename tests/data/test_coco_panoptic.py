@@ -231,3 +231,13 @@ def test_corrupt_files_are_named(cityscapes_root: Path, tmp_path: Path) -> None:
         dataset[1]
     problems = check_cityscapes(root, "val")
     assert any(str(png) in p and "cannot be decoded" in p for p in problems)
+
+
+def test_dataset_pickles_for_spawned_workers(cityscapes_root: Path) -> None:
+    import pickle
+
+    dataset = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200)
+    clone = pickle.loads(pickle.dumps(dataset))
+    (a, ta), (b, tb) = dataset[0], clone[0]
+    torch.testing.assert_close(a, b)
+    assert ta["image_id"] == tb["image_id"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
-from detr_panoptic.data.coco_panoptic import load_coco_json
+from detr_panoptic.data.cityscapes import find_gtfine, panoptic_output_name
+from detr_panoptic.data.coco_panoptic import CityscapesImagePath, load_coco_json
 
 
 def _png_ids(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
@@ -105,5 +105,4 @@ def check_cityscapes(root: str | os.PathLike, split: str, use_train_id: bool = F
     json_path = gtfine / f"{base}.json"
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path}: not found; run `detr-panoptic convert-cityscapes {gtfine}` first")
-    return check_dataset(json_path, gtfine / base,
-                         image_path_fn=lambda record: cityscapes_image_path(gtfine.parent, split, record["id"]), **kwargs)
+    return check_dataset(json_path, gtfine / base, image_path_fn=CityscapesImagePath(gtfine.parent, split), **kwargs)

@@ -29,6 +29,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +262,19 @@ def cityscapes_panoptic_dataset(root: str | os.PathLike, split: str, use_train_i
         raise FileNotFoundError(f"{json_path}: not found; run `detr-panoptic convert-cityscapes {gtfine} "
                                 f"--splits {split}{flag}` first")
 
-    def image_path(record: Mapping[str, Any]) -> Path:
-        return cityscapes_image_path(root, split, record["id"])
+    return CocoPanopticDataset(json_path, gtfine / base, image_path_fn=CityscapesImagePath(root, split), **kwargs)
 
-    return CocoPanopticDataset(json_path, gtfine / base, image_path_fn=image_path, **kwargs)
+
+@dataclass(frozen=True)
+class CityscapesImagePath:
+    """Image record -> ``<root>/leftImg8bit/<split>/<city>/<id>_leftImg8bit.png`` (picklable, for spawned
+    DataLoader workers)."""
+
+    root: Path
+    split: str
+
+    def __call__(self, record: Mapping[str, Any]) -> Path:
+        return cityscapes_image_path(self.root, self.split, record["id"])
 
 
 # ---------------------------------------------------------------------------------------------------
