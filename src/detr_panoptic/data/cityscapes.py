@@ -66,7 +66,8 @@ def find_gtfine(path: str | os.PathLike) -> Path:
     """The ``gtFine`` folder given either that folder or the Cityscapes root that contains it."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected Cityscapes' gtFine folder or the root holding it)")
+        problem = "is not a folder" if path.exists() else "no such folder"
+        raise FileNotFoundError(f"{path}: {problem} (expected Cityscapes' gtFine folder or the root holding it)")
     if path.name != "gtFine" and (path / "gtFine").is_dir():
         return path / "gtFine"
     return path
@@ -369,6 +370,13 @@ def _map_jobs(jobs: list[tuple[str, str, str, bool]], workers: int) -> Iterator[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (the CPU affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # The converter
 # ---------------------------------------------------------------------------------------------------
@@ -399,7 +407,7 @@ def convert_cityscapes(
         splits = [splits]
     if not splits:
         raise UserInputError("no splits to convert")
-    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    workers = available_cores() if workers is None else int(workers)
     if workers < 1:
         raise UserInputError(f"workers must be >= 1, got {workers}")
     files_per_split = {split: instance_files(gtfine, split) for split in splits}  # fail before any work
