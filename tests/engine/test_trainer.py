@@ -83,7 +83,7 @@ class NaNAfter(ToyPanoptic):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(tmp_path / "run", train={"checkpoint_every_steps": 2, "epochs": 3})
     datasets = (NaNAfter(after=6), ToyPanoptic(2), toy_datasets()[2])
-    with pytest.raises(TrainingDiverged, match=r"step 4 .*last good checkpoint .*last\.pth \(step 2\)") as info:
+    with pytest.raises(TrainingDiverged, match=r"step 4 \(epoch 0\): non-finite loss \(loss=nan.*last good checkpoint .*last\.pth \(step 2\)") as info:
         train_stage(config, datasets=datasets, evaluate=ScriptedEval(1.0))
     assert info.value.step == 4
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)
@@ -125,3 +125,31 @@ def test_metrics_records_are_json_lines(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["kind"] for line in lines]
     assert kinds == ["train", "val"]  # every 2nd step logged; final validation at the end
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """Items that are pure randomness, like a random augmentation."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return torch.rand(1), {"index": index}
+
+
+def _read(epoch, *, workers=0, start=0):
+    from detr_panoptic.engine.trainer import EpochBatches
+
+    batches = EpochBatches(_RandomItems(), batch_size=2, seed=1, workers=workers)
+    return [(int(t["index"]), float(x)) for images, targets in batches.iterate(epoch, start)
+            for x, t in zip(images, targets)]
+
+
+def test_item_randomness_is_independent_of_workers_and_restart_position():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    full = _read(2)
+    assert torch.equal(torch.get_rng_state(), before)  # the training RNG stream is not consumed
+    assert _read(2, workers=2) == full
+    assert _read(2, start=1) == full[2:]
+    assert dict(_read(3)) != dict(full)  # a new epoch draws new randomness for the same items

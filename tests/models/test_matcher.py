@@ -109,3 +109,11 @@ def test_query_selector_returns_matched_queries_and_keeps_indices():
 def test_all_zero_costs_rejected():
     with pytest.raises(ValueError, match="non-zero"):
         HungarianMatcher(0, 0, 0)
+
+
+def test_non_finite_costs_can_be_tolerated_for_training():
+    logits = torch.full((1, 3, 3), float("nan"))
+    boxes = torch.rand(1, 3, 4)
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.rand(2, 4) * 0.5 + 0.25}]
+    rows, cols = HungarianMatcher(raise_on_nonfinite=False)(DETROutput(pred_logits=logits, pred_boxes=boxes), targets)[0]
+    assert len(rows) == len(cols) == 2

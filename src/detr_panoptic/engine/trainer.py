@@ -65,6 +65,24 @@ class RunState:
         self.start_step = self.step
 
 
+class SeededItems(Dataset):
+    """``dataset[i]`` with the torch RNG seeded from (seed, epoch, i) and the caller's RNG left untouched:
+    random augmentations then depend only on the item and the epoch -- not on the worker that loads
+    it, nor on where a resumed run restarted."""
+
+    def __init__(self, dataset: Dataset, *, seed: int, epoch: int) -> None:
+        self.dataset = dataset
+        self.base = (seed * 100_003 + epoch) * 1_000_003
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.base + index) % 2**63)
+            return self.dataset[index]
+
+
 def collate_pairs(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict]]:
     """(image, target) pairs -> (list of images, list of targets); padding happens in the trainer."""
     images, targets = zip(*batch)
@@ -117,7 +135,7 @@ class EpochBatches:
         # The loader's own generator (not the global RNG) seeds its workers, so creating it mid-epoch
         # after a resume draws nothing from the global RNG stream that dropout uses.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+        loader = DataLoader(SeededItems(self.dataset, seed=self.seed, epoch=epoch), batch_sampler=batches, collate_fn=self.collate_fn,
                             num_workers=self.workers, generator=generator, pin_memory=self.pin_memory)
         return iter(loader)
 
@@ -144,6 +162,8 @@ class Trainer:
         self.clip_max_norm = clip_max_norm
         self.matched_masks_only = matched_masks_only
         self.name = name
+        # a NaN prediction must surface as a non-finite loss, which every process sees (all-reduced)
+        self.criterion.matcher.raise_on_nonfinite = False
         self.autocast_dtype = autocast_dtype(amp, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
 
@@ -185,10 +205,7 @@ class Trainer:
         for i, (images, targets) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with self.model.no_sync() if is_ddp and not last else contextlib.nullcontext():  # type: ignore[operator]
-                try:
-                    losses, total = self.forward_losses(images, targets)
-                except FloatingPointError as exc:  # the matcher saw NaN/inf predictions
-                    raise self._diverged(str(exc)) from None
+                losses, total = self.forward_losses(images, targets)
                 names = ["loss", *sorted(losses)]
                 values = torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names[1:])])
                 values = distributed.all_reduce_mean(values)

@@ -30,7 +30,8 @@ class HungarianMatcher(nn.Module):
     length ``min(num_queries, num_targets)``; images without targets get two empty tensors.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0, *,
+                 raise_on_nonfinite: bool = True) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all costs are 0; at least one of cost_class, cost_bbox, "
@@ -38,6 +39,9 @@ class HungarianMatcher(nn.Module):
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        # Training sets this False: NaN/inf costs are then replaced by a large finite cost and the
+        # (non-finite) loss is what stops the run -- on every process of a distributed run at once.
+        self.raise_on_nonfinite = raise_on_nonfinite
 
     def cost_matrix(self, class_logits: torch.Tensor, boxes: torch.Tensor, target_labels: torch.Tensor,
                     target_boxes: torch.Tensor) -> torch.Tensor:
@@ -68,8 +72,10 @@ class HungarianMatcher(nn.Module):
                                     target["boxes"])
             cost = cost.cpu()
             if not torch.isfinite(cost).all():
-                raise FloatingPointError(
-                    f"matching cost for image {b} is not finite: the model's logits or boxes contain NaN/inf")
+                if self.raise_on_nonfinite:
+                    raise FloatingPointError(
+                        f"matching cost for image {b} is not finite: the model's logits or boxes contain NaN/inf")
+                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
