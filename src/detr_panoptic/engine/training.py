@@ -249,7 +249,8 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
             log.info("%s: resuming from %s at step %d (epoch %d)", config.name, last_path, state.step, state.epoch)
         if state.step >= state.total_steps:
             if ctx.is_main:
-                log.info("%s: already complete (%d steps); nothing to do", config.name, state.step)
+                log.info("%s: already complete (%d steps in %s); nothing to do (train.resume=false or another "
+                         "train.output_dir starts over)", config.name, state.step, last_path)
             return dataclasses.replace(result, best_pq=state.best_pq)
     elif tc.resume and ctx.is_main and best_path.exists():
         log.info("%s: no last.pth but an old best.pth in %s: it will be replaced", config.name, ckpt_dir)
