@@ -66,7 +66,7 @@ def train_step(model, criterion, optimizer, image, mask, targets, *, matched_onl
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
     optimizer.step()
     elapsed = time.perf_counter() - start
-    return elapsed, {"loss": float(total), **{k: float(v) for k, v in losses.items()}}
+    return elapsed, {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
 def main() -> int:
@@ -131,7 +131,7 @@ def main() -> int:
         "notes": "median wall time of one training step (forward, criterion, backward, clip, AdamW) of "
                  "DETR-R50 panoptic (random weights, backbone frozen, aux losses) on one image; matched-only "
                  "masks vs all queries; losses checked equal (same weights, same dropout masks); "
-                 f"goal >= 3x; reps alternate between the paths after one warm-up rep each",
+                 "goal >= 3x; reps alternate between the paths after one warm-up rep each",
     }
     out = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL
 
+from conftest import TINY_MODEL
 from detr_panoptic.cli import main
 from detr_panoptic.config import load_config
 from detr_panoptic.data.cityscapes import convert_cityscapes

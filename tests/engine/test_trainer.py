@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import ToyPanoptic, tiny_config, toy_datasets
 
+from conftest import ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.cli import main
 from detr_panoptic.config import load_config
 from detr_panoptic.engine import training

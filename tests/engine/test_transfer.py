@@ -81,7 +81,7 @@ def test_identity_names_warm_start_without_a_table_entry(tmp_path):
     table = tmp_path / "table.json"
     table.write_text(json.dumps({"map": {"sky": None}}))
     old = nn.Linear(8, source.num_classes + 1)
-    head, report = new_class_head(old, target.num_classes, source_map=source, target_map=target,
+    _, report = new_class_head(old, target.num_classes, source_map=source, target_map=target,
                                   warm_start=True, table=load_class_table(table))
     assert set(report.copied) == {"car", "road"} and report.random == ("sky",)
 

@@ -51,8 +51,7 @@ _ATTENTION = re.compile(r"^transformer\.(encoder|decoder)\.layers\.\d+\.(self_at
 def _local_name(name: str) -> str:
     """Drop the DDP ``module.`` and the panoptic wrapper's ``detr.`` prefixes."""
     for prefix in ("module.", "detr."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+        name = name.removeprefix(prefix)
     return name
 
 

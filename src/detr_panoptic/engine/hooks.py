@@ -11,8 +11,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,15 +31,15 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 
 class Hook:
-    def before_train(self, trainer: "Trainer") -> None: ...
+    def before_train(self, trainer: Trainer) -> None: ...
 
-    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None: ...
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
 
-    def after_epoch(self, trainer: "Trainer", epoch: int) -> None: ...
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None: ...
 
-    def after_train(self, trainer: "Trainer") -> None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
 
-    def on_log(self, trainer: "Trainer", record: Mapping[str, Any]) -> None: ...
+    def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -72,7 +73,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 class LRSchedulerHook(Hook):
     """Steps the LR scheduler once per optimizer step."""
 
-    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         trainer.scheduler.step()
 
 
@@ -97,7 +98,7 @@ class CheckpointHook(Hook):
     def best_path(self) -> Path:
         return self.folder / "best.pth"
 
-    def checkpoint(self, trainer: "Trainer", *, full: bool) -> dict[str, Any] | None:
+    def checkpoint(self, trainer: Trainer, *, full: bool) -> dict[str, Any] | None:
         """The checkpoint dict (the shared format); collective when distributed (RNG states of every
         rank are gathered); None on ranks other than 0."""
         rng_all = distributed.all_gather_objects(capture_rng_state()) if full else []
@@ -132,24 +133,24 @@ class CheckpointHook(Hook):
         if self.on_saved is not None:
             self.on_saved(path, alias, step)
 
-    def save_last(self, trainer: "Trainer") -> None:
+    def save_last(self, trainer: Trainer) -> None:
         if self._last_saved_step == trainer.state.step:
             return
         self._write(self.checkpoint(trainer, full=True), self.last_path, "last", trainer.state.step)
         self._last_saved_step = trainer.state.step
         distributed.barrier()
 
-    def save_best(self, trainer: "Trainer") -> None:
+    def save_best(self, trainer: Trainer) -> None:
         self._write(self.checkpoint(trainer, full=False), self.best_path, "best", trainer.state.step)
 
-    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.every_steps and trainer.state.step % self.every_steps == 0:
             self.save_last(trainer)
 
-    def after_epoch(self, trainer: "Trainer", epoch: int) -> None:
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
         self.save_last(trainer)
 
-    def on_log(self, trainer: "Trainer", record: Mapping[str, Any]) -> None:
+    def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         if record.get("kind") != "val":
             return
         pq = float(record["pq"])
@@ -159,7 +160,7 @@ class CheckpointHook(Hook):
             if trainer.state.is_main:
                 log.info("step %d: new best PQ %.2f -> %s", trainer.state.step, pq, self.best_path)
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         self.save_last(trainer)
         if trainer.state.is_main and not self.best_path.exists():
             log.info("no validation result to pick a best checkpoint: best.pth holds the final weights")
@@ -176,7 +177,7 @@ class EvalHook(Hook):
         self.every_epochs = every_epochs
         self._evaluated_step = -1
 
-    def run(self, trainer: "Trainer", epoch: int) -> None:
+    def run(self, trainer: Trainer, epoch: int) -> None:
         start = time.perf_counter()
         model = trainer.unwrapped_model
         was_training = model.training
@@ -190,11 +191,11 @@ class EvalHook(Hook):
                   "eval_time": time.perf_counter() - start}
         trainer.log(record)
 
-    def after_epoch(self, trainer: "Trainer", epoch: int) -> None:
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
         if self.every_epochs > 0 and (epoch + 1) % self.every_epochs == 0:
             self.run(trainer, epoch)
 
-    def after_train(self, trainer: "Trainer") -> None:
+    def after_train(self, trainer: Trainer) -> None:
         if self.every_epochs <= 0:
             return
         if self._evaluated_step != trainer.state.step and trainer.state.step > trainer.state.start_step:
@@ -216,12 +217,12 @@ class LoggingHook(Hook):
         if wandb is not None:
             self.sinks.append(wandb)
 
-    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         step = trainer.state.step
         if step % self.every_steps == 0 or step == trainer.state.total_steps:
             trainer.log(record)
 
-    def on_log(self, trainer: "Trainer", record: Mapping[str, Any]) -> None:
+    def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
         if not trainer.state.is_main:
             return
         for sink in self.sinks:
@@ -245,7 +246,7 @@ class ProgressHook(Hook):
         self.enabled = enabled
         self._bar: Any = None
 
-    def before_train(self, trainer: "Trainer") -> None:
+    def before_train(self, trainer: Trainer) -> None:
         if not (self.enabled and trainer.state.is_main):
             return
         from tqdm.auto import tqdm
@@ -253,7 +254,7 @@ class ProgressHook(Hook):
         self._bar = tqdm(total=trainer.state.total_steps, initial=trainer.state.step, unit="step",
                          desc=trainer.name, dynamic_ncols=True, smoothing=0.1)
 
-    def after_step(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=trainer.state.epoch, refresh=False)

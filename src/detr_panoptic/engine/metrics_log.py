@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_text
@@ -35,7 +36,7 @@ class JsonlWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; close())
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(_json_safe(record)) + "\n")

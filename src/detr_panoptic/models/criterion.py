@@ -22,7 +22,8 @@ and are applied in one place, ``criterion.weighted_total(losses)``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist

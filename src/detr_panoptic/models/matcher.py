@@ -10,7 +10,8 @@ the model's forward before any mask is computed (see ``QuerySelector``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -58,7 +59,7 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: DETROutput, targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
-        batch_size, num_queries = outputs.pred_logits.shape[:2]
+        batch_size = outputs.pred_logits.shape[0]
         if len(targets) != batch_size:
             raise ValueError(f"HungarianMatcher: {batch_size} images of predictions but {len(targets)} targets")
         indices: MatchIndices = []
