@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from detr_panoptic.commands.common import add_device
 
@@ -25,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
     add_device(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: 0)")
+    parser.add_argument("--bench-json", default=None, metavar="PATH",
+                        help="also write the timing and PQ figures as a benchmark result (bench/results/demo.json)")
     parser.set_defaults(func=run)
 
 
@@ -48,4 +51,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  runs          {out}/pretrain, {out}/stage1, {out}/stage2 (config.yaml, metrics.jsonl, checkpoints/)")
     print(f"  predictions   {out}/eval/<start|stage1|stage2>/ (COCO panoptic PNG + JSON, metrics.json)")
     print(f"  pictures      {out}/summary/ (overlays/, attention/, plots/)")
+    if args.bench_json:
+        from detr_panoptic.engine.demo import bench_record
+        from detr_panoptic.utils.io import atomic_write_json
+
+        atomic_write_json(args.bench_json, bench_record(summary, command="detr-panoptic " + " ".join(sys.argv[1:])))
+        print(f"  benchmark     {args.bench_json}")
     return 0

@@ -421,8 +421,15 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
             val_set = CocoPanopticDataset(d.val_json, d.val_panoptic_dir, d.val_image_dir,
                                           category_map=train_set.category_map, min_size=d.min_size,
                                           max_size=d.max_size)
-            result = train(pretrain_config, datasets=(MemoryDataset(train_set), MemoryDataset(val_set),
-                                                      train_set.category_map))[0]
+            memory_train = MemoryDataset(train_set)
+            config = pretrain_config
+            if config.model.init is None:  # random weights: calibrate the backbone's frozen norms first
+                init_path = out / "pretrain_init.pth"
+                if not init_path.is_file():
+                    init_path = random_calibrated_init(init_path, config, train_set.category_map,
+                                                       [memory_train[i][0] for i in range(min(16, len(memory_train)))])
+                config = dataclasses.replace(config, model=dataclasses.replace(config.model, init=str(init_path)))
+            result = train(config, datasets=(memory_train, MemoryDataset(val_set), train_set.category_map))[0]
             target = out / "source_model.pth"
             if not target.is_file() or target.stat().st_mtime < result.last_checkpoint.stat().st_mtime:
                 export_source_model(result.last_checkpoint, target)
@@ -541,6 +548,35 @@ def _figures(checkpoint: Path, val_set: Any, summary_dir: Path, settings: DemoSe
         log.warning("demo: curves not drawn (%s)", exc)
 
 
+def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
+    """The demo's timing and PQ figures in the benchmark result format (``bench/results/<name>.json``)."""
+    import datetime as dt
+
+    figures: dict[str, Any] = {"total_seconds": summary["seconds"]["total"]}
+    figures.update({f"{k}_seconds": v for k, v in summary["seconds"].items() if k != "total"})
+    for name in PHASES:
+        for key in ("pq", "sq", "rq", "pq_things", "pq_stuff"):
+            figures[f"{name}_{key}"] = summary["stages"][name].get(key)
+    if summary.get("source_domain"):
+        figures["source_domain_pq"] = summary["source_domain"].get("pq")
+    figures["goal_pq_50"] = summary["pq"] >= 50.0
+    figures["goal_600_seconds"] = summary["seconds"]["total"] <= 600
+    figures["goal_ordered"] = summary["goal"]["ordered"]
+    machine = summary.get("machine", {})
+    settings = summary.get("settings", {})
+    return {
+        "name": "demo",
+        "figures": figures,
+        "command": command,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "notes": (f"one run of the default demo from scratch (empty output folder); PQ (%) on the "
+                  f"{settings.get('val_images')} synthetic val images ({settings.get('size')}), panopticapi-exact, "
+                  f"of the start point (source model, class head adapted), stage 1 and stage 2 (best checkpoints). "
+                  f"Seconds are wall time per phase; load average at the end {machine.get('load_average')} on "
+                  f"{machine.get('cpus')} cores (other jobs shared the machine when it is above the core count)."),
+    }
+
+
 def pq_table(summary: Mapping[str, Any]) -> str:
     """The start point / stage 1 / stage 2 PQ table as text."""
     rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff")]
@@ -575,6 +611,19 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
     html = html.replace("<main>", "<main>" + report.section("PQ on the synthetic val split, per stage", body,
                                                             "stages"), 1)
     atomic_write_text(report_path, html)
+
+
+def random_calibrated_init(path: Path, config: Config, category_map: CategoryMap,
+                           images: Sequence[torch.Tensor]) -> Path:
+    """A randomly initialised model for ``config`` with calibrated frozen norms, saved to ``path``."""
+    from detr_panoptic.checkpoints import save_checkpoint
+    from detr_panoptic.engine.training import build_model
+
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model, category_map)
+    count = calibrate_frozen_batchnorm(model, images)
+    log.info("demo: random backbone, %d frozen batch norms calibrated on %d images", count, len(images))
+    return save_checkpoint(path, model, category_map=category_map, model_config=model.config)
 
 
 # -- initialisation of a random backbone ------------------------------------------------------------------------
