@@ -153,3 +153,22 @@ def test_item_randomness_is_independent_of_workers_and_restart_position():
     assert _read(2, workers=2) == full
     assert _read(2, start=1) == full[2:]
     assert dict(_read(3)) != dict(full)  # a new epoch draws new randomness for the same items
+
+
+def test_last_checkpoint_is_rewritten_at_an_epoch_end_that_follows_a_step_save(tmp_path, monkeypatch):
+    from detr_panoptic.engine import hooks
+
+    writes = []
+    original = hooks.CheckpointHook._write
+
+    def spy(self, ckpt, path, alias, step):
+        if ckpt is not None and alias == "last":
+            writes.append((ckpt["step"], ckpt["run_state"]["epoch"], ckpt["run_state"]["position"], ckpt["best_pq"]))
+        original(self, ckpt, path, alias, step)
+
+    monkeypatch.setattr(hooks.CheckpointHook, "_write", spy)
+    config = tiny_config(tmp_path / "run", train={"checkpoint_every_steps": 2})
+    train_stage(config, datasets=toy_datasets(), evaluate=ScriptedEval(30.0, 20.0))
+    # step 4 ends epoch 0: saved by the step hook, then again with the new epoch and the best PQ
+    assert (4, 0, 4, -1.0) in writes and (4, 1, 0, 30.0) in writes
+    assert writes[-1] == (8, 2, 0, 30.0)

@@ -88,7 +88,7 @@ class CheckpointHook(Hook):
         self.model_config = dict(model_config)
         self.category_map = dict(category_map)
         self.on_saved = on_saved
-        self._last_saved_step = -1
+        self._last_saved: tuple | None = None
 
     @property
     def last_path(self) -> Path:
@@ -134,10 +134,14 @@ class CheckpointHook(Hook):
             self.on_saved(path, alias, step)
 
     def save_last(self, trainer: Trainer) -> None:
-        if self._last_saved_step == trainer.state.step:
+        # Skip only when nothing changed: at an epoch end that follows a step save, the epoch, position
+        # and best PQ did change, and a stale best PQ in last.pth would let a resumed run overwrite a
+        # better best.pth.
+        key = tuple(trainer.state.resumable().values())
+        if self._last_saved == key:
             return
         self._write(self.checkpoint(trainer, full=True), self.last_path, "last", trainer.state.step)
-        self._last_saved_step = trainer.state.step
+        self._last_saved = key
         distributed.barrier()
 
     def save_best(self, trainer: Trainer) -> None:
