@@ -296,6 +296,8 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
                       batches=batches, state=state, device=ctx.device, hooks=hooks, clip_max_norm=tc.clip_max_norm,
                       amp=tc.amp, matched_masks_only=tc.matched_masks_only, name=config.name)
     if resume is not None:
+        if trainer.scaler is not None and "grad_scaler" in resume:
+            trainer.scaler.load_state_dict(resume["grad_scaler"])
         rng = resume["rng"]["per_rank"]
         restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
     try:
