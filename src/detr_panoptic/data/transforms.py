@@ -142,14 +142,14 @@ def make_transforms(*, min_size: int = 800, max_size: int | None = 1333, augment
     return v2.Compose(steps)
 
 
-_PRIMES = (1031, 4099, 16411, 65537, 262147, 1048583, 4194319, 16777259)
+ID_LIMIT = 1 << 24  # panoptic PNG ids are R + 256 G + 256^2 B < 2^24
 
 
 def compact_id_map(id_map: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """``[H, W]`` map of 1 + the index of each pixel's id in ``segment_ids`` (0 where it is none of them).
 
-    Vectorised with a hash table: ``id % P`` for the smallest listed prime P that separates the ids,
-    then a lookup and an equality check (a few passes over the pixels, no sort).
+    One gather through a lookup table over all 2^24 possible ids; ``np.zeros`` allocates it lazily,
+    so only the memory pages of the ids in play are ever touched. uint8 output below 255 segments.
     """
     segment_ids = np.asarray(segment_ids, dtype=np.int64)
     dtype = np.uint8 if segment_ids.size < 255 else np.int32
@@ -157,24 +157,12 @@ def compact_id_map(id_map: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
         return np.zeros(id_map.shape, dtype)
     if len(np.unique(segment_ids)) != segment_ids.size:
         raise ValueError(f"duplicate segment ids {segment_ids.tolist()}")
-    for prime in _PRIMES:
-        slots = segment_ids % prime
-        if len(np.unique(slots)) == slots.size:
-            break
-    else:  # pragma: no cover - ids beyond 2^24 with colliding residues
-        sorted_ids = np.sort(segment_ids)
-        position = np.clip(np.searchsorted(sorted_ids, id_map), 0, sorted_ids.size - 1)
-        order = np.argsort(segment_ids)
-        out = np.where(sorted_ids[position] == id_map, order[position] + 1, 0)
-        return out.astype(dtype)
-    index = np.zeros(prime, dtype)
-    index[slots] = np.arange(1, segment_ids.size + 1)
-    owner = np.full(prime, -1, np.int64)
-    owner[slots] = segment_ids
-    hashed = id_map % np.int32(prime) if id_map.dtype == np.int32 else (id_map % prime).astype(np.int64)
-    compact = index[hashed]
-    compact[owner[hashed] != id_map] = 0
-    return compact
+    if id_map.size and (int(id_map.min()) < 0 or int(id_map.max()) >= ID_LIMIT):
+        raise ValueError(f"ids must lie in [0, 2^24), got {int(id_map.min())}..{int(id_map.max())}")
+    lut = np.zeros(ID_LIMIT, dtype)
+    valid = (segment_ids >= 0) & (segment_ids < ID_LIMIT)  # others cannot occur in the map
+    lut[segment_ids[valid]] = (np.flatnonzero(valid) + 1).astype(dtype)
+    return lut[id_map]
 
 
 def targets_from_id_map(id_map: torch.Tensor, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
