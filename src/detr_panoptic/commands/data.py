@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
         "check-dataset", help="check a COCO panoptic dataset (JSON vs PNGs vs images vs categories)",
         description="Report missing images, segment ids in the JSON absent from the PNG, PNG ids absent from "
-        "the JSON and unknown category ids. Give --json/--panoptic-dir[/--image-dir] or --cityscapes/--split.",
+        "the JSON and unknown category ids. Give --json/--panoptic-dir[/--image-dir] or --cityscapes/--split. "
+        "Exit status: 0 when clean, 1 when problems were found, 2 on bad arguments.",
     )
     check.add_argument("--json", help="COCO panoptic JSON")
     check.add_argument("--panoptic-dir", help="folder of the panoptic PNGs")
