@@ -161,10 +161,10 @@ def test_last_checkpoint_is_rewritten_at_an_epoch_end_that_follows_a_step_save(t
     writes = []
     original = hooks.CheckpointHook._write
 
-    def spy(self, ckpt, path, alias, step):
-        if ckpt is not None and alias == "last":
-            writes.append((ckpt["step"], ckpt["run_state"]["epoch"], ckpt["run_state"]["position"], ckpt["best_pq"]))
-        original(self, ckpt, path, alias, step)
+    def spy(self, trainer, extra, path, alias):
+        if extra is not None and alias == "last":
+            writes.append((extra["step"], extra["run_state"]["epoch"], extra["run_state"]["position"], extra["best_pq"]))
+        original(self, trainer, extra, path, alias)
 
     monkeypatch.setattr(hooks.CheckpointHook, "_write", spy)
     config = tiny_config(tmp_path / "run", train={"checkpoint_every_steps": 2})

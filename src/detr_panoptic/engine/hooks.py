@@ -20,15 +20,12 @@ import torch
 
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.metrics_log import JsonlWriter, TensorBoardWriter, WandbWriter
-from detr_panoptic.utils.io import atomic_path
+from detr_panoptic.checkpoints import save_checkpoint
 
 if TYPE_CHECKING:
     from detr_panoptic.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT_VERSION = 1
-
 
 class Hook:
     def before_train(self, trainer: Trainer) -> None: ...
@@ -99,39 +96,33 @@ class CheckpointHook(Hook):
         return self.folder / "best.pth"
 
     def checkpoint(self, trainer: Trainer, *, full: bool) -> dict[str, Any] | None:
-        """The checkpoint dict (the shared format); collective when distributed (RNG states of every
-        rank are gathered); None on ranks other than 0."""
+        """The training state that goes beside the weights (``checkpoints.save_checkpoint``'s ``extra``):
+        step, epoch, best PQ and, when ``full``, optimizer, scheduler, RNG states of every rank and the
+        data position. Collective when ``full`` and distributed; None on ranks other than 0."""
         rng_all = distributed.all_gather_objects(capture_rng_state()) if full else []
         if not trainer.state.is_main:
             return None
         state = trainer.state
-        ckpt: dict[str, Any] = {
-            "model": trainer.unwrapped_model.state_dict(),
-            "detr_panoptic": {"format_version": CHECKPOINT_FORMAT_VERSION, "model_config": self.model_config,
-                              "category_map": self.category_map},
-            "step": state.step,
-            "epoch": state.epoch,
-            "best_pq": state.best_pq,
-        }
+        extra: dict[str, Any] = {"step": state.step, "epoch": state.epoch, "best_pq": state.best_pq}
         if full:
-            ckpt.update({
+            extra.update({
                 "optimizer": trainer.optimizer.state_dict(),
                 "lr_scheduler": trainer.scheduler.state_dict(),
                 "rng": {"per_rank": rng_all},
                 "run_state": state.resumable(),
             })
             if trainer.scaler is not None:
-                ckpt["grad_scaler"] = trainer.scaler.state_dict()
-        return ckpt
+                extra["grad_scaler"] = trainer.scaler.state_dict()
+        return extra
 
-    def _write(self, ckpt: Mapping[str, Any] | None, path: Path, alias: str, step: int) -> None:
-        if ckpt is None:
+    def _write(self, trainer: Trainer, extra: Mapping[str, Any] | None, path: Path, alias: str) -> None:
+        if extra is None:
             return
-        with atomic_path(path) as tmp:
-            torch.save(dict(ckpt), tmp)
-        log.debug("saved %s (step %d)", path, step)
+        save_checkpoint(path, trainer.unwrapped_model, category_map=self.category_map,  # type: ignore[arg-type]
+                        model_config=self.model_config, extra=extra)
+        log.debug("saved %s (step %d)", path, extra["step"])
         if self.on_saved is not None:
-            self.on_saved(path, alias, step)
+            self.on_saved(path, alias, int(extra["step"]))
 
     def save_last(self, trainer: Trainer) -> None:
         # Skip only when nothing changed: at an epoch end that follows a step save, the epoch, position
@@ -140,12 +131,12 @@ class CheckpointHook(Hook):
         key = tuple(trainer.state.resumable().values())
         if self._last_saved == key:
             return
-        self._write(self.checkpoint(trainer, full=True), self.last_path, "last", trainer.state.step)
+        self._write(trainer, self.checkpoint(trainer, full=True), self.last_path, "last")
         self._last_saved = key
         distributed.barrier()
 
     def save_best(self, trainer: Trainer) -> None:
-        self._write(self.checkpoint(trainer, full=False), self.best_path, "best", trainer.state.step)
+        self._write(trainer, self.checkpoint(trainer, full=False), self.best_path, "best")
 
     def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
         if self.every_steps and trainer.state.step % self.every_steps == 0:
