@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from detr_panoptic.checkpoints import save_checkpoint
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.metrics_log import JsonlWriter, TensorBoardWriter, WandbWriter
-from detr_panoptic.checkpoints import save_checkpoint
 
 if TYPE_CHECKING:
     from detr_panoptic.engine.trainer import Trainer
