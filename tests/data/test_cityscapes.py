@@ -193,3 +193,12 @@ def test_error_eight_bit_png(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     Image.fromarray(np.full((8, 16), 7, np.uint8)).save(path)
     code, err = run_cli(["convert-cityscapes", str(tmp_path), "--splits", "val"], capsys)
     assert code == 2 and str(path) in err and "8-bit" in err
+
+
+def test_cli_convert(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["convert-cityscapes", str(tree / "gtFine"), "--output", str(tmp_path / "cli"), "--splits", "train",
+                 "--use-train-id", "--workers", "2", "--no-progress"])
+    assert code == 0
+    assert str(tmp_path / "cli" / "cityscapes_panoptic_train_trainId.json") in capsys.readouterr().out
+    reference_convert(tree / "gtFine", tmp_path / "ref", True, ["train"])
+    assert_same_output(tmp_path / "cli", tmp_path / "ref")
