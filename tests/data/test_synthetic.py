@@ -45,6 +45,11 @@ def test_layout_and_names(tmp_path: Path) -> None:
     for obj in polygons["objects"]:
         assert obj["label"] in known or obj["label"].removesuffix("group") in known
         assert len(obj["polygon"]) >= 3
+    from cityscapesscripts.helpers.annotation import Annotation
+
+    annotation = Annotation()
+    annotation.fromJsonFile(str(gt / "frankfurt_000000_000019_gtFine_polygons.json"))
+    assert (annotation.imgHeight, annotation.imgWidth) == (64, 128) and annotation.objects
 
 
 def test_deterministic_per_seed(tmp_path: Path) -> None:
