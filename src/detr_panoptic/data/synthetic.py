@@ -75,8 +75,6 @@ class Scene:
 
     def material(self, material: Material) -> int:
         self.materials.append(material)
-        if len(self.materials) > 255:
-            raise AssertionError("more than 255 materials in one scene")
         return len(self.materials) - 1
 
     def add(self, value: int, material: int, label: str, polygon: Sequence[Point]) -> None:
@@ -367,9 +365,9 @@ def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bo
 # Rendering
 # ---------------------------------------------------------------------------------------------------
 def rasterize(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """(instance ids uint16 [H, W], material index uint8 [H, W]) with later shapes on top."""
+    """(instance ids uint16 [H, W], material index int32 [H, W]) with later shapes on top."""
     ids = Image.new("I", (scene.width, scene.height), 0)
-    materials = Image.new("L", (scene.width, scene.height), 0)
+    materials = Image.new("I", (scene.width, scene.height), 0)
     draw_ids, draw_materials = ImageDraw.Draw(ids), ImageDraw.Draw(materials)
     for value, material, _, polygon in scene.shapes:
         points = [(round(x), round(y)) for x, y in polygon]
