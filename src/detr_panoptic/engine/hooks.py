@@ -198,40 +198,43 @@ class EvalHook(Hook):
 
 
 class LoggingHook(Hook):
-    """Rank 0: every ``every_steps``-th train record and every val record to ``metrics.jsonl``,
-    TensorBoard and W&B (whichever are enabled); a one-line summary of each validation to the log."""
+    """Rank 0 (``main``): every train record to ``metrics.jsonl``, every ``every_steps``-th (and the last)
+    to TensorBoard and W&B; every val record to all of them (whichever are enabled) and a one-line
+    summary of each validation to the log. Other ranks create no files."""
 
     def __init__(self, run_dir: str | Path, *, every_steps: int, jsonl: bool = True, tensorboard: bool = True,
-                 wandb: WandbWriter | None = None) -> None:
+                 wandb: WandbWriter | None = None, main: bool = True) -> None:
         self.every_steps = max(1, every_steps)
+        self.jsonl = JsonlWriter(Path(run_dir) / "metrics.jsonl") if jsonl and main else None
         self.sinks: list[Any] = []
-        if jsonl:
-            self.sinks.append(JsonlWriter(Path(run_dir) / "metrics.jsonl"))
-        if tensorboard:
+        if tensorboard and main:
             self.sinks.append(TensorBoardWriter(Path(run_dir) / "tb"))
-        if wandb is not None:
+        if wandb is not None and main:
             self.sinks.append(wandb)
 
     def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(record)
         step = trainer.state.step
         if step % self.every_steps == 0 or step == trainer.state.total_steps:
-            trainer.log(record)
+            for sink in self.sinks:
+                sink.write(record)
 
     def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None:
-        if not trainer.state.is_main:
-            return
-        for sink in self.sinks:
+        if record.get("kind") == "train":
+            return  # written by after_step
+        for sink in ([self.jsonl] if self.jsonl is not None else []) + self.sinks:
             sink.write(record)
-        if record.get("kind") == "val":
+        if trainer.state.is_main and record.get("kind") == "val":
             log.info("step %d (epoch %d): PQ %.2f  SQ %.2f  RQ %.2f  (things %.2f, stuff %.2f)",
                      record["step"], record["epoch"], record.get("pq", float("nan")), record.get("sq", float("nan")),
                      record.get("rq", float("nan")), record.get("pq_things", float("nan")),
                      record.get("pq_stuff", float("nan")))
 
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in ([self.jsonl] if self.jsonl is not None else []) + self.sinks:
             sink.close()
-        self.sinks = []
+        self.jsonl, self.sinks = None, []
 
 
 class ProgressHook(Hook):

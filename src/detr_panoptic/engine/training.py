@@ -289,7 +289,7 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
                        category_map=category_map.to_json(),
                        on_saved=wandb.log_checkpoint if wandb is not None else None),
         LoggingHook(out, every_steps=config.logging.log_every_steps, jsonl=config.logging.jsonl,
-                    tensorboard=config.logging.tensorboard, wandb=wandb),
+                    tensorboard=config.logging.tensorboard, wandb=wandb, main=ctx.is_main),
         ProgressHook(enabled=config.logging.progress),
     ]
     trainer = Trainer(model=train_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
