@@ -140,7 +140,7 @@ def test_prepared_cache_gives_the_same_items(cityscapes_root: Path, tmp_path: Pa
     plain = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200)
     to_prepare = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200)
     assert prepare_cache(to_prepare, tmp_path / "cache", progress=False) == tmp_path / "cache"
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 * len(plain)
+    assert len(list((tmp_path / "cache").glob("*.np[yz]"))) == 2 * len(plain)
     cached = cityscapes_panoptic_dataset(cityscapes_root, "val", min_size=48, max_size=200, cache_dir=tmp_path / "cache")
     for index in range(len(plain)):
         (a, ta), (b, tb) = plain[index], cached[index]
@@ -153,9 +153,9 @@ def test_prepared_cache_gives_the_same_items(cityscapes_root: Path, tmp_path: Pa
 
 def test_cache_fills_on_first_read(cityscapes_root: Path, tmp_path: Path) -> None:
     dataset = cityscapes_panoptic_dataset(cityscapes_root, "train", min_size=48, max_size=200, cache_dir=tmp_path / "c")
-    assert list((tmp_path / "c").glob("*.npy")) == []
+    assert list((tmp_path / "c").glob("*.np[yz]")) == []
     first_image, first_target = dataset[1]
-    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "c").glob("*.np[yz]"))) == 2
     (tmp_path / "c" / "marker").write_text("")  # the second read must come from the cache files
     image_file = next((tmp_path / "c").glob("*.image.npy"))
     np.save(image_file, np.zeros_like(np.load(image_file)))
