@@ -178,7 +178,7 @@ def test_validation_at_construction(cityscapes_root: Path, tmp_path: Path) -> No
 def test_check_dataset_clean(cityscapes_root: Path, coco_sample: Path) -> None:
     assert check_cityscapes(cityscapes_root, "val") == []
     assert check_dataset(coco_sample / "panoptic_examples.json", coco_sample / "panoptic_examples",
-                         coco_sample / "input_images") == []
+                         coco_sample / "input_images", workers=1) == []
 
 
 def test_check_dataset_reports_each_problem(cityscapes_root: Path, tmp_path: Path,

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--cityscapes", metavar="ROOT", help="a Cityscapes root with converted panoptic files")
     check.add_argument("--split", default="val", help="Cityscapes split (default: val)")
     check.add_argument("--use-train-id", action="store_true", help="check the _trainId conversion")
+    add_workers(check)
     check.set_defaults(func=run_check)
 
 
@@ -75,10 +76,11 @@ def run_check(args: argparse.Namespace) -> int:
     from detr_panoptic.utils.errors import UserInputError
 
     if args.cityscapes:
-        problems = check_cityscapes(args.cityscapes, args.split, args.use_train_id, progress=True)
+        problems = check_cityscapes(args.cityscapes, args.split, args.use_train_id, workers=args.workers,
+                                    progress=True)
         what = f"{args.cityscapes} ({args.split})"
     elif args.json and args.panoptic_dir:
-        problems = check_dataset(args.json, args.panoptic_dir, args.image_dir, progress=True)
+        problems = check_dataset(args.json, args.panoptic_dir, args.image_dir, workers=args.workers, progress=True)
         what = args.json
     else:
         raise UserInputError("give --json and --panoptic-dir (and optionally --image-dir), or --cityscapes ROOT")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from detr_panoptic.data.cityscapes import find_gtfine, panoptic_output_name
+from detr_panoptic.data.cityscapes import available_cores, find_gtfine, panoptic_output_name
 from detr_panoptic.data.coco_panoptic import CityscapesImagePath, load_coco_json
 
 
@@ -37,6 +37,27 @@ def _png_ids(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str
     return np.unique(ids[starts]), (int(ids.shape[0]), int(ids.shape[1])), None
 
 
+def _check_png(job: tuple[str, list[Any], tuple[Any, Any] | None, str]) -> list[str]:
+    """Problems of one panoptic PNG against its JSON segment ids (and image record size)."""
+    png_name, json_ids, record_size, json_name = job
+    png = Path(png_name)
+    present, size, error = _png_ids(png)
+    if error:
+        return [error]
+    problems = []
+    if record_size is not None and record_size != size:
+        problems.append(f"{png}: size {size[0]}x{size[1]} differs from the image record's "
+                        f"{record_size[0]}x{record_size[1]}")
+    present_set = set(present.tolist()) - {0}
+    missing = sorted(set(json_ids) - present_set, key=str)
+    extra = sorted(present_set - set(json_ids))
+    if missing:
+        problems.append(f"{png}: segment id(s) {missing[:10]} of {json_name} are absent from the PNG")
+    if extra:
+        problems.append(f"{png}: PNG id(s) {extra[:10]} are absent from {json_name}'s segments_info")
+    return problems
+
+
 def check_dataset(
     json_path: str | os.PathLike,
     panoptic_dir: str | os.PathLike,
@@ -44,12 +65,13 @@ def check_dataset(
     *,
     image_path_fn: Callable[[Mapping[str, Any]], str | os.PathLike] | None = None,
     check_images: bool = True,
+    workers: int | None = None,
     progress: bool = False,
 ) -> list[str]:
     """Problems found in a COCO panoptic dataset, one readable line each (empty list: all good).
 
     Images are only checked for existence (``check_images``; needs ``image_dir`` or ``image_path_fn``).
-    Every panoptic PNG is decoded.
+    Every panoptic PNG is decoded, by ``workers`` processes (default: all cores).
     """
     from tqdm import tqdm
 
@@ -61,7 +83,8 @@ def check_dataset(
     images = {image.get("id"): image for image in data["images"]}
     if check_images and image_dir is None and image_path_fn is None:
         check_images = False
-    for ann in tqdm(data["annotations"], desc="check", unit="img", disable=not progress):
+    jobs = []
+    for ann in data["annotations"]:
         png = panoptic_dir / str(ann.get("file_name"))
         image_id = ann.get("image_id")
         record = images.get(image_id)
@@ -81,20 +104,24 @@ def check_dataset(
             if segment.get("category_id") not in category_ids:
                 problems.append(f"{json_path}: segment {segment.get('id')} of {png.name} has category id "
                                 f"{segment.get('category_id')}, which is not in 'categories'")
-        present, size, error = _png_ids(png)
-        if error:
-            problems.append(error)
-            continue
-        if record is not None and (record.get("height"), record.get("width")) != size:
-            problems.append(f"{png}: size {size[0]}x{size[1]} differs from the image record's "
-                            f"{record.get('height')}x{record.get('width')}")
-        present_set = set(present.tolist()) - {0}
-        missing = sorted(set(json_ids) - present_set)
-        extra = sorted(present_set - set(json_ids))
-        if missing:
-            problems.append(f"{png}: segment id(s) {missing[:10]} of {json_path.name} are absent from the PNG")
-        if extra:
-            problems.append(f"{png}: PNG id(s) {extra[:10]} are absent from {json_path.name}'s segments_info")
+        record_size = None if record is None else (record.get("height"), record.get("width"))
+        jobs.append((str(png), json_ids, record_size, json_path.name))
+
+    workers = available_cores() if workers is None else max(1, int(workers))
+    bar = tqdm(total=len(jobs), desc="check", unit="img", disable=not progress)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            problems += _check_png(job)
+            bar.update(1)
+    else:
+        import multiprocessing
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            for found in pool.imap(_check_png, jobs, chunksize=4):
+                problems += found
+                bar.update(1)
+    bar.close()
     return problems
 
 
