@@ -214,8 +214,8 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
         if val:
             last = val[-1]
             keys = [k for k in curves.PQ_KEYS if k in last]
-            body.append(f"<p>Last validation at step {_e(last.get('step', '?'))}, epoch {_e(last.get('epoch', '?'))} "
-                        f"(of {len(val)}):</p>")
+            body.append(f"<p>Last of {len(val)} validation(s), at step {_e(last.get('step', '?'))} "
+                        f"(epoch {_e(last.get('epoch', '?'))}):</p>")
             body.append(html_table([k.upper().replace("_", " ") for k in keys], [[last[k] for k in keys]], name_columns=0))
             best = max(val, key=lambda r: r.get("pq", float("-inf")) if isinstance(r.get("pq"), (int, float))
                        else float("-inf"))
