@@ -171,6 +171,14 @@ def test_predict_to_folder_writes_pngs_overlays_and_json(tmp_path):
         assert overlay.size == (image["width"], image["height"])
 
 
+def test_image_ids_stay_unique(tmp_path):
+    write_image(tmp_path / "in" / "0139.png")
+    write_image(tmp_path / "in" / "139.png")
+    predict_to_folder(FakeModel(), [str(tmp_path / "in")], tmp_path / "out", size=None, progress=False)
+    data = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [a["image_id"] for a in data["annotations"]] == [139, "139"]
+
+
 def test_predict_to_folder_bad_inputs(tmp_path, caplog):
     good = write_image(tmp_path / "good.png")
     broken = tmp_path / "broken.jpg"

@@ -350,13 +350,17 @@ def predict_to_folder(
     # The writer checks ids (PNG ids == JSON ids, no stray pixels), counts areas and boxes on the
     # id map and drops segments with no pixel; we add the ``images`` list to its JSON.
     writer = PanopticPredictionWriter(out_dir / "predictions.json", out_dir / "predictions", category_map)
-    images = []
+    images: list[dict[str, Any]] = []
+    used_ids: set[int | str] = set()
     stream = iter_predictions(model, paths, category_map=category_map, threshold=threshold, size=size,
                               max_size=max_size, batch_size=batch_size, device=device, skip_bad=skip_bad,
                               skipped=summary.skipped)
     for prediction in tqdm(stream, total=len(paths), unit="image", disable=not progress, desc="predict"):
         name = names[prediction.path]
         image_id = image_id_for(name)
+        if image_id in used_ids:  # "0139" and "139": the second keeps its name as id
+            image_id = name
+        used_ids.add(image_id)
         writer.add(image_id, prediction.result.id_map, prediction.result.segments_info, file_name=f"{name}.png")
         if overlays:
             save_image(draw(prediction.image, prediction.result, category_map), overlay_dir / f"{name}.png")
