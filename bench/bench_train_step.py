@@ -8,6 +8,9 @@ gradient clipping + AdamW step, with the recipe's default freezing (backbone fro
 runs with lr 0 so that every repetition sees the same weights. Random weights, generated image and
 targets (ellipses and rectangles of 19 Cityscapes-like classes).
 
+A third, mask-free step measures the part both paths share (frozen backbone forward, transformer,
+class and box losses), so the mask branch's own speedup can be reported beside the whole step's.
+
 Usage: python bench/bench_train_step.py [--reps 3] [--height 800] [--width 1600] [--segments 30]
                                         [--queries 100] [--threads N]
 Prints the figures and writes bench/results/bench_train_step.json.
@@ -53,19 +56,25 @@ def make_targets(height: int, width: int, segments: int, seed: int = 0) -> dict[
     return {"labels": torch.randint(0, NUM_CLASSES, (segments,), generator=g), "boxes": boxes, "masks": masks}
 
 
-def train_step(model, criterion, optimizer, image, mask, targets, *, matched_only: bool, seed: int
-               ) -> tuple[float, dict[str, float]]:
+def train_step(model, criterion, optimizer, image, mask, targets, *, path: str, seed: int
+               ) -> tuple[tuple[float, float], dict[str, float]]:
     torch.manual_seed(seed)  # same dropout masks in both paths
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     optimizer.zero_grad(set_to_none=True)
-    selector = QuerySelector(criterion.matcher, targets) if matched_only else None
-    outputs = model(image, mask, mask_queries=selector)
-    losses = criterion(outputs, targets, indices=selector.indices if selector else None)
+    if path == "shared":  # no mask at all: the part both paths share (trunk, class and box losses)
+        outputs = model(image, mask, mask_queries=lambda out: [torch.empty(0, dtype=torch.long)] * len(targets))
+        masks_flag, criterion.masks = criterion.masks, False
+        losses = criterion(outputs, targets)
+        criterion.masks = masks_flag
+    else:
+        selector = QuerySelector(criterion.matcher, targets) if path == "matched" else None
+        outputs = model(image, mask, mask_queries=selector)
+        losses = criterion(outputs, targets, indices=selector.indices if selector else None)
     total = criterion.weighted_total(losses)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
     optimizer.step()
-    elapsed = time.perf_counter() - start
+    elapsed = (time.perf_counter() - start, time.process_time() - start_cpu)
     return elapsed, {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
 
@@ -91,24 +100,30 @@ def main() -> int:
     pad_mask = torch.zeros(1, args.height, args.width, dtype=torch.bool)
     targets = [make_targets(args.height, args.width, args.segments)]
 
-    times: dict[str, list[float]] = {"matched": [], "all": []}
+    paths = ("matched", "all", "shared")
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    cpu_times: dict[str, list[float]] = {p: [] for p in paths}
     losses: dict[str, dict[str, float]] = {}
     # warm-up rep (first-call allocations) of each path, then alternate so drift hits both equally
     for rep in range(args.reps + 1):
-        for path in ("matched", "all"):
-            elapsed, values = train_step(model, criterion, optimizer, image, pad_mask, targets,
-                                         matched_only=path == "matched", seed=rep)
-            print(f"rep {rep} {path:>7}: {elapsed:.2f} s  loss {values['loss']:.6f}", flush=True)
+        for path in paths:
+            (elapsed, cpu), values = train_step(model, criterion, optimizer, image, pad_mask, targets,
+                                                path=path, seed=rep)
+            print(f"rep {rep} {path:>7}: {elapsed:.2f} s wall, {cpu:.2f} s CPU  loss {values['loss']:.6f}", flush=True)
             if rep == 0:
                 losses[path] = values
             else:
                 times[path].append(elapsed)
+                cpu_times[path].append(cpu)
+    losses.pop("shared")
     worst = max(abs(losses["matched"][k] - losses["all"][k]) / max(abs(losses["all"][k]), 1e-12)
                 for k in losses["all"])
     if worst > 1e-4:
         print(f"losses differ between the paths (max relative difference {worst:.2e}): {losses}", file=sys.stderr)
         return 1
     matched, full = statistics.median(times["matched"]), statistics.median(times["all"])
+    matched_cpu, full_cpu = statistics.median(cpu_times["matched"]), statistics.median(cpu_times["all"])
+    shared_cpu = statistics.median(cpu_times["shared"])
     figures = {
         "image_size": f"{args.width}x{args.height}",
         "segments": args.segments,
@@ -118,6 +133,11 @@ def main() -> int:
         "matched_only_s": round(matched, 3),
         "all_queries_s": round(full, 3),
         "speedup": round(full / matched, 2),
+        "matched_only_cpu_s": round(matched_cpu, 3),
+        "all_queries_cpu_s": round(full_cpu, 3),
+        "speedup_cpu_time": round(full_cpu / matched_cpu, 2),
+        "shared_part_cpu_s": round(shared_cpu, 3),
+        "mask_branch_speedup_cpu_time": round((full_cpu - shared_cpu) / max(matched_cpu - shared_cpu, 1e-9), 2),
         "loss": round(losses["matched"]["loss"], 6),
         "max_relative_loss_difference": worst,
         "trainable_parameters": report.trainable,
@@ -130,7 +150,9 @@ def main() -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "notes": "median wall time of one training step (forward, criterion, backward, clip, AdamW) of "
                  "DETR-R50 panoptic (random weights, backbone frozen, aux losses) on one image; matched-only "
-                 "masks vs all queries; losses checked equal (same weights, same dropout masks); "
+                 "masks vs all queries; losses checked equal (same weights, same dropout masks); 'shared' = "
+                 "the same step without any mask (backbone, transformer, class/box losses), which both paths "
+                 "pay, so the whole-step ratio is bounded by (shared + all masks) / (shared + matched masks); "
                  "goal >= 3x; reps alternate between the paths after one warm-up rep each",
     }
     out = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
