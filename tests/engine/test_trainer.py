@@ -172,3 +172,13 @@ def test_last_checkpoint_is_rewritten_at_an_epoch_end_that_follows_a_step_save(t
     # step 4 ends epoch 0: saved by the step hook, then again with the new epoch and the best PQ
     assert (4, 0, 4, -1.0) in writes and (4, 1, 0, 30.0) in writes
     assert writes[-1] == (8, 2, 0, 30.0)
+
+
+def test_resume_with_other_trainable_parameters_is_refused(tmp_path):
+    from detr_panoptic.utils.errors import UserInputError
+
+    config = tiny_config(tmp_path / "run", train={"max_steps": 1, "epochs": 1})
+    train_stage(config, datasets=toy_datasets(), evaluate=ScriptedEval(1.0))
+    changed = tiny_config(tmp_path / "run", train={"epochs": 2}, freeze={"transformer": True})
+    with pytest.raises(UserInputError, match="trainable parameters differ"):
+        train_stage(changed, datasets=toy_datasets(), evaluate=ScriptedEval(1.0))

@@ -40,6 +40,7 @@ from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, Traini
 from detr_panoptic.engine.transfer import adapt_to_classes
 from detr_panoptic.models.criterion import build_criterion
 from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,12 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
     result = StageResult(name=config.name, output_dir=out, last_checkpoint=last_path, best_checkpoint=best_path,
                          steps=state.total_steps, best_pq=state.best_pq)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except ValueError as exc:
+            raise UserInputError(f"cannot resume from {last_path}: the trainable parameters differ from the run that "
+                                 f"wrote it (freeze or learning-rate settings changed?): {exc}; set "
+                                 f"train.resume=false or use another train.output_dir") from None
         scheduler.load_state_dict(resume["lr_scheduler"])
         state.restore(resume["run_state"])
         if ctx.is_main:
