@@ -15,6 +15,7 @@ from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone
 from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
 from detr_panoptic.models.position import PositionEmbeddingSine
+from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
 from detr_panoptic.models.transformer import Transformer
 from detr_panoptic.utils.batching import pad_images
 
@@ -189,8 +190,6 @@ class PanopticDETR(nn.Module):
         the unpadded image sizes. ``is_thing`` (Bool [C]) and ``class_to_category`` (Long [C]) default to
         ``self.category_map``'s when it is set (else: no class is a thing; category id = class index).
         """
-        from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
-
         batch, pad_mask = self._batch(images, mask)
         processed_sizes = image_sizes(pad_mask)
         trunk = self._trunk(batch, pad_mask)
