@@ -153,7 +153,8 @@ def main() -> int:
                  "masks vs all queries; losses checked equal (same weights, same dropout masks); 'shared' = "
                  "the same step without any mask (backbone, transformer, class/box losses), which both paths "
                  "pay, so the whole-step ratio is bounded by (shared + all masks) / (shared + matched masks); "
-                 "goal >= 3x; reps alternate between the paths after one warm-up rep each",
+                 "goal >= 3x; reps alternate between the paths after one warm-up rep each; process CPU "
+                 "time is reported beside wall time because the machine is shared (load 5-8 on 2 cores)",
     }
     out = Path(__file__).resolve().parent / "results" / "bench_train_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
