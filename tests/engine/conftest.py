@@ -62,6 +62,18 @@ class ToyPanoptic(torch.utils.data.Dataset):
         }
 
 
+class SometimesEmpty(ToyPanoptic):
+    """Every third image has no segment at all (an all-void image: zero targets)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, target = super().__getitem__(index)
+        if index % 3 == 1:
+            n = len(target["labels"])
+            target = {k: v[:0] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n
+                      and k not in ("orig_size", "size") else v for k, v in target.items()}
+        return image, target
+
+
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 2,
               "dim_feedforward": 64, "num_queries": 8, "dropout": 0.1, "aux_loss": True}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ToyPanoptic, tiny_config, toy_datasets
+from conftest import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.engine.distributed import shard_indices
 from detr_panoptic.engine.training import train_stage
 
@@ -31,7 +31,7 @@ def test_shards_partition_the_epoch_and_interleave_like_one_big_batch():
 RUNNER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
-from conftest import ToyPanoptic, tiny_config, toy_datasets
+from conftest import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.engine.training import train
 from detr_panoptic.utils.logging import setup_logging
 
@@ -43,8 +43,8 @@ def evaluate(model):
     torch.save(model.state_dict(), f"{{out}}/rank{{dist.get_rank()}}.pt")
     return {{"pq": 1.0}}
 
-config = tiny_config(out, model={{"dropout": 0.0}}, train={{"batch_size": 1, "max_steps": 3, "eos_coef": 1.0}})
-datasets = (ToyPanoptic(8), ToyPanoptic(2), toy_datasets()[2])
+config = tiny_config(out, model={{"dropout": 0.0}}, train={{"batch_size": 1, "max_steps": 4, "eos_coef": 1.0}})
+datasets = (SometimesEmpty(8), ToyPanoptic(2), toy_datasets()[2])
 train(config, datasets=datasets, evaluate=evaluate)
 """
 
@@ -54,7 +54,8 @@ train(config, datasets=datasets, evaluate=evaluate)
 # DDP's gradient average gives (sum of all) / (global count): the single-process loss. The cross-entropy is
 # a weighted mean per process; its average over processes equals the global weighted mean when every
 # process has the same total weight, which eos_coef=1 (all weights 1, Q queries per image) guarantees while
-# the images keep different numbers of segments (so the num_boxes all_reduce is exercised).
+# the images keep different numbers of segments (so the num_boxes all_reduce is exercised). Some images have
+# no segment at all: a rank then computes no mask, which DDP must tolerate (find_unused_parameters).
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     script = tmp_path / "runner.py"
@@ -72,12 +73,12 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
         assert torch.equal(value, rank1[key]), key
 
     config = tiny_config(tmp_path / "single", model={"dropout": 0.0},
-                         train={"batch_size": 2, "max_steps": 3, "eos_coef": 1.0})
-    datasets = (ToyPanoptic(8), ToyPanoptic(2), toy_datasets()[2])
+                         train={"batch_size": 2, "max_steps": 4, "eos_coef": 1.0})
+    datasets = (SometimesEmpty(8), ToyPanoptic(2), toy_datasets()[2])
     train_stage(config, datasets=datasets, evaluate=lambda model: {"pq": 1.0})
     single = torch.load(tmp_path / "single" / "checkpoints" / "last.pth", weights_only=True)["model"]
     ddp_checkpoint = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
-    assert ddp_checkpoint["step"] == 3 and len(ddp_checkpoint["rng"]["per_rank"]) == 2
+    assert ddp_checkpoint["step"] == 4 and len(ddp_checkpoint["rng"]["per_rank"]) == 2
     for key, value in single.items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=2e-5, msg=key)
         assert torch.equal(ddp_checkpoint["model"][key], rank0[key])

@@ -39,17 +39,17 @@ def test_nothing_to_train_is_a_user_error():
 
 
 def test_step_schedule_drops_per_epoch_and_warmup_ramps():
-    kw = dict(scheduler="step", steps_per_epoch=10, total_steps=100, lr_drop_epochs=3, lr_drop_factor=0.1)
+    kw = {"scheduler": "step", "steps_per_epoch": 10, "total_steps": 100, "lr_drop_epochs": 3, "lr_drop_factor": 0.1}
     assert lr_factor(29, warmup_steps=0, **kw) == 1.0
     assert lr_factor(30, warmup_steps=0, **kw) == pytest.approx(0.1)
     assert lr_factor(60, warmup_steps=0, **kw) == pytest.approx(0.01)
     assert lr_factor(0, warmup_steps=4, **kw) == pytest.approx(0.25)
     assert lr_factor(3, warmup_steps=4, **kw) == 1.0
-    cos = dict(kw, scheduler="cosine")
+    cos = {**kw, "scheduler": "cosine"}
     assert lr_factor(50, warmup_steps=0, **cos) == pytest.approx(0.5)
     assert lr_factor(100, warmup_steps=0, **cos) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(UserInputError, match="scheduler"):
-        lr_factor(0, warmup_steps=0, **dict(kw, scheduler="linear"))
+        lr_factor(0, warmup_steps=0, **{**kw, "scheduler": "linear"})
 
 
 def test_scheduler_resumes_from_its_state_dict():
