@@ -85,3 +85,46 @@ def test_wandb_without_the_package_gives_the_install_hint(tmp_path, monkeypatch)
 
     with pytest.raises(UserInputError, match=r"pip install 'detr-panoptic\[wandb\]'"):
         WandbWriter(project="p", mode="offline", run_dir=tmp_path, name="n", config={})
+
+
+def test_wandb_gets_records_and_checkpoint_artifacts(tmp_path, monkeypatch):
+    """With a stand-in ``wandb`` module (the real one is an optional extra)."""
+    import sys
+    import types
+
+    from conftest import tiny_config, toy_datasets
+
+    from detr_panoptic.engine.training import train_stage
+
+    calls = {"init": [], "log": [], "artifacts": [], "finish": 0}
+
+    class Run:
+        id = "run123"
+
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def log_artifact(self, artifact, aliases):
+            calls["artifacts"].append((artifact.files, aliases))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    class Artifact:
+        def __init__(self, name, type, metadata):
+            self.files = []
+
+        def add_file(self, path, name):
+            self.files.append(name)
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls["init"].append(kw) or Run(), Artifact=Artifact)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = tiny_config(tmp_path / "run", train={"max_steps": 2},
+                         logging={"wandb": True, "wandb_log_checkpoints": True, "log_every_steps": 1})
+    train_stage(config, datasets=toy_datasets(), evaluate=lambda model: {"pq": 12.0})
+    assert calls["init"][0]["mode"] == "offline" and calls["init"][0]["project"] == "detr-panoptic"
+    assert [step for step, _ in calls["log"]] == [1, 2, 2]
+    assert "train/loss_ce" in calls["log"][0][1] and calls["log"][-1][1]["val/pq"] == 12.0
+    assert (["best.pth"], ["best", "step-2"]) in calls["artifacts"]
+    assert (["last.pth"], ["last", "step-2"]) in calls["artifacts"]
+    assert calls["finish"] == 1

@@ -119,7 +119,7 @@ class WandbWriter:
         data["epoch"] = record.get("epoch", 0)
         self._run.log(data, step=int(record["step"]))
 
-    def log_checkpoint(self, path: str | Path, *, alias: str, step: int) -> None:
+    def log_checkpoint(self, path: str | Path, alias: str, step: int) -> None:
         if not self.log_checkpoints:
             return
         artifact = self._wandb.Artifact(name=f"{self._run.id}-checkpoint", type="model",
