@@ -93,7 +93,6 @@ def test_wandb_gets_records_and_checkpoint_artifacts(tmp_path, monkeypatch):
     import types
 
     from conftest import tiny_config, toy_datasets
-
     from detr_panoptic.engine.training import train_stage
 
     calls = {"init": [], "log": [], "artifacts": [], "finish": 0}
