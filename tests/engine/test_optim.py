@@ -69,3 +69,18 @@ def test_scheduler_resumes_from_its_state_dict():
     opt.step(); sched.step(); opt2.step(); sched2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 20)))
+
+
+def test_mixed_precision_only_on_cuda(caplog):
+    import logging
+
+    from detr_panoptic.engine.trainer import autocast_dtype
+
+    with caplog.at_level(logging.INFO):
+        assert autocast_dtype("bf16", torch.device("cpu")) is None
+    assert "CUDA only" in caplog.text
+    assert autocast_dtype("none", torch.device("cpu")) is None
+    assert autocast_dtype("fp16", torch.device("cuda", 0)) is torch.float16
+    assert autocast_dtype("bf16", torch.device("cuda", 0)) is torch.bfloat16
+    with pytest.raises(UserInputError, match="amp"):
+        autocast_dtype("fp8", torch.device("cpu"))
