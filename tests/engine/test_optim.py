@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
 from detr_panoptic.engine.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
