@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import sys
@@ -164,7 +165,7 @@ def run_path(name: str, weights: str, reps: int) -> dict:
     while True:
         try:
             return queue.get(timeout=5)
-        except Exception:  # queue.Empty: still running, or died
+        except queue_module.Empty:  # still running, or died
             if not process.is_alive():
                 raise RuntimeError(f"the {name} worker failed (exit code {process.exitcode})") from None
 

@@ -9,20 +9,25 @@ import http.server
 import logging
 import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from detr_panoptic import checkpoints
-from detr_panoptic.checkpoints import (adapt_class_head, export_safetensors, infer_model_config, load_pretrained,
-                                       model_config_from_model, save_checkpoint)
+from detr_panoptic.checkpoints import (
+    adapt_class_head,
+    export_safetensors,
+    infer_model_config,
+    load_pretrained,
+    model_config_from_model,
+    save_checkpoint,
+)
 from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.utils.errors import UserInputError
 
-TINY = dict(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=48,
-            num_queries=6)
+TINY = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 48,
+            "num_queries": 6}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,8 @@ def test_reference_training_checkpoint_with_namespace_args(tiny, tmp_path):
 def test_config_inference_for_r50_and_r101_blocks():
     schema = PanopticDETR(250, backbone="resnet101", enc_layers=1, dec_layers=1, num_queries=3).state_dict()
     config = infer_model_config(schema)
-    assert config == dict(num_classes=250, num_queries=3, hidden_dim=256, enc_layers=1, dec_layers=1,
-                          dim_feedforward=2048, nheads=8, backbone="resnet101")
+    assert config == {"num_classes": 250, "num_queries": 3, "hidden_dim": 256, "enc_layers": 1, "dec_layers": 1,
+                          "dim_feedforward": 2048, "nheads": 8, "backbone": "resnet101"}
 
 
 def test_our_checkpoint_round_trip_keeps_metadata(tiny, tmp_path):

@@ -24,8 +24,9 @@ import math
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -278,7 +279,7 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[key.removeprefix("module.")] = value
     return out
 
 

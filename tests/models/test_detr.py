@@ -10,11 +10,10 @@ from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.models.outputs import DETROutput
 from detr_panoptic.utils.batching import pad_images
 
-
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 TSV = SHARED / "reference" / "detr_r50_panoptic_state_dict.tsv"
-TINY = dict(backbone="resnet18", hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=64,
-            num_queries=10)
+TINY = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 8, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 64,
+            "num_queries": 10}
 
 
 def official_schema() -> dict[str, tuple[int, ...]]:

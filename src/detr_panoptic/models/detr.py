@@ -5,7 +5,8 @@ Module names follow the official checkpoint (``detr.backbone.0.body...``, ``detr
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -69,10 +70,10 @@ class PanopticDETR(nn.Module):
                              f"{num_classes}, {num_queries}, {dec_layers}")
         if hidden_dim % 2 or hidden_dim % nheads:
             raise ValueError(f"hidden_dim {hidden_dim} must be even and divisible by nheads {nheads}")
-        self.config = dict(num_classes=num_classes, backbone=backbone, dilation=dilation, hidden_dim=hidden_dim,
-                           nheads=nheads, enc_layers=enc_layers, dec_layers=dec_layers,
-                           dim_feedforward=dim_feedforward, dropout=dropout, num_queries=num_queries,
-                           aux_loss=aux_loss)
+        self.config = {"num_classes": num_classes, "backbone": backbone, "dilation": dilation,
+                       "hidden_dim": hidden_dim, "nheads": nheads, "enc_layers": enc_layers,
+                       "dec_layers": dec_layers, "dim_feedforward": dim_feedforward, "dropout": dropout,
+                       "num_queries": num_queries, "aux_loss": aux_loss}
         self.num_classes = num_classes
         self.aux_loss = aux_loss
         self.category_map = None  # set by checkpoints.load_pretrained (data.categories.CategoryMap)
@@ -86,7 +87,7 @@ class PanopticDETR(nn.Module):
 
     # -- the shared trunk -------------------------------------------------------------------------
     @staticmethod
-    def _batch(images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None
+    def _batch(images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             if mask is None:
@@ -109,8 +110,8 @@ class PanopticDETR(nn.Module):
                                                        position, need_weights)
         logits = self.detr.class_embed(hs)
         boxes = self.detr.bbox_embed(hs).sigmoid()
-        return dict(levels=levels, mask=level_mask, projected=projected, memory=memory, hs=hs,
-                    logits=logits, boxes=boxes, attentions=attentions)
+        return {"levels": levels, "mask": level_mask, "projected": projected, "memory": memory, "hs": hs,
+                    "logits": logits, "boxes": boxes, "attentions": attentions}
 
     def _masks(self, trunk: dict, query_indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image).
@@ -143,7 +144,7 @@ class PanopticDETR(nn.Module):
         return torch.cat(masks)
 
     # -- public API -----------------------------------------------------------------------------------
-    def forward(self, images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None = None, *,
+    def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
                 mask_queries: MaskQueries | None = None, return_attention: bool = False) -> DETROutput:
         """Run the model.
 
@@ -179,7 +180,7 @@ class PanopticDETR(nn.Module):
         return output
 
     @torch.inference_mode()
-    def predict(self, images: "Sequence[torch.Tensor] | torch.Tensor", mask: torch.Tensor | None = None, *,
+    def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
                 threshold: float = 0.85, is_thing: torch.Tensor | None = None,
                 target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
                 class_to_category: torch.Tensor | None = None,

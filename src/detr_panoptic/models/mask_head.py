@@ -7,7 +7,7 @@ only (training) or for the kept queries only (``PanopticDETR.predict``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

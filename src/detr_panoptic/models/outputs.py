@@ -29,7 +29,7 @@ class DETROutput:
     pred_boxes: torch.Tensor
     pred_masks: torch.Tensor | None = None
     mask_queries: list[torch.Tensor] | None = None
-    aux_outputs: list["DETROutput"] = field(default_factory=list)
+    aux_outputs: list[DETROutput] = field(default_factory=list)
     attentions: dict[str, Any] | None = None
     input_size: tuple[int, int] | None = None
 
