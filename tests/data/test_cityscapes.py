@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cityscapes_trees import load_json, make_tree, write_instance_png
 from PIL import Image
 
 from detr_panoptic.cli import main
 from detr_panoptic.data import cityscapes
 from detr_panoptic.data.cityscapes import cityscapes_image_path, convert_cityscapes, find_gtfine
+from tests.data.cityscapes_trees import load_json, make_tree, write_instance_png
 
 createPanopticImgs = pytest.importorskip("cityscapesscripts.preparation.createPanopticImgs")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.engine.distributed import shard_indices
 from detr_panoptic.engine.training import train_stage
+from tests.engine.toys import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 
-HERE = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # so that "tests.engine.toys" imports
 
 
 def test_shards_partition_the_epoch_and_interleave_like_one_big_batch():
@@ -31,7 +31,7 @@ def test_shards_partition_the_epoch_and_interleave_like_one_big_batch():
 RUNNER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
-from conftest import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
+from tests.engine.toys import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.engine.training import train
 from detr_panoptic.utils.logging import setup_logging
 
@@ -59,7 +59,7 @@ train(config, datasets=datasets, evaluate=evaluate)
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(here=str(HERE)))
+    script.write_text(RUNNER.format(here=str(REPO_ROOT)))
     out = tmp_path / "ddp"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")

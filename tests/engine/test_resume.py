@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # so that "tests.engine.toys" imports
 
 RUNNER = """
 import sys, time, torch
 sys.path.insert(0, {here!r})
-from conftest import tiny_config, toy_datasets
+from tests.engine.toys import tiny_config, toy_datasets
 from detr_panoptic.engine import hooks
 from detr_panoptic.engine.training import train_stage
 from detr_panoptic.utils.logging import setup_logging
@@ -51,7 +51,7 @@ def _train_steps(out: Path) -> int:
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
     script = tmp_path / "runner.py"
-    script.write_text(RUNNER.format(here=str(HERE)))
+    script.write_text(RUNNER.format(here=str(REPO_ROOT)))
     reference = _run(script, tmp_path / "reference", 0.0)
 
     killed_dir = tmp_path / "killed"

@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_MODEL
 from detr_panoptic.cli import main
 from detr_panoptic.config import load_config
 from detr_panoptic.data.cityscapes import convert_cityscapes
 from detr_panoptic.data.synthetic import make_synthetic_cityscapes
 from detr_panoptic.engine.metrics_log import read_metrics
 from detr_panoptic.utils.errors import UserInputError
+from tests.engine.toys import TINY_MODEL
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cityscapes"
 
@@ -92,8 +92,8 @@ def test_wandb_gets_records_and_checkpoint_artifacts(tmp_path, monkeypatch):
     import sys
     import types
 
-    from conftest import tiny_config, toy_datasets
     from detr_panoptic.engine.training import train_stage
+    from tests.engine.toys import tiny_config, toy_datasets
 
     calls = {"init": [], "log": [], "artifacts": [], "finish": 0}
 

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from conftest import ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.cli import main
 from detr_panoptic.config import load_config
 from detr_panoptic.engine import training
 from detr_panoptic.engine.metrics_log import read_metrics
 from detr_panoptic.engine.trainer import TrainingDiverged
 from detr_panoptic.engine.training import train_stage
+from tests.engine.toys import ToyPanoptic, tiny_config, toy_datasets
 
 
 class ScriptedEval:

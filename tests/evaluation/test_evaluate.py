@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CATEGORIES, reference_pq
 from detr_panoptic.cli import main
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.engine.evaluate import evaluate_model
 from detr_panoptic.evaluation import pq_compute, read_id_png
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
+from tests.evaluation.pq_cases import CATEGORIES, reference_pq
 
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 2, "enc_layers": 1, "dec_layers": 1,
               "dim_feedforward": 32, "num_queries": 6, "dropout": 0.0, "aux_loss": False}
@@ -158,8 +158,8 @@ def one_thread():
 
 
 def test_coco_layout_data_from_flags(tmp_path):
-    from conftest import to_rgb
     from detr_panoptic.engine.evaluate import build_eval_dataset
+    from tests.evaluation.pq_cases import to_rgb
 
     (tmp_path / "gt").mkdir()
     (tmp_path / "images").mkdir()

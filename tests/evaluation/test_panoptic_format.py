@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CATEGORIES
 from detr_panoptic.evaluation import (
     PanopticPredictionWriter,
     id_map_to_rgb,
@@ -19,6 +18,7 @@ from detr_panoptic.evaluation import (
     segment_boxes_and_areas,
 )
 from detr_panoptic.utils.errors import UserInputError
+from tests.evaluation.pq_cases import CATEGORIES
 
 
 def test_id_rgb_round_trip_uses_r_plus_256g_plus_65536b():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CATEGORIES, Case, assert_same_results, reference_pq, to_rgb
 from detr_panoptic.evaluation import PQAccumulator, pq_compute
 from detr_panoptic.utils.errors import UserInputError
+from tests.evaluation.pq_cases import CATEGORIES, Case, assert_same_results, reference_pq, to_rgb
 
 
 def ours(case: Case, workers: int = 1) -> dict:

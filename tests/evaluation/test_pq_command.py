@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import CATEGORIES, reference_pq
 from detr_panoptic.cli import main
+from tests.evaluation.pq_cases import CATEGORIES, reference_pq
 
 
 def test_pq_prints_tables_and_writes_metrics(make_case, tmp_path, capsys):
