@@ -16,6 +16,7 @@ import numpy as np
 
 from detr_panoptic.data.cityscapes import available_cores, find_gtfine, panoptic_output_name
 from detr_panoptic.data.coco_panoptic import CityscapesImagePath, load_coco_json
+from detr_panoptic.utils.parallel import process_context
 
 
 def _png_ids(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
@@ -114,10 +115,7 @@ def check_dataset(
             problems += _check_png(job)
             bar.update(1)
     else:
-        import multiprocessing
-
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        with process_context().Pool(workers) as pool:
             for found in pool.imap(_check_png, jobs, chunksize=4):
                 problems += found
                 bar.update(1)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
+from detr_panoptic.utils.parallel import process_context
 
 log = logging.getLogger(__name__)
 
@@ -355,11 +356,7 @@ def _map_jobs(jobs: list[tuple[str, str, str, bool]], workers: int) -> Iterator[
         for job in jobs:
             yield _convert_and_record(job)
         return
-    import multiprocessing
-
-    # fork keeps start-up cheap; the workers only use numpy and Pillow.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context())
     try:
         futures = [pool.submit(_convert_and_record, job) for job in jobs]
         for future in futures:

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from detr_panoptic.data.cityscapes import FILE_MODE
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
+from detr_panoptic.utils.parallel import process_context
 
 TRAIN_CITIES: tuple[str, ...] = ("aachen", "bochum", "bremen")
 VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau", "munster")
@@ -521,9 +522,7 @@ def make_synthetic_cityscapes(
             _write_one(job)
             bar.update(1)
     else:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with process_context().Pool(workers) as pool:
             for _ in pool.imap_unordered(_write_one, jobs):
                 bar.update(1)
     bar.close()

@@ -31,7 +31,6 @@ operations on a small [G, P] matrix. Images are spread over worker processes.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +47,7 @@ from detr_panoptic.evaluation.panoptic_format import (
     read_id_png,
 )
 from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.parallel import process_context
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
         num_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
         stats = np.zeros((len(categories) + 1, 4), dtype=np.float64)
-        with multiprocessing.Pool(workers, initializer=_init_worker,
+        with process_context().Pool(workers, initializer=_init_worker,
                                   initargs=(gt_dir, pred_dir, categories)) as pool:
             for chunk_stats in pool.imap_unordered(_file_stats, chunks):
                 stats += chunk_stats
