@@ -21,10 +21,9 @@ def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
 def test_failure_keeps_the_old_file(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     atomic_write_text(target, "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
