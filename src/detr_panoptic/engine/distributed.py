@@ -38,9 +38,9 @@ class DistributedContext:
         return self.rank == 0
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; other names as given."""
-    if name == "auto":
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``/None -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; other names as given."""
+    if name is None or str(name) == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)

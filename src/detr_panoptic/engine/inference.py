@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.engine.distributed import resolve_device
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_json
@@ -207,19 +208,6 @@ class Prediction:
     path: Path
     image: Image.Image          # original RGB image
     result: PanopticResult      # id map at the original size, on the CPU
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as given (checked)."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise UserInputError(f"bad device {device!r}: {exc}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
 
 
 def model_category_map(model: torch.nn.Module) -> CategoryMap:
