@@ -52,9 +52,10 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ class DemoSettings:
         "data": 45, "pretrain": 240, "start": 15, "finetune": 180, "evaluate": 40, "figures": 40})
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None, *, source: str) -> "DemoSettings":
+    def from_dict(cls, values: Mapping[str, Any] | None, *, source: str) -> DemoSettings:
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -457,8 +458,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     val_set = cityscapes_panoptic_dataset(target_root, "val", category_map=train_set.category_map,
                                           min_size=data_config.min_size, max_size=data_config.max_size)
     category_map = train_set.category_map
-    eval_kwargs = dict(threshold=stage_configs[0].train.eval_threshold, batch_size=4, device=device,
-                       workers=1, progress=False)
+    eval_kwargs: dict[str, Any] = {"threshold": stage_configs[0].train.eval_threshold, "batch_size": 4,
+                                   "device": device, "workers": 1, "progress": False}
     evaluations: dict[str, dict[str, Any]] = {}
 
     def start_phase() -> None:
