@@ -309,7 +309,8 @@ def demo_configs(raw: Mapping[str, Any], *, out: Path, target_root: Path, source
 
 
 def _fingerprint(settings: DemoSettings, raw: Mapping[str, Any], *, init: str | None, seed: int) -> str:
-    text = json.dumps({"settings": settings.to_dict(), "config": raw, "init": init, "seed": seed},
+    outputs = {k: v for k, v in settings.to_dict().items() if k != "budgets"}  # budgets change no output
+    text = json.dumps({"settings": outputs, "config": raw, "init": init, "seed": seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
