@@ -14,11 +14,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from detr_panoptic.utils.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
 
 UNUSED = -1  # class index that maps to no category (identity layout)
 
@@ -109,11 +110,15 @@ class CategoryMap:
 
     def is_thing(self) -> torch.Tensor:
         """Bool [num_classes]: True where the class is a thing (unused indices: False)."""
+        import torch  # here, so that converter workers that only read categories never load torch
+
         cats = self.by_id()
         return torch.tensor([cid != UNUSED and cats[cid].isthing for cid in self.class_ids], dtype=torch.bool)
 
     def class_to_category_tensor(self) -> torch.Tensor:
         """Long [num_classes]: category id per class index (``UNUSED`` where none)."""
+        import torch
+
         return torch.tensor(self.class_ids, dtype=torch.long)
 
     # -- serialisation ----------------------------------------------------------------------------
