@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from detr_panoptic.data.categories import Category, CategoryMap
+from detr_panoptic.data.transforms import detr_resize_size
 from detr_panoptic.engine import inference
 from detr_panoptic.engine.inference import (
     expand_inputs,
     load_image,
     predict_to_folder,
     prefetch,
-    resized_shape,
     unique_names,
 )
 from detr_panoptic.models.outputs import PanopticResult
@@ -100,10 +100,10 @@ def test_load_image_applies_exif_rotation(tmp_path):
 
 
 def test_resized_shape_follows_the_reference_rule():
-    assert resized_shape(1024, 2048, 800, 1333) == (666, 1332)  # round(666.5) == 666, as in the reference
-    assert resized_shape(480, 640, 800, 1333) == (800, 1066)
-    assert resized_shape(800, 600, 800, None) == (1066, 800)
-    assert resized_shape(600, 800, 600, 1333) == (600, 800)
+    assert detr_resize_size(1024, 2048, 800, 1333) == (666, 1332)  # round(666.5) == 666, as in the reference
+    assert detr_resize_size(480, 640, 800, 1333) == (800, 1066)
+    assert detr_resize_size(800, 600, 800, None) == (1066, 800)
+    assert detr_resize_size(600, 800, 600, 1333) == (600, 800)
 
 
 def test_prefetch_is_bounded_keeps_order_and_passes_errors():

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.data.transforms import detr_resize_size
 from detr_panoptic.engine.distributed import resolve_device
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
@@ -95,27 +96,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserInputError(f"cannot read image {path}: {exc}") from None
 
 
-def resized_shape(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
-    """(h, w) with the shorter side ``size``, unless that makes the longer side exceed ``max_size``.
-
-    The reference DETR rule (``get_size_with_aspect_ratio``), so results match its evaluation.
-    """
-    if max_size is not None:
-        short, long = min(height, width), max(height, width)
-        if long / short * size > max_size:
-            size = round(max_size * short / long)
-    if (width <= height and width == size) or (height <= width and height == size):
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
 def preprocess(image: Image.Image, size: int | None = 800, max_size: int | None = 1333) -> torch.Tensor:
     """PIL image -> normalised ``[3, h, w]`` float tensor, resized as the model was trained (None: keep size)."""
     tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
     if size is not None:
-        tensor = TF.resize(tensor, list(resized_shape(image.height, image.width, size, max_size)), antialias=True)
+        tensor = TF.resize(tensor, list(detr_resize_size(image.height, image.width, size, max_size)), antialias=True)
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
 
 
