@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from detr_panoptic.data.coco_panoptic import collate
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.hooks import Hook
 from detr_panoptic.models.criterion import SetCriterion
@@ -84,12 +85,6 @@ class SeededItems(Dataset):
             return self.dataset[index]
 
 
-def collate_pairs(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """(image, target) pairs -> (list of images, list of targets); padding happens in the trainer."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 class EpochBatches:
     """This process's batches of an epoch, deterministic in (seed, epoch), resumable at any position.
 
@@ -99,7 +94,7 @@ class EpochBatches:
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 accumulate_steps: int = 1, workers: int = 0, collate_fn: Callable = collate_pairs,
+                 accumulate_steps: int = 1, workers: int = 0, collate_fn: Callable = collate,
                  shuffle: bool = True, pin_memory: bool = False) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
