@@ -25,3 +25,12 @@ def coco_sample() -> Path:
     if not COCO_SAMPLE.is_dir():
         pytest.skip(f"the COCO panoptic sample is not at {COCO_SAMPLE} (../shared beside the repository)")
     return COCO_SAMPLE
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-30x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.engine.toys import toy_datasets
 
@@ -13,9 +12,5 @@ def toy():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine OpenMP barriers make 2 threads 10-30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _engine_tests_use_one_thread(one_thread):
+    """Every engine test runs with one intra-op thread (the fixture lives in tests/conftest.py)."""

@@ -149,12 +149,8 @@ def test_per_class_bar_chart_from_both_metric_forms(make_case, tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine OpenMP barriers make 2 threads much slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _single_thread(one_thread):
+    """One intra-op thread for these model runs (the fixture lives in tests/conftest.py)."""
 
 
 def test_coco_layout_data_from_flags(tmp_path):
