@@ -10,7 +10,13 @@ import pytest
 from PIL import Image
 
 from detr_panoptic.cli import main
-from detr_panoptic.data.synthetic import make_synthetic_cityscapes, parse_size, synthetic_sample
+from detr_panoptic.data.synthetic import (
+    SceneOptions,
+    _split_seed,
+    make_synthetic_cityscapes,
+    parse_size,
+    synthetic_sample,
+)
 from detr_panoptic.utils.errors import UserInputError
 
 labels_module = pytest.importorskip("cityscapesscripts.helpers.labels")
@@ -101,3 +107,37 @@ def test_small_sizes_and_bad_arguments(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     assert main(["synth-cityscapes", str(tmp_path), "--train", "1", "--val", "1", "--size", "32x64", "--seed", "2"]) == 0
     assert len(list((tmp_path / "gtFine").rglob("*_instanceIds.png"))) == 2
+
+
+def test_scene_options_leave_out_street_furniture_and_bring_things_near() -> None:
+    furniture = {13, 17, 19, 20}  # fence, pole, traffic light, traffic sign
+    plain, near = SceneOptions(), SceneOptions(near=0.6, street_furniture=False)
+    seen_furniture = 0
+    thing_sizes: dict[str, list[float]] = {"plain": [], "near": []}
+    for seed in range(20):
+        for name, options in (("plain", plain), ("near", near)):
+            _, ids, scene = synthetic_sample(seed, 96, 192, options=options)
+            semantic = np.where(ids < 1000, ids, ids // 1000)
+            if name == "plain":
+                seen_furniture += int(np.isin(semantic, list(furniture)).any())
+            else:
+                assert not np.isin(semantic, list(furniture)).any()
+                assert not any(label in ("pole", "fence", "traffic sign", "traffic light")
+                               for _, _, label, _ in scene.shapes)
+            values, counts = np.unique(ids[ids >= 1000], return_counts=True)
+            thing_sizes[name].extend(counts.tolist())
+    assert seen_furniture >= 5
+    # Things nearer the camera are larger.
+    assert np.median(thing_sizes["near"]) > 1.3 * np.median(thing_sizes["plain"])
+
+
+def test_scene_options_are_checked_and_reach_the_tree(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="near"):
+        SceneOptions(near=1.5)
+    with pytest.raises(UserInputError, match="density"):
+        SceneOptions(density=-1)
+    options = SceneOptions(near=0.5, street_furniture=False)
+    make_synthetic_cityscapes(tmp_path, train=1, val=0, size=(48, 96), seed=2, options=options)
+    written = next((tmp_path / "gtFine" / "train").rglob("*_instanceIds.png"))
+    _, expected, _ = synthetic_sample(_split_seed(2, "train", 0), 48, 96, options=options)
+    assert np.array_equal(np.asarray(Image.open(written)), expected)

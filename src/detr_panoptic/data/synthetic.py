@@ -118,8 +118,11 @@ def _jitter(rng: np.random.Generator, color: Sequence[float], amount: float) -> 
 # ---------------------------------------------------------------------------------------------------
 # Scene layout
 # ---------------------------------------------------------------------------------------------------
-def _stuff(scene: Scene, rng: np.random.Generator, horizon: float) -> tuple[float, float, float]:
-    """Background layers; returns the road's (vanishing x, half width at the horizon, half width at bottom)."""
+def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furniture: bool = True
+           ) -> tuple[float, float, float]:
+    """Background layers; returns the road's (vanishing x, half width at the horizon, half width at bottom).
+
+    ``street_furniture=False`` leaves out fences, poles, traffic signs and traffic lights."""
     h, w = scene.height, scene.width
     sky = scene.material(Material(_jitter(rng, (110, 160, 215), 12), noise=3, gradient=45, blotch=6))
     scene.add(SKY, sky, "sky", _rect(-1, -1, w + 1, horizon + 2))
@@ -160,7 +163,7 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float) -> tuple[floa
         scene.add(ROAD, marking, "road", _bar((vanish, y_a), (vanish, y_b), max(1.0, 0.012 * w * t)))
         t = t2 + 0.06 + 0.05 * t
 
-    if rng.random() < 0.35:
+    if street_furniture and rng.random() < 0.35:
         fence = scene.material(Material(_jitter(rng, (150, 130, 115), 10), noise=6, stripes=40))
         x0 = rng.uniform(0, 0.6) * w
         scene.add(FENCE, fence, "fence", _rect(x0, horizon - 0.05 * h, x0 + rng.uniform(0.1, 0.3) * w, horizon + 0.01 * h))
@@ -177,6 +180,8 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float) -> tuple[floa
                       _ellipse(cx + rng.uniform(-0.3, 0.3) * size, base - size * rng.uniform(1.4, 1.9),
                                size * rng.uniform(0.45, 0.75), size * rng.uniform(0.4, 0.6), 12))
 
+    if not street_furniture:
+        return vanish, top_half, bottom_half
     pole_mat = scene.material(Material(_jitter(rng, (150, 150, 150), 10), noise=5, stripes=10))
     for _ in range(rng.integers(0, 4)):
         left = rng.random() < 0.5
@@ -288,15 +293,37 @@ def _side_x(rng: np.random.Generator, w: float, vanish: float, top_half: float, 
     return rng.uniform(min(w - 1.0, vanish + half * 1.02), min(w, vanish + half + 0.35 * w))
 
 
-def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bool = True,
-                density: float = 1.0) -> Scene:
-    """A random street scene as an ordered list of labelled polygons (see the module docstring).
+@dataclass(frozen=True)
+class SceneOptions:
+    """What the generated scenes contain (the defaults: the full mix described in the module docstring).
 
-    ``density`` scales the number of cars, persons, riders and bicycles (1: 2-13 things per image).
+    ``density`` scales the number of cars, persons, riders and bicycles (1: 2-13 things per image);
+    ``near`` is the nearest-to-farthest placement bound of things in 0..1 (0.12: things from the horizon to
+    the bottom edge; larger values keep them closer to the camera, hence larger); ``street_furniture``
+    draws fences, poles, traffic signs and traffic lights (thin structures only a few pixels wide at low
+    resolution).
     """
+
+    density: float = 1.0
+    near: float = 0.12
+    street_furniture: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.density >= 0):
+            raise UserInputError(f"scene density must be >= 0, got {self.density!r}")
+        if not (0.0 <= self.near < 0.95):
+            raise UserInputError(f"scene 'near' must be in [0, 0.95), got {self.near!r}")
+
+
+def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bool = True,
+                density: float = 1.0, options: SceneOptions | None = None) -> Scene:
+    """A random street scene as an ordered list of labelled polygons (see the module docstring and
+    ``SceneOptions``; ``density`` is kept for callers that set only it)."""
+    options = options if options is not None else SceneOptions(density=density)
+    density = options.density
     scene = Scene(height, width)
     horizon = height * rng.uniform(0.36, 0.5)
-    vanish, top_half, bottom_half = _stuff(scene, rng, horizon)
+    vanish, top_half, bottom_half = _stuff(scene, rng, horizon, options.street_furniture)
     span = height - horizon
 
     # Things, each as (foot y, kind); drawn far (small y) to near.
@@ -313,7 +340,7 @@ def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bo
             kinds.append("caravan" if rng.random() < 0.5 else "trailer")
         if rng.random() < 0.45:
             kinds.append("persongroup" if rng.random() < 0.6 else "cargroup")
-        objects = [(horizon + rng.uniform(0.12, 0.95) ** 1.3 * span, kind) for kind in kinds]
+        objects = [(horizon + rng.uniform(options.near, 0.95) ** 1.3 * span, kind) for kind in kinds]
         objects.sort()
     counters: dict[int, int] = {}
 
@@ -407,12 +434,13 @@ def render(scene: Scene, material_map: np.ndarray, rng: np.random.Generator) -> 
 
 
 def synthetic_sample(seed: int | Sequence[int], height: int = 512, width: int = 1024, *,
-                     things: bool = True, density: float = 1.0) -> tuple[np.ndarray, np.ndarray, Scene]:
+                     things: bool = True, density: float = 1.0, options: SceneOptions | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, Scene]:
     """One scene: (RGB uint8 [H, W, 3], instance ids uint16 [H, W], the Scene with its polygons)."""
     if height < 16 or width < 16:
         raise UserInputError(f"synthetic images need at least 16x16 pixels, got {height}x{width}")
     rng = np.random.default_rng(seed)
-    scene = build_scene(rng, height, width, things=things, density=density)
+    scene = build_scene(rng, height, width, things=things, density=density, options=options)
     ids, material_map = rasterize(scene)
     return render(scene, material_map, rng), ids, scene
 
@@ -467,9 +495,10 @@ def _split_seed(seed: int, split: str, index: int) -> list[int]:
     return [int(seed), sum(ord(c) * 31 ** i for i, c in enumerate(split)) % (2 ** 31), int(index)]
 
 
-def _write_one(job: tuple[str, str, str, int, int, int, int, bool]) -> str:
-    root, split, city, index, seed, height, width, things = job
-    rgb, ids, scene = synthetic_sample(_split_seed(seed, split, index), height, width, things=things)
+def _write_one(job: tuple[str, str, str, int, int, int, int, bool, SceneOptions | None]) -> str:
+    root, split, city, index, seed, height, width, things, options = job
+    rgb, ids, scene = synthetic_sample(_split_seed(seed, split, index), height, width, things=things,
+                                       options=options)
     return write_sample(Path(root), split, city, index, rgb, ids, scene)
 
 
@@ -493,12 +522,14 @@ def make_synthetic_cityscapes(
     test: int = 0,
     workers: int = 1,
     progress: bool = False,
+    options: SceneOptions | None = None,
 ) -> Path:
     """Write a synthetic Cityscapes tree under ``out`` (see the module docstring); returns ``out``.
 
     ``size`` is (height, width); images are spread round-robin over the split's ``cities``
     (default: three real Cityscapes city names per split). Image ``i`` of a split is
-    ``<city>_<i:06d>_000019`` and depends only on ``(seed, split, i)``.
+    ``<city>_<i:06d>_000019`` and depends only on ``(seed, split, i)`` (and ``options``, the
+    ``SceneOptions``; default: the full mix).
     """
     height, width = (int(v) for v in size)
     counts = {"train": int(train), "val": int(val), "test": int(test)}
@@ -511,7 +542,8 @@ def make_synthetic_cityscapes(
         if not cities.get(split):
             raise UserInputError(f"no cities given for split {split!r}")
         for i in range(n):
-            jobs.append((str(root), split, cities[split][i % len(cities[split])], i, seed, height, width, True))
+            jobs.append((str(root), split, cities[split][i % len(cities[split])], i, seed, height, width, True,
+                         options))
     if not jobs:
         raise UserInputError("nothing to generate: train, val and test are all 0")
     from tqdm import tqdm
