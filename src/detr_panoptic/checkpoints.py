@@ -428,7 +428,10 @@ def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
     training state (``optimizer``, ``lr_scheduler``, ``step``, ``epoch``, ``rng``, ``best_pq``) and must
     be tensors/numbers/strings/lists/dicts so that ``torch.load(weights_only=True)`` reads it.
     """
-    payload: dict[str, Any] = {"model": model.state_dict(),
+    # Trainable batch norms (``models.backbone.thaw_batch_norms``) add ``num_batches_tracked``, which the
+    # official layout (frozen norms) has not; their other keys are the frozen norms' own.
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
+    payload: dict[str, Any] = {"model": state,
                                "detr_panoptic": _metadata(model, category_map, model_config)}
     for key, value in (extra or {}).items():
         if key in payload:

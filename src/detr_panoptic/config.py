@@ -126,6 +126,10 @@ class FreezeConfig:
     transformer: bool = False
     attention: bool = False
     first_layers: int = 0
+    # The backbone's batch norms: frozen statistics (the reference, for a pre-trained backbone), or, with
+    # false, batch norms that train with the backbone (for a backbone trained from scratch; needs
+    # backbone: false). Checkpoints hold frozen-norm keys either way.
+    batch_norm: bool = True
 
 
 @dataclass(frozen=True)

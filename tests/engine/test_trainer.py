@@ -12,6 +12,7 @@ from detr_panoptic.engine import training
 from detr_panoptic.engine.metrics_log import read_metrics
 from detr_panoptic.engine.trainer import TrainingDiverged
 from detr_panoptic.engine.training import train_stage
+from detr_panoptic.utils.errors import UserInputError
 from tests.engine.toys import ToyPanoptic, tiny_config, toy_datasets
 
 
@@ -182,3 +183,31 @@ def test_resume_with_other_trainable_parameters_is_refused(tmp_path):
     changed = tiny_config(tmp_path / "run", train={"epochs": 2}, freeze={"transformer": True})
     with pytest.raises(UserInputError, match="trainable parameters differ"):
         train_stage(changed, datasets=toy_datasets(), evaluate=ScriptedEval(1.0))
+
+
+def test_trainable_batch_norms_keep_the_checkpoint_layout_and_resume(tmp_path):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from detr_panoptic.checkpoints import load_pretrained
+
+    config = tiny_config(tmp_path, freeze={"backbone": False, "batch_norm": False},
+                         train={"lr_backbone": 1e-3, "epochs": 1})
+    train_stage(config, datasets=toy_datasets(4), evaluate=ScriptedEval(1.0))
+    saved = torch.load(tmp_path / "checkpoints" / "last.pth", weights_only=True)
+    fresh = training.build_model(config.model, toy_datasets()[2])
+    assert set(saved["model"]) == set(fresh.state_dict())  # the official layout: no num_batches_tracked
+    model = load_pretrained(tmp_path / "checkpoints" / "last.pth")  # frozen norms again
+    bn1 = model.detr.backbone[0].body.bn1
+    assert isinstance(bn1, FrozenBatchNorm2d)
+    assert not torch.equal(bn1.running_var, fresh.detr.backbone[0].body.bn1.running_var)  # the stats moved
+    # Resuming (more epochs) rebuilds the trainable norms and continues with the saved optimizer state.
+    longer = tiny_config(tmp_path, freeze={"backbone": False, "batch_norm": False},
+                         train={"lr_backbone": 1e-3, "epochs": 2})
+    result = train_stage(longer, datasets=toy_datasets(4), evaluate=ScriptedEval(1.0))
+    assert result.steps == 4
+
+
+def test_trainable_batch_norms_need_a_training_backbone(tmp_path):
+    config = tiny_config(tmp_path, freeze={"batch_norm": False})
+    with pytest.raises(UserInputError, match="batch_norm"):
+        train_stage(config, datasets=toy_datasets(4), evaluate=ScriptedEval(1.0))

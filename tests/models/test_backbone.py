@@ -73,3 +73,34 @@ def test_folded_batch_norm_equals_running_the_modules(name):
         expected = list(backbone.body(images).values())  # torchvision's own module-by-module forward
         for ours, reference in zip(backbone.features(images), expected):
             torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_thawed_batch_norms_train_and_freeze_back_to_the_same_function():
+    from detr_panoptic.models.backbone import freeze_batch_norms, thaw_batch_norms
+
+    torch.manual_seed(0)
+    backbone = ResNetBackbone("resnet18").eval()
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        frozen_out = backbone.features(images)
+    keys = set(backbone.state_dict())
+    assert thaw_batch_norms(backbone) == 20
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert {k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")} == keys
+    with torch.no_grad():  # eval mode: running statistics, the same function as the frozen norms
+        for ours, reference in zip(backbone.features(images), frozen_out):
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    backbone.train()
+    backbone.features(images)[-1].sum().backward()  # batch statistics; the affine parameters get gradients
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.weight.grad is not None for m in norms)
+    assert int(norms[0].num_batches_tracked) == 1
+    trained_stats = norms[0].running_mean.clone()
+    assert freeze_batch_norms(backbone) == 20
+    assert set(backbone.state_dict()) == keys
+    assert torch.equal(backbone.body.bn1.running_mean, trained_stats)

@@ -221,6 +221,14 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
     model = _model_from_resume(resume, category_map) if resume is not None \
         else build_model(config.model, category_map)
     model.to(ctx.device)
+    if not config.freeze.batch_norm:
+        if config.freeze.backbone or tc.lr_backbone == 0:
+            raise UserInputError(f"{config.name}: freeze.batch_norm: false trains the backbone's batch norms, "
+                                 f"so it needs freeze.backbone: false and train.lr_backbone > 0")
+        from detr_panoptic.models.backbone import thaw_batch_norms
+
+        log.info("%s: %d backbone batch norms train (batch statistics)", config.name,
+                 thaw_batch_norms(model.detr.backbone))
     report = _freeze(model, config)
     if ctx.is_main:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())

@@ -77,7 +77,9 @@ class ResNetBackbone(nn.Module):
         return outputs
 
 
-def _conv_bn(conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_bn(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(norm, nn.BatchNorm2d):  # trainable norms (``thaw_batch_norms``): nothing to fold
+        return norm(F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups))
     scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
     shift = norm.bias - norm.running_mean * scale
     return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation,
@@ -94,6 +96,45 @@ def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         out = _conv_bn(block.conv2, block.bn2, out)
     return F.relu(out + identity)
+
+
+def thaw_batch_norms(module: nn.Module) -> int:
+    """Replace every ``FrozenBatchNorm2d`` under ``module`` by a trainable ``nn.BatchNorm2d`` that starts
+    from its statistics and affine parameters; returns how many.
+
+    For training a backbone from scratch (no pre-trained statistics to keep): in ``train()`` mode the
+    norms use batch statistics and update their running ones, in ``eval()`` mode they use the running
+    ones, exactly like a frozen norm. The state-dict keys stay the same (``num_batches_tracked`` aside,
+    which ``checkpoints.save_checkpoint`` leaves out), so checkpoints keep the official layout and load
+    into a model with frozen norms.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FrozenBatchNorm2d):
+                norm = nn.BatchNorm2d(child.weight.numel(), eps=child.eps).to(child.weight.device)
+                with torch.no_grad():
+                    for key in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(norm, key).copy_(getattr(child, key))
+                norm.train(parent.training)
+                setattr(parent, name, norm)
+                count += 1
+    return count
+
+
+def freeze_batch_norms(module: nn.Module) -> int:
+    """The inverse of ``thaw_batch_norms``: every ``nn.BatchNorm2d`` becomes a ``FrozenBatchNorm2d``
+    holding its running statistics and affine parameters; returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(parent, name, frozen)
+                count += 1
+    return count
 
 
 class BackboneWithPosition(nn.Sequential):
