@@ -117,6 +117,12 @@ def test_demo_config_errors(tmp_path: Path) -> None:
     bad.write_text("demo: {sizes: [1, 2]}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
     with pytest.raises(UserInputError, match="demo.sizes"):
         demo.load_demo_config(bad)
+    bad.write_text("demo: {scene: {near: 2}}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
+    with pytest.raises(UserInputError, match="demo.scene"):
+        demo.load_demo_config(bad)
+    bad.write_text("demo: {scene: {far: 1}}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
+    with pytest.raises(UserInputError, match="demo.scene"):
+        demo.load_demo_config(bad)
     bad.write_text("demo: {size: [64, 128]}\nstages: [{name: stage1}]\n")
     with pytest.raises(UserInputError, match="pretrain, stage1, stage2"):
         demo.load_demo_config(bad)

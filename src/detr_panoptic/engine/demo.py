@@ -107,6 +107,9 @@ class DemoSettings:
     source_val_images: int = 20
     figure_images: int = 4                    # val images drawn as overlays
     attention_images: int = 1                 # val images with attention figures
+    # What the generated scenes hold (``data.synthetic.SceneOptions``: density, near, street_furniture),
+    # for the source domain and the target alike.
+    scene: Mapping[str, Any] = field(default_factory=dict)
     # Random-init pre-training only: multiply the mask head's weights on the query attention maps by this
     # (see ``amplify_mask_attention``); 1 keeps PyTorch's initialisation.
     mask_attention_gain: float = 1.0
@@ -138,12 +141,32 @@ class DemoSettings:
             values["mask_attention_gain"] = float(gain)
         if "budgets" in values:
             values["budgets"] = {**cls().budgets, **dict(values["budgets"])}
+        if "scene" in values:
+            from detr_panoptic.data.synthetic import SceneOptions
+
+            scene = values["scene"]
+            known_scene = {f.name for f in dataclasses.fields(SceneOptions)}
+            if not isinstance(scene, Mapping) or set(scene) - known_scene:
+                raise UserInputError(f"{source}: demo.scene must be a mapping with keys among "
+                                     f"{', '.join(sorted(known_scene))}, got {scene!r}")
+            try:
+                SceneOptions(**scene)
+            except (TypeError, UserInputError) as exc:
+                raise UserInputError(f"{source}: demo.scene: {exc}") from None
+            values["scene"] = dict(scene)
         return cls(**values)
+
+    def scene_options(self) -> Any:
+        """The ``data.synthetic.SceneOptions`` of ``scene``."""
+        from detr_panoptic.data.synthetic import SceneOptions
+
+        return SceneOptions(**self.scene)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["size"] = list(self.size)
         out["budgets"] = dict(self.budgets)
+        out["scene"] = dict(self.scene)
         return out
 
 
@@ -173,7 +196,7 @@ def prepare_target_data(root: Path, settings: DemoSettings, *, seed: int, worker
     if all(p.is_file() for p in done):
         return root
     make_synthetic_cityscapes(root, train=settings.train_images, val=settings.val_images, size=settings.size,
-                              seed=seed, workers=workers)
+                              seed=seed, workers=workers, options=settings.scene_options())
     convert_cityscapes(root, splits=["train", "val"], workers=workers, progress=False)
     return root
 
@@ -244,7 +267,8 @@ def prepare_source_data(root: Path, settings: DemoSettings, *, seed: int) -> dic
         images = []
         for index in range(count):
             # Other scenes than the target's: the generator's seed space is (seed, split, index).
-            rgb, ids, _ = synthetic_sample([int(seed), 7_777_777, offset + index], *settings.size)
+            rgb, ids, _ = synthetic_sample([int(seed), 7_777_777, offset + index], *settings.size,
+                                           options=settings.scene_options())
             id_map, segments = _source_segments(ids, label_names, has_instances)
             name = f"source_{split}_{index:06d}"
             image_path = root / "images" / split / f"{name}.png"
