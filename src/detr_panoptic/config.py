@@ -123,6 +123,8 @@ class FreezeConfig:
     """Which parts of the model do not train; composable."""
 
     backbone: bool = True
+    # When the backbone trains, its stem (conv1 and layer1) stays frozen, as in the reference DETR.
+    backbone_stem: bool = True
     transformer: bool = False
     attention: bool = False
     first_layers: int = 0

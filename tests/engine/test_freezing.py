@@ -154,3 +154,18 @@ def test_policies_on_panoptic_detr_and_no_graph_through_frozen_parts():
     assert "detr.transformer.encoder.layers.0.linear1.weight" in frozen
     assert "detr.transformer.encoder.layers.1.linear1.weight" not in frozen
     assert "bbox_attention.q_linear.weight" not in frozen
+
+
+def test_a_training_backbone_keeps_its_stem_frozen_as_the_reference_does():
+    from detr_panoptic.engine.training import build_model
+    from tests.engine.toys import TOY_CATEGORIES, tiny_config
+
+    model = build_model(tiny_config("unused").model, TOY_CATEGORIES)
+    apply_freeze(model, backbone=False)
+    trainable = _trainable(model)
+    backbone = {n for n, _ in model.named_parameters() if n.startswith("detr.backbone")}
+    stem = {n for n in backbone if any(f".body.{s}." in n for s in ("conv1", "bn1", "layer1"))}
+    assert stem and not stem & trainable
+    assert backbone - stem <= trainable and any(".layer2." in n for n in trainable)
+    apply_freeze(model, backbone=False, backbone_stem=False)
+    assert backbone <= _trainable(model)

@@ -197,9 +197,10 @@ def test_trainable_batch_norms_keep_the_checkpoint_layout_and_resume(tmp_path):
     fresh = training.build_model(config.model, toy_datasets()[2])
     assert set(saved["model"]) == set(fresh.state_dict())  # the official layout: no num_batches_tracked
     model = load_pretrained(tmp_path / "checkpoints" / "last.pth")  # frozen norms again
-    bn1 = model.detr.backbone[0].body.bn1
-    assert isinstance(bn1, FrozenBatchNorm2d)
-    assert not torch.equal(bn1.running_var, fresh.detr.backbone[0].body.bn1.running_var)  # the stats moved
+    body, fresh_body = model.detr.backbone[0].body, fresh.detr.backbone[0].body
+    assert isinstance(body.layer2[0].bn1, FrozenBatchNorm2d)
+    assert not torch.equal(body.layer2[0].bn1.running_var, fresh_body.layer2[0].bn1.running_var)  # trained
+    assert torch.equal(body.bn1.running_var, fresh_body.bn1.running_var)  # the stem stays frozen (reference)
     # Resuming (more epochs) rebuilds the trainable norms and continues with the saved optimizer state.
     longer = tiny_config(tmp_path, freeze={"backbone": False, "batch_norm": False},
                          train={"lr_backbone": 1e-3, "epochs": 2})

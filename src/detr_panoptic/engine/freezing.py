@@ -20,6 +20,9 @@ mask_head           ``mask_head.*``
 Policies (each only ever *freezes*; they compose by union):
 
 * ``backbone``: the backbone (the recipe's backbone lr 0).
+* ``backbone_stem`` (default on): when the backbone trains, its stem -- ``conv1``, ``bn1`` and ``layer1``
+  -- stays frozen and only layer2..layer4 train, as in the reference DETR (whose backbone trains only
+  the parameters named ``layer2``, ``layer3``, ``layer4``).
 * ``transformer`` (stage 1): input_proj, query_embed, encoder and decoder. Together with ``backbone`` (the
   default) only the class, box and mask heads and ``bbox_attention`` train, as the recipe says. The
   backbone stays governed by its own flag, so ``backbone: false, transformer: true`` fine-tunes the
@@ -45,6 +48,7 @@ PARTS: tuple[str, ...] = ("backbone", "input_proj", "query_embed", "encoder", "d
                           "bbox_embed", "bbox_attention", "mask_head", "other")
 
 _LAYER = re.compile(r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.")
+_STEM = re.compile(r"^backbone\.0\.body\.(conv1|bn1|layer1)\.")
 _ATTENTION = re.compile(r"^transformer\.(encoder|decoder)\.layers\.\d+\.(self_attn|multihead_attn)\.")
 
 
@@ -65,11 +69,14 @@ def parameter_part(name: str) -> str:
     return head if head in PARTS else "other"
 
 
-def is_frozen_by(name: str, *, backbone: bool, transformer: bool, attention: bool, first_layers: int) -> bool:
+def is_frozen_by(name: str, *, backbone: bool, transformer: bool, attention: bool, first_layers: int,
+                 backbone_stem: bool = True) -> bool:
     """Whether the freeze policies freeze the parameter ``name``."""
     part = parameter_part(name)
     local = _local_name(name)
     if backbone and part == "backbone":
+        return True
+    if backbone_stem and part == "backbone" and _STEM.match(local):
         return True
     if transformer and part in ("input_proj", "query_embed", "encoder", "decoder"):
         return True
@@ -121,7 +128,7 @@ def freeze_report(model: nn.Module) -> FreezeReport:
 
 
 def apply_freeze(model: nn.Module, *, backbone: bool = True, transformer: bool = False, attention: bool = False,
-                 first_layers: int = 0) -> FreezeReport:
+                 first_layers: int = 0, backbone_stem: bool = True) -> FreezeReport:
     """Freeze parameters of ``model`` per the policies (see the module docstring); return the report.
 
     Parameters not frozen by any policy are set trainable, so applying a config to a model loaded
@@ -131,6 +138,6 @@ def apply_freeze(model: nn.Module, *, backbone: bool = True, transformer: bool =
         raise ValueError(f"freeze.first_layers must be >= 0, got {first_layers}")
     for name, param in model.named_parameters():
         frozen = is_frozen_by(name, backbone=backbone, transformer=transformer, attention=attention,
-                              first_layers=first_layers)
+                              first_layers=first_layers, backbone_stem=backbone_stem)
         param.requires_grad_(not frozen)
     return freeze_report(model)

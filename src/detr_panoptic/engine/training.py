@@ -195,7 +195,7 @@ def _freeze(model: nn.Module, config: Config) -> FreezeReport:
     if backbone and not freeze.backbone:
         log.info("train.lr_backbone is 0: the backbone is frozen")
     return apply_freeze(model, backbone=backbone, transformer=freeze.transformer, attention=freeze.attention,
-                        first_layers=freeze.first_layers)
+                        first_layers=freeze.first_layers, backbone_stem=freeze.backbone_stem)
 
 
 def train_stage(config: Config, ctx: DistributedContext | None = None, *,
@@ -227,8 +227,11 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
                                  f"so it needs freeze.backbone: false and train.lr_backbone > 0")
         from detr_panoptic.models.backbone import thaw_batch_norms
 
+        body = model.detr.backbone[0].body
+        # A frozen stem keeps its norms frozen too: only the training stages' norms move.
+        stages = [body.layer2, body.layer3, body.layer4] if config.freeze.backbone_stem else [body]
         log.info("%s: %d backbone batch norms train (batch statistics)", config.name,
-                 thaw_batch_norms(model.detr.backbone))
+                 sum(thaw_batch_norms(stage) for stage in stages))
     report = _freeze(model, config)
     if ctx.is_main:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())
