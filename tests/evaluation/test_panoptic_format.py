@@ -41,9 +41,15 @@ def test_read_id_png_rgb_and_rgba(tmp_path):
     rgba = np.concatenate([id_map_to_rgb(ids), np.full((2, 3, 1), 200, np.uint8)], axis=2)
     Image.fromarray(rgba).save(tmp_path / "b.png")
     np.testing.assert_array_equal(read_id_png(tmp_path / "b.png"), ids)
-    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "gray.png")
-    with pytest.raises(UserInputError, match="expected an RGB panoptic PNG"):
-        read_id_png(tmp_path / "gray.png")
+    # A greyscale PNG shows (v, v, v): id v * (1 + 256 + 256^2).
+    Image.fromarray(np.array([[0, 1], [2, 255]], np.uint8)).save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(read_id_png(tmp_path / "gray.png"), [[0, 65793], [131586, 16777215]])
+    Image.fromarray(np.array([[0, 1]], np.uint16)).save(tmp_path / "gray16.png")  # no colour meaning
+    with pytest.raises(UserInputError, match=r"gray16.png: expected an RGB panoptic PNG, got mode I;16"):
+        read_id_png(tmp_path / "gray16.png")
+    (tmp_path / "broken.png").write_bytes((tmp_path / "a.png").read_bytes()[:-20])
+    with pytest.raises(UserInputError, match=r"broken.png: cannot decode the PNG"):
+        read_id_png(tmp_path / "broken.png")
     with pytest.raises(FileNotFoundError):
         read_id_png(tmp_path / "missing.png")
 

@@ -197,6 +197,14 @@ def test_packed_png_reading_keeps_ids_in_the_low_24_bits(make_case):
     np.testing.assert_array_equal(read_id_png(path, packed=True) & 0xFFFFFF, expected)
 
 
+def test_pillow_decoding_gives_the_same_results(make_case, monkeypatch):
+    from detr_panoptic.evaluation import png_decoding
+
+    case = make_case(4)
+    monkeypatch.setattr(png_decoding, "_pyvips", None)  # as without pyvips installed
+    assert_same_results(ours(case), reference_pq(case))
+
+
 def test_no_category_seen_gives_zero_averages():
     accumulator = PQAccumulator(CATEGORIES)
     assert accumulator.compute()["All"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}
@@ -319,7 +327,7 @@ def test_percentage_forms(make_case):
 
 
 def test_zero_copy_pixel_view_equals_tobytes_and_outlives_the_image(make_case):
-    from detr_panoptic.evaluation.panoptic_format import _rgbx_view
+    from detr_panoptic.evaluation.png_decoding import _rgbx_view
 
     case = make_case(9, num_images=1)
     ann = case.gt_json["annotations"][0]

@@ -8,7 +8,6 @@ such as ``score``). By panopticapi's convention ``X.json`` goes with the folder 
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from detr_panoptic.evaluation.png_decoding import decode_rgb_png
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
 
@@ -52,71 +52,19 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
 
 
 def read_id_png(path: str | os.PathLike, *, packed: bool = False) -> np.ndarray:
-    """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids.
+    """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids (``R + 256 G + 256^2 B``).
 
+    The file is read once and decoded from memory (``png_decoding.decode_rgb_png``: libvips when
+    available, else Pillow). Palette and greyscale PNGs give the ids of the colours they display.
     ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
-    byte is Pillow's padding), which is all that comparisons between neighbours need.
-    Raises ``FileNotFoundError`` naming the path when it does not exist.
+    byte is padding or alpha), which is all that comparisons between neighbours need; the array may
+    be read-only. Raises ``FileNotFoundError`` naming the path when it does not exist and
+    ``UserInputError`` when it does not decode.
     """
-    with Image.open(path) as image:
-        if image.mode == "RGB":
-            # RGB -> RGBX bytes read as little-endian uint32: R + 256 G + 256^2 B + 256^3 X, no
-            # per-channel arithmetic.
-            ids = _rgbx_view(image)
-            if ids is None:
-                ids = np.frombuffer(image.tobytes("raw", "RGBX"), dtype="<u4").reshape(image.height, image.width)
-            return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
-        if image.mode == "RGBA":
-            return rgb_to_id_map(np.asarray(image)[..., :3]).astype(np.uint32)
-        raise UserInputError(f"{path}: expected an RGB panoptic PNG, got mode {image.mode}")
-
-
-class _ArrowSchema(ctypes.Structure):
-    pass
-
-
-class _ArrowArray(ctypes.Structure):
-    pass
-
-
-# The Arrow C data interface structs (a stable ABI, https://arrow.apache.org/docs/format/CDataInterface.html).
-_ArrowSchema._fields_ = [
-    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
-    ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
-    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))), ("dictionary", ctypes.c_void_p),
-    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
-_ArrowArray._fields_ = [
-    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
-    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
-    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
-    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-
-
-def _rgbx_view(image: Image.Image) -> np.ndarray | None:
-    """A zero-copy ``[H, W]`` uint32 view of a loaded RGB image's pixel memory (RGBX, little-endian),
-    through Pillow's Arrow export; None when that export is not available (older Pillow, an image
-    stored in several blocks), and the caller copies with ``tobytes`` instead.
-
-    The Arrow capsules ride along on the buffer object, so the memory stays alive as long as the view.
-    """
-    try:
-        schema_capsule, array_capsule = image.__arrow_c_array__()
-    except (AttributeError, ValueError, NotImplementedError):
-        return None
-    schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
-    array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
-    if (schema.format != b"+w:4" or schema.n_children != 1 or schema.children[0].contents.format != b"C"
-            or array.n_children != 1 or array.offset != 0 or array.length != image.width * image.height):
-        return None
-    child = array.children[0].contents
-    if child.offset != 0 or child.n_buffers != 2 or not child.buffers[1]:
-        return None
-    buffer = (ctypes.c_uint8 * (4 * image.width * image.height)).from_address(child.buffers[1])
-    buffer._arrow = (schema_capsule, array_capsule)  # releases the export when the view goes away
-    return np.ctypeslib.as_array(buffer).view("<u4").reshape(image.height, image.width)
+    with open(path, "rb") as file:
+        data = file.read()
+    ids = decode_rgb_png(data, str(path))
+    return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
 
 
 def write_id_png(path: str | os.PathLike, id_map: Any) -> None:
