@@ -107,6 +107,14 @@ def test_small_sizes_and_bad_arguments(tmp_path: Path) -> None:
 def test_cli(tmp_path: Path) -> None:
     assert main(["synth-cityscapes", str(tmp_path), "--train", "1", "--val", "1", "--size", "32x64", "--seed", "2"]) == 0
     assert len(list((tmp_path / "gtFine").rglob("*_instanceIds.png"))) == 2
+    other = tmp_path / "options"
+    assert main(["synth-cityscapes", str(other), "--train", "1", "--val", "0", "--size", "48x96", "--seed", "2",
+                 "--near", "0.5", "--density", "0.5", "--no-street-furniture"]) == 0
+    written = next((other / "gtFine" / "train").rglob("*_instanceIds.png"))
+    options = SceneOptions(near=0.5, density=0.5, street_furniture=False)
+    _, expected, _ = synthetic_sample(_split_seed(2, "train", 0), 48, 96, options=options)
+    assert np.array_equal(np.asarray(Image.open(written)), expected)
+    assert main(["synth-cityscapes", str(tmp_path / "bad"), "--near", "3"]) == 2
 
 
 def test_scene_options_leave_out_street_furniture_and_bring_things_near() -> None:

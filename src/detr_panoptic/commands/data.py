@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--val", type=int, default=4, help="validation images (default: 4)")
     synth.add_argument("--size", default="512x1024", help="HEIGHTxWIDTH (default: 512x1024)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--density", type=float, default=1.0,
+                       help="scale the number of cars, persons, riders and bicycles (default: 1, 2-13 per image)")
+    synth.add_argument("--near", type=float, default=0.12,
+                       help="nearest-placement bound of things in 0..0.95; larger keeps them closer to the camera "
+                            "and larger (default: 0.12)")
+    synth.add_argument("--no-street-furniture", action="store_true",
+                       help="leave out fences, poles, traffic signs and traffic lights")
     add_workers(synth, default=1)
     synth.set_defaults(func=run_synth)
 
@@ -63,10 +70,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from detr_panoptic.data.synthetic import make_synthetic_cityscapes, parse_size
+    from detr_panoptic.data.synthetic import SceneOptions, make_synthetic_cityscapes, parse_size
 
+    options = SceneOptions(density=args.density, near=args.near, street_furniture=not args.no_street_furniture)
     root = make_synthetic_cityscapes(args.out, train=args.train, val=args.val, size=parse_size(args.size),
-                                     seed=args.seed, workers=args.workers or 1, progress=True)
+                                     seed=args.seed, workers=args.workers or 1, progress=True, options=options)
     print(f"wrote {args.train} train + {args.val} val images under {root}")
     return 0
 
