@@ -279,11 +279,27 @@ def test_error_names_missing_png_file(make_case):
         ours(case)
 
 
-def test_errors_raised_in_worker_processes_reach_the_caller(make_case):
+@pytest.mark.parametrize("image_index", [0, 3])
+def test_errors_raised_in_worker_processes_reach_the_caller(make_case, image_index):
+    # 4 images, 2 processes: one chunk per image; the pool is sent the first two chunks before this
+    # process takes any, so image 0 fails in the pool worker; image 3 in either process.
     case = make_case(2, num_images=4)
-    (case.gt_folder / case.gt_json["annotations"][3]["file_name"]).unlink()
-    with pytest.raises(FileNotFoundError, match="ground-truth PNG"):
+    file_name = case.gt_json["annotations"][image_index]["file_name"]
+    (case.gt_folder / file_name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"ground-truth PNG .*{file_name}"):
         ours(case, workers=2)
+
+
+def test_this_process_shares_the_work_with_the_pool(make_case, monkeypatch):
+    from detr_panoptic.evaluation import pq
+
+    case = make_case(21, num_images=8)
+    done_here = []
+    pairs_stats = pq._pairs_stats
+    monkeypatch.setattr(pq, "_pairs_stats", lambda pairs, *args: done_here.append(len(pairs))
+                        or pairs_stats(pairs, *args))
+    assert_same_results(ours(case, workers=2), reference_pq(case))
+    assert 0 < sum(done_here) < 8  # the pool (which does not see the patch) did the rest
 
 
 def test_error_on_size_mismatch_duplicate_prediction_and_missing_inputs(make_case, tmp_path):

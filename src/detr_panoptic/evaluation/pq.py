@@ -26,12 +26,14 @@ id in a JSON, and a prediction for an image that has two predictions, are errors
 Per image, the two id maps are cut into runs of equal (ground truth, prediction) pixels in raster
 order (panoptic maps are piecewise constant: a few runs per row); only the run values are relabelled to
 compact indices, and one weighted ``np.bincount`` gives every overlap. Matching is then a few
-operations on a small [G, P] matrix. Images are spread over worker processes.
+operations on a small [G, P] matrix. Images are spread over this process and a pool of workers.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -364,19 +366,86 @@ def _read_png(folder: str, annotation: Mapping[str, Any], what: str) -> tuple[np
         raise FileNotFoundError(f"image {image_id!r}: {what} PNG {path} not found") from None
 
 
-def _file_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> np.ndarray:
-    categories: _Categories = _worker["categories"]
+def _pairs_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], gt_folder: str,
+                 pred_folder: str, categories: _Categories) -> np.ndarray:
     total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
     for gt_annotation, pred_annotation in pairs:
         image_id = gt_annotation["image_id"]
-        gt_map, gt_path = _read_png(_worker["gt_folder"], gt_annotation, "ground-truth")
-        pred_map, pred_path = _read_png(_worker["pred_folder"], pred_annotation, "predicted")
+        gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth")
+        pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted")
         total += image_pq_stats(
             gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
             pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
             categories, image_id=image_id,
             gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})", low_24_bits=True)
     return total
+
+
+def _file_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> np.ndarray:
+    """``_pairs_stats`` in a pool worker, with the folders and categories given to ``_init_worker``."""
+    return _pairs_stats(pairs, _worker["gt_folder"], _worker["pred_folder"], _worker["categories"])
+
+
+def _parallel_stats(chunks: Sequence[Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]], workers: int,
+                    gt_folder: str, pred_folder: str, categories: _Categories) -> np.ndarray:
+    """Statistics of all ``chunks`` in ``workers`` processes: this one and a pool of ``workers - 1``.
+
+    This process works too rather than wait (one process less to start), taking chunks from the
+    same queue as the pool so that neither side waits for the other: each pool worker has two chunks
+    in flight and is sent the next one as soon as one comes back. The first error raises.
+    """
+    queue = collections.deque(chunks)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    lock = threading.Condition()  # guards queue, in_flight, stopped; notified when a chunk comes back
+    in_flight = 0
+    stopped = False
+
+    with process_context().Pool(workers - 1, initializer=_init_worker,
+                                initargs=(gt_folder, pred_folder, categories)) as pool:
+
+        def send_next() -> None:  # holding the lock
+            nonlocal in_flight
+            if queue and not stopped:
+                pool.apply_async(_file_stats, (queue.popleft(),), callback=returned, error_callback=failed)
+                in_flight += 1
+
+        def returned(stats: np.ndarray) -> None:  # these two run in the pool's result thread
+            nonlocal in_flight
+            with lock:
+                results.append(stats)
+                in_flight -= 1
+                send_next()
+                lock.notify()
+
+        def failed(error: BaseException) -> None:
+            nonlocal in_flight, stopped
+            with lock:
+                errors.append(error)
+                in_flight -= 1
+                stopped = True
+                lock.notify()
+
+        try:
+            with lock:
+                for _ in range(2 * (workers - 1)):
+                    send_next()
+            while True:
+                with lock:
+                    chunk = queue.popleft() if queue and not stopped else None
+                if chunk is None:
+                    break
+                stats = _pairs_stats(chunk, gt_folder, pred_folder, categories)
+                with lock:
+                    results.append(stats)
+            with lock:
+                lock.wait_for(lambda: in_flight == 0 or stopped)
+        finally:
+            with lock:
+                stopped = True  # nothing more is sent; leaving the block terminates the pool
+        if errors:
+            raise errors[0]
+    return np.sum(results, axis=0)
 
 
 def match_annotations(gt_json: Mapping[str, Any], pred_json: Mapping[str, Any], *,
@@ -411,8 +480,9 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
 
     ``gt_json``/``pred_json``: paths or loaded dicts (``{"annotations": [...]}``; the ground truth
     also needs ``categories``). Folders default to the JSON path without ``.json`` (panopticapi's
-    convention). Images are paired by ``image_id`` (int or str, compared as given); ``workers``
-    processes (default: all cores; 1 or 0: in this process). Returns fractions; see the module doc.
+    convention). Images are paired by ``image_id`` (int or str, compared as given) and spread over
+    ``workers`` processes, this one included (default: all cores; 1 or 0: this process only).
+    Returns fractions; see the module doc.
     """
     gt = load_panoptic_json(gt_json, what="ground-truth JSON")
     pred = load_panoptic_json(pred_json, what="prediction JSON")
@@ -427,17 +497,12 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(pairs)))
     if workers == 1:
-        _init_worker(gt_dir, pred_dir, categories)
-        stats = _file_stats(pairs)
+        stats = _pairs_stats(pairs, gt_dir, pred_dir, categories)
     else:
-        # Interleave images over chunks so that every process gets a similar mix.
+        # Interleave images over chunks so that every chunk gets a similar mix.
         num_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
-        stats = np.zeros((len(categories) + 1, 4), dtype=np.float64)
-        with process_context().Pool(workers, initializer=_init_worker,
-                                  initargs=(gt_dir, pred_dir, categories)) as pool:
-            for chunk_stats in pool.imap_unordered(_file_stats, chunks):
-                stats += chunk_stats
+        stats = _parallel_stats(chunks, workers, gt_dir, pred_dir, categories)
     log.debug("PQ over %d images with %d processes", len(pairs), workers)
     return _average(stats, categories)
 
