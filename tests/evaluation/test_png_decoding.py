@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,30 @@ def test_a_failing_pyvips_import_falls_back_to_pillow():
             "from detr_panoptic.evaluation import png_decoding as p\n"
             "assert p._pyvips is None and 'pyvips could not be imported' in p.png_decoder(), p.png_decoder()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_vips
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_a_process_forked_after_libvips_decoded_uses_pillow_instead_of_hanging(tmp_path):
+    # libvips' thread pool does not survive fork(): a forked child's first libvips call would wait
+    # forever. Run in a fresh interpreter, not by forking pytest.
+    path = tmp_path / "a.png"
+    path.write_bytes(png_kinds()["rgb"])
+    code = f"""
+import multiprocessing
+from detr_panoptic.evaluation import png_decoding as p
+data = open({str(path)!r}, "rb").read()
+
+def child(_):
+    return p.decode_rgb_png(data).tolist(), p.png_decoder()
+
+if __name__ == "__main__":
+    expected = p.decode_rgb_png(data).tolist()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pixels, decoder = pool.apply_async(child, (0,)).get(timeout=60)
+    assert pixels == expected
+    assert decoder.startswith("Pillow") and "forked after libvips" in decoder, decoder
+"""
+    script = tmp_path / "fork_after_vips.py"
+    script.write_text(code)
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import io
 import logging
+import os
 import struct
 
 import numpy as np
@@ -38,6 +39,23 @@ else:
     if not _pyvips.at_least_libvips(8, 12):  # fail_on, which makes corrupt files an error, is 8.12+
         _VIPS_UNAVAILABLE = f"libvips {_pyvips.version(0)}.{_pyvips.version(1)} is older than 8.12"
         _pyvips = None
+
+# libvips starts a thread pool for its first decode. A process forked after that has the pool's
+# state but not its threads, and its first libvips call would wait for them forever: such a child
+# decodes with Pillow (same pixels, slower). Processes forked before keep libvips; the pools' fork
+# server imports pyvips but never decodes.
+_vips_started = False
+
+
+def _forget_vips_in_forked_child() -> None:
+    global _pyvips, _VIPS_UNAVAILABLE
+    if _vips_started and _pyvips is not None:
+        _pyvips = None
+        _VIPS_UNAVAILABLE = "this process was forked after libvips had started its threads"
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_forget_vips_in_forked_child)
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPES = (0, 2, 3, 4, 6)  # grey, RGB, palette, grey + alpha, RGBA
@@ -84,6 +102,8 @@ def _undecodable(source: str, reason: str) -> UserInputError:
 
 
 def _decode_vips(data: bytes, source: str) -> np.ndarray:
+    global _vips_started
+    _vips_started = True
     try:
         # fail_on="error": a bad CRC or a truncated stream raises instead of giving a partial image.
         image = _pyvips.Image.pngload_buffer(data, access="sequential", fail_on="error")
