@@ -513,6 +513,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
     summary = _summary(evaluations, source_pq=source_pq, settings=settings, config_path=config_path,
                        init=init, seed=seed, final_checkpoint=final_checkpoint, quick=quick)
+    summary["threshold"] = eval_kwargs["threshold"]  # class-score threshold of every evaluation and figure
     timer.run("figures", lambda: _figures(final_checkpoint, val_set, summary_dir, settings, stage_configs,
                                           device=device, threshold=eval_kwargs["threshold"]))
     summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - wall_start, 1))
