@@ -24,8 +24,9 @@ def test_equals_reference_on_generated_cases(make_case, seed):
     assert_same_results(ours(case), reference_pq(case))
 
 
-def test_equals_reference_with_worker_processes(make_case):
-    case = make_case(21, num_images=8)
+@pytest.mark.parametrize("num_images", [8, 40])  # chunks of 1 image, of 2 images
+def test_equals_reference_with_worker_processes(make_case, num_images):
+    case = make_case(21, num_images=num_images)
     assert_same_results(ours(case, workers=2), reference_pq(case))
 
 

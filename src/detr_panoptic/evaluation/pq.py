@@ -499,9 +499,10 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
     if workers == 1:
         stats = _pairs_stats(pairs, gt_dir, pred_dir, categories)
     else:
-        # Interleave images over chunks so that every chunk gets a similar mix.
-        num_chunks = min(len(pairs), workers * 4)
-        chunks = [pairs[i::num_chunks] for i in range(num_chunks)]
+        # Small chunks (an image is tens of ms of work, sending one ~1 ms) keep every process busy to
+        # the end; a few workers * 4 big chunks left one process alone with the last chunk.
+        size = max(1, min(4, len(pairs) // (8 * workers)))
+        chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
         stats = _parallel_stats(chunks, workers, gt_dir, pred_dir, categories)
     log.debug("PQ over %d images with %d processes", len(pairs), workers)
     return _average(stats, categories)
