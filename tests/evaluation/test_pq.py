@@ -191,6 +191,19 @@ def test_run_length_counting_equals_pixel_counting(noise, block, monkeypatch):
     assert counted == {(int(g), int(p)): int(c) for (g, p), c in zip(pairs.T, counts)}
 
 
+@pytest.mark.parametrize("largest", [40, 70000, 1 << 24])  # table lookup, binary search
+def test_labels_of_run_values(largest):
+    from detr_panoptic.evaluation.pq import _labels
+
+    rng = np.random.default_rng(largest)
+    segment_ids = rng.choice(np.arange(1, largest), size=12, replace=False)
+    values = np.concatenate([[0], segment_ids, rng.integers(0, largest, 50)])
+    expected = [0 if v not in segment_ids and v != 0 else 1 if v == 0 else 2 + segment_ids.tolist().index(v)
+                for v in values.tolist()]
+    assert _labels(values, segment_ids).tolist() == expected
+    assert _labels(values - largest, segment_ids).tolist()[1:13] == [0] * 12  # negative ids: search
+
+
 def test_packed_png_reading_keeps_ids_in_the_low_24_bits(make_case):
     from detr_panoptic.evaluation import read_id_png
 

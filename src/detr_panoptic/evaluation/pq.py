@@ -105,9 +105,18 @@ def _segment_table(segments: Iterable[Mapping[str, Any]], image_id: Any, source:
     return segments, ids
 
 
+# Largest id + 1 for which _labels looks ids up in a table (256 KiB) rather than by binary search:
+# Cityscapes ids (class * 1000 + instance) and our predictions' 1..N fit; random COCO colours do not.
+_LABEL_TABLE_SIZE = 1 << 16
+
+
 def _labels(values: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """Compact labels of ``values``: 0 = an id not in ``segment_ids``, 1 = VOID (id 0), 2 + i = ``segment_ids[i]``."""
     keys = np.concatenate([[0], segment_ids]).astype(np.int64)
+    if values.size and 0 <= values.min() and max(values.max(), keys.max()) < _LABEL_TABLE_SIZE:
+        table = np.zeros(max(values.max(), keys.max()) + 1, dtype=np.int64)
+        table[keys] = np.arange(1, len(keys) + 1)
+        return table[values]
     sorter = np.argsort(keys, kind="stable")
     sorted_keys = keys[sorter]
     pos = np.minimum(np.searchsorted(sorted_keys, values), len(keys) - 1)
