@@ -183,3 +183,26 @@ if __name__ == "__main__":
     script = tmp_path / "fork_after_vips.py"
     script.write_text(code)
     subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+
+
+@needs_vips
+def test_libvips_decodes_into_a_given_array_of_the_right_shape():
+    kinds = png_kinds()
+    data = kinds["rgb"]
+    expected = shown_colour_ids(data)
+    out = np.zeros(expected.shape, np.uint32)
+    decoded = decode_rgb_png(data, out=out)
+    assert decoded is out
+    np.testing.assert_array_equal(out & 0xFFFFFF, expected)
+    decoded = decode_rgb_png(kinds["grey"], out=out)  # reused for the next image
+    assert decoded is out
+    np.testing.assert_array_equal(out & 0xFFFFFF, shown_colour_ids(kinds["grey"]))
+    for unusable in (np.zeros((3, 3), np.uint32), np.zeros(expected.shape, np.int64),
+                     np.zeros(expected.shape[::-1], np.uint32).T):
+        decoded = decode_rgb_png(data, out=unusable)
+        assert decoded is not unusable
+        np.testing.assert_array_equal(decoded & 0xFFFFFF, expected)
+    read_only = np.zeros(expected.shape, np.uint32)
+    read_only.flags.writeable = False
+    assert decode_rgb_png(data, out=read_only) is not read_only
+    assert decode_rgb_png(data, use_vips=False, out=out) is not out  # Pillow allocates its own

@@ -51,19 +51,20 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
     return rgb
 
 
-def read_id_png(path: str | os.PathLike, *, packed: bool = False) -> np.ndarray:
+def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids (``R + 256 G + 256^2 B``).
 
     The file is read once and decoded from memory (``png_decoding.decode_rgb_png``: libvips when
     available, else Pillow). Palette and greyscale PNGs give the ids of the colours they display.
     ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
     byte is padding or alpha), which is all that comparisons between neighbours need; the array may
-    be read-only. Raises ``FileNotFoundError`` naming the path when it does not exist and
-    ``UserInputError`` when it does not decode.
+    be read-only, or ``out`` (a buffer to reuse, see ``decode_rgb_png``). Raises
+    ``FileNotFoundError`` naming the path when it does not exist and ``UserInputError`` when it does
+    not decode.
     """
     with open(path, "rb") as file:
         data = file.read()
-    ids = decode_rgb_png(data, str(path))
+    ids = decode_rgb_png(data, str(path), out=out if packed else None)
     return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
 
 

@@ -70,12 +70,15 @@ def png_decoder() -> str:
     return f"Pillow {Image.__version__} ({_VIPS_UNAVAILABLE}; {_INSTALL_HINT})"
 
 
-def decode_rgb_png(data: bytes, source: str = "PNG", *, use_vips: bool | None = None) -> np.ndarray:
+def decode_rgb_png(data: bytes, source: str = "PNG", *, use_vips: bool | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """``[H, W]`` uint32 packed pixels (see the module docstring) of the PNG file bytes ``data``.
 
     ``source`` names the file in errors. ``use_vips``: None picks libvips for 8-bit PNGs when it is
-    available; False forces Pillow; True forces libvips (``ImportError`` when it is missing). The
-    array may be read-only.
+    available; False forces Pillow; True forces libvips (``ImportError`` when it is missing).
+    ``out``: a writable C-contiguous uint32 array; libvips decodes into it (and returns it) when it
+    has the image's shape. Reusing one between images of a size spares allocating and page-faulting
+    8 MB per 2048x1024 image, which cost a fresh process ~5 ms per decode. The array may be read-only.
     Raises ``UserInputError`` for data that does not decode and for images that have no RGB colour
     (16-bit greyscale, a non-PNG in an unsupported mode).
     """
@@ -84,7 +87,7 @@ def decode_rgb_png(data: bytes, source: str = "PNG", *, use_vips: bool | None = 
     elif use_vips and _pyvips is None:
         raise ImportError(f"libvips is not available: {_VIPS_UNAVAILABLE}; {_INSTALL_HINT}")
     if use_vips:
-        return _decode_vips(data, source)
+        return _decode_vips(data, source, out)
     _note_fallback()
     return _decode_pillow(data, source)
 
@@ -101,7 +104,7 @@ def _undecodable(source: str, reason: str) -> UserInputError:
     return UserInputError(f"{source}: cannot decode the PNG (corrupt or truncated file?): {reason}")
 
 
-def _decode_vips(data: bytes, source: str) -> np.ndarray:
+def _decode_vips(data: bytes, source: str, out: np.ndarray | None = None) -> np.ndarray:
     global _vips_started
     _vips_started = True
     try:
@@ -114,10 +117,15 @@ def _decode_vips(data: bytes, source: str) -> np.ndarray:
             image = grey.bandjoin([grey, grey])
         if image.bands == 3:
             image = image.bandjoin_const([255])
+        shape = (image.height, image.width)
+        if (out is not None and out.shape == shape and out.dtype == np.dtype("<u4") and out.flags.writeable
+                and out.flags.c_contiguous):
+            image.write(_pyvips.Image.new_from_memory(out, image.width, image.height, 4, "uchar"))
+            return out
         pixels = image.write_to_memory()
     except _pyvips.Error as exc:
         raise _undecodable(source, " ".join(str(exc).split())) from None
-    return np.frombuffer(pixels, dtype="<u4").reshape(image.height, image.width)
+    return np.frombuffer(pixels, dtype="<u4").reshape(shape)
 
 
 def _decode_pillow(data: bytes, source: str) -> np.ndarray:

@@ -383,14 +383,15 @@ def _keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def _read_png(folder: str, annotation: Mapping[str, Any], what: str) -> tuple[np.ndarray, str]:
+def _read_png(folder: str, annotation: Mapping[str, Any], what: str, out: np.ndarray | None = None
+              ) -> tuple[np.ndarray, str]:
     image_id = annotation.get("image_id")
     file_name = annotation.get("file_name")
     if not file_name:
         raise UserInputError(f"image {image_id!r}: the {what} annotation has no 'file_name'")
     path = os.path.join(folder, file_name)
     try:
-        return read_id_png(path, packed=True), path
+        return read_id_png(path, packed=True, out=out), path
     except FileNotFoundError:
         raise FileNotFoundError(f"image {image_id!r}: {what} PNG {path} not found") from None
 
@@ -398,10 +399,11 @@ def _read_png(folder: str, annotation: Mapping[str, Any], what: str) -> tuple[np
 def _pairs_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], gt_folder: str,
                  pred_folder: str, categories: _Categories) -> np.ndarray:
     total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
+    gt_map = pred_map = None  # each image decodes into the previous one's arrays (see decode_rgb_png)
     for gt_annotation, pred_annotation in pairs:
         image_id = gt_annotation["image_id"]
-        gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth")
-        pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted")
+        gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth", out=gt_map)
+        pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted", out=pred_map)
         total += image_pq_stats(
             gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
             pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
