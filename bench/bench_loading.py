@@ -23,9 +23,10 @@ import torch
 
 from detr_panoptic.data.cityscapes import convert_cityscapes
 from detr_panoptic.data.coco_panoptic import cityscapes_panoptic_dataset, prepare_cache
-from detr_panoptic.data.synthetic import synthetic_sample, write_sample
+from detr_panoptic.data.synthetic import SceneOptions, synthetic_sample, write_sample
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BUSY = SceneOptions(density=2.5)  # ~30 segments per image, as the loading goal states
 IGNORED = (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
 
 
@@ -39,9 +40,9 @@ def make_tree(root: Path, images: int) -> list[int]:
     counts = []
     seed = 0
     while len(counts) < images:
-        _, preview, _ = synthetic_sample(seed, 256, 512, density=2.5)
+        _, preview, _ = synthetic_sample(seed, 256, 512, options=BUSY)
         if 25 <= kept_segments(preview) <= 35:
-            rgb, ids, scene = synthetic_sample(seed, 1024, 2048, density=2.5)
+            rgb, ids, scene = synthetic_sample(seed, 1024, 2048, options=BUSY)
             write_sample(root, "val", "frankfurt", seed, rgb, ids, scene)
             counts.append(kept_segments(ids))
         seed += 1

@@ -316,10 +316,10 @@ class SceneOptions:
 
 
 def build_scene(rng: np.random.Generator, height: int, width: int, *, things: bool = True,
-                density: float = 1.0, options: SceneOptions | None = None) -> Scene:
+                options: SceneOptions | None = None) -> Scene:
     """A random street scene as an ordered list of labelled polygons (see the module docstring and
-    ``SceneOptions``; ``density`` is kept for callers that set only it)."""
-    options = options if options is not None else SceneOptions(density=density)
+    ``SceneOptions``; default: the full mix)."""
+    options = options if options is not None else SceneOptions()
     density = options.density
     scene = Scene(height, width)
     horizon = height * rng.uniform(0.36, 0.5)
@@ -434,13 +434,13 @@ def render(scene: Scene, material_map: np.ndarray, rng: np.random.Generator) -> 
 
 
 def synthetic_sample(seed: int | Sequence[int], height: int = 512, width: int = 1024, *,
-                     things: bool = True, density: float = 1.0, options: SceneOptions | None = None
+                     things: bool = True, options: SceneOptions | None = None
                      ) -> tuple[np.ndarray, np.ndarray, Scene]:
     """One scene: (RGB uint8 [H, W, 3], instance ids uint16 [H, W], the Scene with its polygons)."""
     if height < 16 or width < 16:
         raise UserInputError(f"synthetic images need at least 16x16 pixels, got {height}x{width}")
     rng = np.random.default_rng(seed)
-    scene = build_scene(rng, height, width, things=things, density=density, options=options)
+    scene = build_scene(rng, height, width, things=things, options=options)
     ids, material_map = rasterize(scene)
     return render(scene, material_map, rng), ids, scene
 
