@@ -113,8 +113,9 @@ _LABEL_TABLE_SIZE = 1 << 16
 def _labels(values: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """Compact labels of ``values``: 0 = an id not in ``segment_ids``, 1 = VOID (id 0), 2 + i = ``segment_ids[i]``."""
     keys = np.concatenate([[0], segment_ids]).astype(np.int64)
-    if values.size and 0 <= values.min() and max(values.max(), keys.max()) < _LABEL_TABLE_SIZE:
-        table = np.zeros(max(values.max(), keys.max()) + 1, dtype=np.int64)
+    top = max(int(values.max()), int(keys.max())) if values.size else -1
+    if 0 <= top < _LABEL_TABLE_SIZE and values.min() >= 0:
+        table = np.zeros(top + 1, dtype=np.int64)
         table[keys] = np.arange(1, len(keys) + 1)
         return table[values]
     sorter = np.argsort(keys, kind="stable")
