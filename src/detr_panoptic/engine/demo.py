@@ -24,7 +24,7 @@ chained ``Config`` (stages ``pretrain``, ``stage1``, ``stage2``) plus a ``demo:`
 (``DemoSettings``: image size and counts, what the scenes hold, how many pictures, time budgets per
 phase). The demo departs from the reference recipe where a CPU forces it, and says so in the config:
 small ResNet-18 model, low resolution, scenes without structures thinner than the mask head resolves,
-batch 2 with a higher learning rate, about a thousand steps. The pre-training starts from random
+batch 2 with a higher learning rate, 1,700 pre-training steps. The pre-training starts from random
 weights, so the demo initialises them for it: the backbone's frozen batch norms are calibrated on the data
 (``calibrate_frozen_batchnorm``) and then train as batch norms (``freeze.batch_norm: false``), and the mask
 head's weights on the query attention maps are amplified (``amplify_mask_attention``); without the latter
