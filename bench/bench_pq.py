@@ -9,7 +9,7 @@ ids 1..N. Both PNG sets are written with Pillow, as cityscapesscripts' converter
 
 Besides the two evaluators, each repetition times the PNG decoding alone with each decoder (a Pool of
 as many processes that only reads and decodes): Pillow, which cityscapesscripts uses, and ours
-(libvips when available). Repetitions alternate which evaluator runs first; the 1-minute load average is recorded
+(zlib-ng + our compiled unfilter when built, else libvips). Repetitions alternate which evaluator runs first; the 1-minute load average is recorded
 with each, as the machine may be shared.
 
 Usage: python bench/bench_pq.py [--images 16] [--reps 15] [--workers 2] [--keep DIR]
@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from detr_panoptic.evaluation import id_map_to_rgb, pq_compute
-from detr_panoptic.evaluation.png_decoding import decode_rgb_png, png_decoder
 from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.png import decode_rgb_png, png_decoder
 
 HEIGHT, WIDTH = 1024, 2048
 # Cityscapes label ids: stuff 7 road, 8 sidewalk, 11 building, 21 vegetation, 23 sky;
@@ -180,7 +180,8 @@ def _decode_pair_ours(files: tuple[str, str]) -> int:
 def decode_only(paths: dict[str, Path], workers: int, decoder: str) -> None:
     """The PNG decoding alone with Pillow (what cityscapesscripts does) or our decoder, in a Pool of
     the same number of processes. The Pool starts from our fork server: a process forked from this
-    one, where pq_compute has decoded with libvips, would fall back to Pillow (png_decoding)."""
+    one after libvips has decoded would fall back to Pillow for the PNGs that need libvips
+    (detr_panoptic.utils.png)."""
     annotations = json.loads(paths["gt_json"].read_text())["annotations"]
     pairs = [(str(paths["gt_folder"] / a["file_name"]), str(paths["pred_folder"] / a["file_name"]))
              for a in annotations]

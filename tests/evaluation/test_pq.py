@@ -215,11 +215,13 @@ def test_packed_png_reading_keeps_ids_in_the_low_24_bits(make_case):
     np.testing.assert_array_equal(read_id_png(path, packed=True) & 0xFFFFFF, expected)
 
 
-def test_pillow_decoding_gives_the_same_results(make_case, monkeypatch):
-    from detr_panoptic.evaluation import png_decoding
+@pytest.mark.parametrize("without", [("_unfilter",), ("_unfilter", "_pyvips")])
+def test_the_fallback_decoders_give_the_same_results(make_case, monkeypatch, without):
+    from detr_panoptic.utils import png as png_decoding
 
     case = make_case(4)
-    monkeypatch.setattr(png_decoding, "_pyvips", None)  # as without pyvips installed
+    for name in without:  # as without the compiled extension, then also without pyvips: libvips, Pillow
+        monkeypatch.setattr(png_decoding, name, None)
     assert_same_results(ours(case), reference_pq(case))
 
 
@@ -361,7 +363,7 @@ def test_percentage_forms(make_case):
 
 
 def test_zero_copy_pixel_view_equals_tobytes_and_outlives_the_image(make_case):
-    from detr_panoptic.evaluation.png_decoding import _rgbx_view
+    from detr_panoptic.utils.png import _rgbx_view
 
     case = make_case(9, num_images=1)
     ann = case.gt_json["annotations"][0]

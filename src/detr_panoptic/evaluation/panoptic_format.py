@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from detr_panoptic.evaluation.png_decoding import decode_rgb_png
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
+from detr_panoptic.utils.png import decode_rgb_png
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
 def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids (``R + 256 G + 256^2 B``).
 
-    The file is read once and decoded from memory (``png_decoding.decode_rgb_png``: libvips when
-    available, else Pillow). Palette and greyscale PNGs give the ids of the colours they display.
+    The file is read once and decoded from memory (``detr_panoptic.utils.png.decode_rgb_png``: zlib-ng
+    and our compiled unfilter, else libvips, else Pillow). Palette and greyscale PNGs give the ids of the colours they display.
     ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
     byte is padding or alpha), which is all that comparisons between neighbours need; the array may
     be read-only, or ``out`` (a buffer to reuse, see ``decode_rgb_png``). Raises

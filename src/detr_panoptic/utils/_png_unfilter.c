@@ -1,0 +1,167 @@
+/* PNG scanline unfiltering (PNG spec, section 9) into packed 32-bit pixels.
+ *
+ * The one compiled part of detr-panoptic, and optional: when it is not built, PNGs decode through
+ * libvips or Pillow (detr_panoptic/utils/png.py), with the same pixels. Inflating is
+ * done in Python by zlib-ng; this file only undoes the per-row filters of an 8-bit, non-interlaced
+ * image and packs each pixel as R + 256 G + 256^2 B + 256^3 A (A = 255 when the image has no alpha;
+ * grey v is the colour (v, v, v)).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline uint8_t paeth(int a, int b, int c)
+{
+    int pa = abs(b - c);          /* |p - a| with p = a + b - c */
+    int pb = abs(a - c);          /* |p - b| */
+    int pc = abs(a + b - 2 * c);  /* |p - c| */
+    if (pa <= pb && pa <= pc)
+        return (uint8_t)a;
+    return (uint8_t)(pb <= pc ? b : c);
+}
+
+/* Undo one row's filter: `cur` gets the pixels of the filtered bytes `in`, given the row above `prev`
+ * (all zero for the first row). Returns 0, or -1 for an unknown filter type. */
+static int unfilter_row(int filter, const uint8_t *in, const uint8_t *prev, uint8_t *cur, Py_ssize_t stride,
+                        int bpp)
+{
+    Py_ssize_t i;
+    switch (filter) {
+    case 0: /* None */
+        memcpy(cur, in, (size_t)stride);
+        return 0;
+    case 1: /* Sub */
+        for (i = 0; i < bpp; i++)
+            cur[i] = in[i];
+        for (; i < stride; i++)
+            cur[i] = (uint8_t)(in[i] + cur[i - bpp]);
+        return 0;
+    case 2: /* Up */
+        for (i = 0; i < stride; i++)
+            cur[i] = (uint8_t)(in[i] + prev[i]);
+        return 0;
+    case 3: /* Average */
+        for (i = 0; i < bpp; i++)
+            cur[i] = (uint8_t)(in[i] + (prev[i] >> 1));
+        for (; i < stride; i++)
+            cur[i] = (uint8_t)(in[i] + ((cur[i - bpp] + prev[i]) >> 1));
+        return 0;
+    case 4: /* Paeth; left of the first pixel, a = c = 0 and the predictor is b */
+        for (i = 0; i < bpp; i++)
+            cur[i] = (uint8_t)(in[i] + prev[i]);
+        for (; i < stride; i++) {
+            int a = cur[i - bpp], b = prev[i], c = prev[i - bpp];
+            /* Inside a region of one colour b == c, and the predictor is a: no comparisons. */
+            cur[i] = (uint8_t)(in[i] + (b == c ? a : paeth(a, b, c)));
+        }
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+static void pack_row(const uint8_t *row, uint32_t *out, Py_ssize_t width, int channels)
+{
+    Py_ssize_t x;
+    switch (channels) {
+    case 1: /* grey */
+        for (x = 0; x < width; x++)
+            out[x] = (uint32_t)row[x] * 0x010101u | 0xFF000000u;
+        break;
+    case 2: /* grey + alpha */
+        for (x = 0; x < width; x++)
+            out[x] = (uint32_t)row[2 * x] * 0x010101u | (uint32_t)row[2 * x + 1] << 24;
+        break;
+    case 3: /* RGB */
+        for (x = 0; x < width; x++)
+            out[x] = (uint32_t)row[3 * x] | (uint32_t)row[3 * x + 1] << 8 | (uint32_t)row[3 * x + 2] << 16
+                     | 0xFF000000u;
+        break;
+    default: /* RGBA */
+        for (x = 0; x < width; x++)
+            out[x] = (uint32_t)row[4 * x] | (uint32_t)row[4 * x + 1] << 8 | (uint32_t)row[4 * x + 2] << 16
+                     | (uint32_t)row[4 * x + 3] << 24;
+        break;
+    }
+}
+
+PyDoc_STRVAR(unfilter_doc,
+"unfilter(data, width, height, channels, out)\n--\n\n"
+"Undo the row filters of an inflated 8-bit, non-interlaced PNG image.\n\n"
+"data: the inflated IDAT stream, height rows of one filter-type byte and width * channels bytes.\n"
+"channels: 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA. out: a writable buffer of width * height\n"
+"uint32 (native byte order) that receives the packed pixels. Raises ValueError for a wrong size\n"
+"or an unknown filter type (naming the row).");
+
+static PyObject *unfilter(PyObject *self, PyObject *args)
+{
+    Py_buffer data, out;
+    Py_ssize_t width, height;
+    int channels;
+    if (!PyArg_ParseTuple(args, "y*nniw*:unfilter", &data, &width, &height, &channels, &out))
+        return NULL;
+    PyObject *result = NULL;
+    uint8_t *rows = NULL;
+    Py_ssize_t stride = width * channels, bad_row = -1;
+    int bad_filter = 0;
+    if (channels < 1 || channels > 4 || width <= 0 || height <= 0 || width > PY_SSIZE_T_MAX / 4 / height) {
+        PyErr_Format(PyExc_ValueError, "bad image geometry: %zd x %zd with %d channels", width, height, channels);
+        goto done;
+    }
+    if (data.len != height * (stride + 1)) {
+        PyErr_Format(PyExc_ValueError, "the image data has %zd bytes, expected %zd for %zd rows of %zd pixels",
+                     data.len, height * (stride + 1), height, width);
+        goto done;
+    }
+    if (out.len != width * height * 4) {
+        PyErr_Format(PyExc_ValueError, "the output buffer has %zd bytes, expected %zd", out.len, width * height * 4);
+        goto done;
+    }
+    rows = calloc(2, (size_t)stride);
+    if (rows == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *in = data.buf;
+    uint32_t *pixels = out.buf;
+    uint8_t *prev = rows, *cur = rows + stride;
+    for (Py_ssize_t y = 0; y < height; y++, in += stride + 1) {
+        if (unfilter_row(in[0], in + 1, prev, cur, stride, channels) != 0) {
+            bad_row = y;
+            bad_filter = in[0];
+            break;
+        }
+        pack_row(cur, pixels + y * width, width, channels);
+        uint8_t *swap = prev;
+        prev = cur;
+        cur = swap;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad_row >= 0) {
+        PyErr_Format(PyExc_ValueError, "row %zd has the unknown filter type %d", bad_row, bad_filter);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(rows);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"unfilter", unfilter, METH_VARARGS, unfilter_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_png_unfilter", "PNG scanline unfiltering into packed 32-bit pixels.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__png_unfilter(void)
+{
+    return PyModule_Create(&module);
+}
