@@ -282,7 +282,9 @@ def main() -> int:
                  "as shipped (Pool of cpu_count()=2), same files, results equal to 1e-12. cityscapesscripts "
                  "decodes the PNGs with Pillow, ours with ours_decoder; decode_floor_*_s is the time a Pool of "
                  "the same size takes to only read and decode all the PNGs with that decoder, and *_beyond_"
-                 "decode_floor_s what each evaluator spends on top of its own floor. The machine has 2 cores "
+                 "decode_floor_s what each evaluator spends on top of its own floor (it can be negative for ours: "
+                 "pq_compute works in this process beside workers-1 pool processes, which costs less than "
+                 "starting a Pool of workers processes). The machine has 2 cores "
                  "and may be shared: load_average_1min_* is os.getloadavg()[0] at the start of each rep.",
     }
     out = Path(__file__).resolve().parent / "results" / "bench_pq.json"
