@@ -41,18 +41,9 @@ from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.data.cityscapes import cityscapes_image_path, find_gtfine, panoptic_output_name
 from detr_panoptic.data.transforms import compact_id_map, make_transforms, targets_from_id_map
 from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.png import read_id_png
 
 ImagePathFn = Callable[[Mapping[str, Any]], "str | os.PathLike"]
-
-
-def rgb_to_id(rgb: torch.Tensor) -> torch.Tensor:
-    """Panoptic PNG pixels ``[3, H, W]`` uint8 -> ids int32 ``[H, W]`` (id = R + 256 G + 256^2 B)."""
-    ids = rgb[2].to(torch.int32)
-    ids <<= 8
-    ids |= rgb[1]
-    ids <<= 8
-    ids |= rgb[0]
-    return ids
 
 
 def _decode(path: Path, what: str) -> torch.Tensor:
@@ -76,6 +67,14 @@ def _decode(path: Path, what: str) -> torch.Tensor:
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     except Exception as exc:  # noqa: BLE001 - the file is broken in some way; name it
         raise UserInputError(f"{path}: cannot decode the {what} (corrupt or truncated?): {exc}") from None
+
+
+def _read_panoptic_png(path: Path) -> torch.Tensor:
+    """int32 ``[H, W]`` segment ids (``R + 256 G + 256^2 B``) of a panoptic PNG (``utils.png``: ~4 ms
+    for a 2048x1024 PNG, against ~20 ms for torchvision's decoder plus packing)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: panoptic PNG not found")
+    return torch.from_numpy(read_id_png(path).view(np.int32))
 
 
 def load_coco_json(json_path: str | os.PathLike) -> dict[str, Any]:
@@ -190,7 +189,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
                     id_map = stored["table"][stored["compact"]]
                 return torch.from_numpy(np.load(image_file)), torch.from_numpy(id_map)
         image = _decode(self.image_path(self.image_record(index)), "image")
-        id_map = rgb_to_id(_decode(self.panoptic_path(ann), "panoptic PNG"))
+        id_map = _read_panoptic_png(self.panoptic_path(ann))
         if id_map.shape != image.shape[-2:]:
             raise UserInputError(f"{self.panoptic_path(ann)}: size {tuple(id_map.shape)} differs from the image's "
                                  f"{tuple(image.shape[-2:])} ({self.image_path(self.image_record(index))})")

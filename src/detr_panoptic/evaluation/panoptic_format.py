@@ -20,12 +20,9 @@ from PIL import Image
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
-from detr_panoptic.utils.png import decode_rgb_png
+from detr_panoptic.utils.png import MAX_SEGMENT_ID, read_id_png  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-
-MAX_SEGMENT_ID = 256**3 - 1  # the largest id an RGB pixel can hold
-
 
 def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
     """``[H, W, 3]`` uint8 RGB -> ``[H, W]`` int64 segment ids (``R + 256 G + 256^2 B``)."""
@@ -49,23 +46,6 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
     rgb[..., 1] = (ids >> 8) & 255
     rgb[..., 2] = (ids >> 16) & 255
     return rgb
-
-
-def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarray | None = None) -> np.ndarray:
-    """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids (``R + 256 G + 256^2 B``).
-
-    The file is read once and decoded from memory (``detr_panoptic.utils.png.decode_rgb_png``: zlib-ng
-    and our compiled unfilter, else libvips, else Pillow). Palette and greyscale PNGs give the ids of the colours they display.
-    ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
-    byte is padding or alpha), which is all that comparisons between neighbours need; the array may
-    be read-only, or ``out`` (a buffer to reuse, see ``decode_rgb_png``). Raises
-    ``FileNotFoundError`` naming the path when it does not exist and ``UserInputError`` when it does
-    not decode.
-    """
-    with open(path, "rb") as file:
-        data = file.read()
-    ids = decode_rgb_png(data, str(path), out=out if packed else None)
-    return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
 
 
 def write_id_png(path: str | os.PathLike, id_map: Any) -> None:

@@ -89,6 +89,7 @@ _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # the colour types the unfilter decoder ta
 _KNOWN_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
 _INSTALL_HINT = "pip install 'pyvips[binary]' for faster decoding"
 DECODERS = ("unfilter", "libvips", "pillow")
+MAX_SEGMENT_ID = 256**3 - 1  # the largest id an RGB pixel can hold
 _warned = False
 
 
@@ -134,6 +135,22 @@ def decode_rgb_png(data: bytes, source: str = "PNG", *, decoder: str | None = No
         return _decode_vips(data, source, out)
     _note_fallback()
     return _decode_pillow(data, source)
+
+
+def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """Read a COCO panoptic PNG as ``[H, W]`` uint32 segment ids (``R + 256 G + 256^2 B``).
+
+    The file is read once and decoded from memory (``decode_rgb_png``). Palette and greyscale PNGs
+    give the ids of the colours they display. ``packed=True`` skips one pass: the ids are then only the low 24 bits of each value (the high
+    byte is padding or alpha), which is all that comparisons between neighbours need; the array may
+    be read-only, or ``out`` (a buffer to reuse, see ``decode_rgb_png``). Raises
+    ``FileNotFoundError`` naming the path when it does not exist and ``UserInputError`` when it does
+    not decode.
+    """
+    with open(path, "rb") as file:
+        data = file.read()
+    ids = decode_rgb_png(data, str(path), out=out if packed else None)
+    return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
 
 
 def _is_8bit_png(data: bytes) -> bool:
