@@ -176,12 +176,20 @@ def test_the_unfilter_decoder_names_what_is_wrong_with_a_damaged_file():
         return (header + struct.pack(">I", len(body)) + b"IDAT" + body
                 + struct.pack(">I", zlib.crc32(b"IDAT" + body)) + good[-12:])
 
+    def with_truncated_stream(rows: bytes) -> bytes:  # all pixels there, the stream's end missing
+        compressor = zlib.compressobj()
+        body = compressor.compress(rows) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        return (header + struct.pack(">I", len(body)) + b"IDAT" + body
+                + struct.pack(">I", zlib.crc32(b"IDAT" + body)) + good[-12:])
+
     inflated = zlib.decompress(good[idat_start + 8:-16])
     bad_filter = bytearray(inflated)
     bad_filter[3 * 16] = 7  # row 3's filter-type byte
     cases = {
         "row 3 has the unknown filter type 7": with_pixel_data(bytes(bad_filter)),
         "the pixel data has 95 bytes, expected 96 for 5x6 pixels": with_pixel_data(inflated[:-1]),
+        "the pixel data has more than 96 bytes, expected 96": with_pixel_data(inflated + bytes(1000)),
+        "the compressed stream is truncated": with_truncated_stream(inflated),
         "the b'IDAT' chunk at byte 33 has a wrong CRC": good[:-17] + bytes([good[-17] ^ 1]) + good[-16:],
         "the file ends before its IEND chunk": good[:-12],
         "the b'IDAT' chunk at byte 33 runs past the end of the file": good[:50],

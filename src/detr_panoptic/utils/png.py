@@ -193,12 +193,17 @@ def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.nda
             return None
         position = end + 4
     expected = height * (1 + width * channels)
+    # At most one byte more than the header promises: a small file cannot inflate into gigabytes.
+    inflater = _zlib_ng.decompressobj()
     try:
-        inflated = _zlib_ng.decompress(b"".join(idat), bufsize=expected)
+        inflated = inflater.decompress(b"".join(idat), expected + 1)
     except _zlib_ng.error as exc:
         raise _undecodable(source, f"the pixel data does not inflate ({exc})") from None
+    if len(inflated) == expected and not inflater.eof:
+        raise _undecodable(source, "the pixel data does not inflate (the compressed stream is truncated)")
     if len(inflated) != expected:
-        raise _undecodable(source, f"the pixel data has {len(inflated)} bytes, expected {expected} for "
+        amount = f"more than {expected}" if len(inflated) > expected else str(len(inflated))
+        raise _undecodable(source, f"the pixel data has {amount} bytes, expected {expected} for "
                                    f"{width}x{height} pixels")
     if not (out is not None and out.shape == (height, width) and out.dtype == np.dtype("<u4")
             and out.flags.writeable and out.flags.c_contiguous):
