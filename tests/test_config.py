@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_round_trip_load_override_save_reload(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 

@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "save_config": "detr_panoptic.config",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", *_EXPORTS]  # noqa: PLE0604 - the names, lazily imported by __getattr__
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from detr_panoptic import __version__
 from detr_panoptic.utils.logging import setup_logging

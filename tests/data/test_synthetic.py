@@ -132,7 +132,7 @@ def test_scene_options_leave_out_street_furniture_and_bring_things_near() -> Non
                 assert not np.isin(semantic, list(furniture)).any()
                 assert not any(label in ("pole", "fence", "traffic sign", "traffic light")
                                for _, _, label, _ in scene.shapes)
-            values, counts = np.unique(ids[ids >= 1000], return_counts=True)
+            _, counts = np.unique(ids[ids >= 1000], return_counts=True)
             thing_sizes[name].extend(counts.tolist())
     assert seen_furniture >= 5
     # Things nearer the camera are larger.

@@ -1,7 +1,7 @@
 """Batching differently-sized images: zero-pad to the largest size, with a padding mask."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
