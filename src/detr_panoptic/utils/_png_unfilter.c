@@ -4,7 +4,8 @@
  * libvips or Pillow (detr_panoptic/utils/png.py), with the same pixels. Inflating is
  * done in Python by zlib-ng; this file only undoes the per-row filters of an 8-bit, non-interlaced
  * image and packs each pixel as R + 256 G + 256^2 B + 256^3 A (A = 255 when the image has no alpha;
- * grey v is the colour (v, v, v)).
+ * grey v is the colour (v, v, v)), or, for 16-bit greyscale images (Cityscapes' instance ids), gives
+ * the samples as uint16.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -87,6 +88,79 @@ static void pack_row(const uint8_t *row, uint32_t *out, Py_ssize_t width, int ch
     }
 }
 
+/* Pixel layouts: 1-4 are 8-bit images of that many channels, packed into uint32; GREY16 is a
+ * 16-bit greyscale image, its samples (big-endian in the file) given as uint16. */
+#define GREY16 16
+
+/* Unfilter every row of `in` into `out` (uint32 or uint16 pixels, see above). Returns -1, or the
+ * first row whose filter type is unknown (its type in *bad_filter). Touches no Python object. */
+static Py_ssize_t unfilter_image(const uint8_t *in, Py_ssize_t width, Py_ssize_t height, int layout,
+                                 uint8_t *rows, void *out, int *bad_filter)
+{
+    int bpp = layout == GREY16 ? 2 : layout; /* bytes per pixel, the distance the filters look left */
+    Py_ssize_t stride = width * bpp;
+    uint8_t *prev = rows, *cur = rows + stride;
+    for (Py_ssize_t y = 0; y < height; y++, in += stride + 1) {
+        if (unfilter_row(in[0], in + 1, prev, cur, stride, bpp) != 0) {
+            *bad_filter = in[0];
+            return y;
+        }
+        if (layout == GREY16) {
+            uint16_t *samples = (uint16_t *)out + y * width;
+            for (Py_ssize_t x = 0; x < width; x++)
+                samples[x] = (uint16_t)(cur[2 * x] << 8 | cur[2 * x + 1]);
+        } else {
+            pack_row(cur, (uint32_t *)out + y * width, width, layout);
+        }
+        uint8_t *swap = prev;
+        prev = cur;
+        cur = swap;
+    }
+    return -1;
+}
+
+/* The Python-facing part of both functions: check the sizes, unfilter without the GIL, raise. */
+static PyObject *unfilter_checked(Py_buffer *data, Py_ssize_t width, Py_ssize_t height, int layout, Py_buffer *out)
+{
+    PyObject *result = NULL;
+    uint8_t *rows = NULL;
+    int bpp = layout == GREY16 ? 2 : layout, out_size = layout == GREY16 ? 2 : 4, bad_filter = 0;
+    Py_ssize_t bad_row;
+    if (width <= 0 || height <= 0 || width > PY_SSIZE_T_MAX / 8 / height) {
+        PyErr_Format(PyExc_ValueError, "bad image geometry: %zd x %zd", width, height);
+        goto done;
+    }
+    Py_ssize_t stride = width * bpp;
+    if (data->len != height * (stride + 1)) {
+        PyErr_Format(PyExc_ValueError, "the image data has %zd bytes, expected %zd for %zd rows of %zd pixels",
+                     data->len, height * (stride + 1), height, width);
+        goto done;
+    }
+    if (out->len != width * height * out_size) {
+        PyErr_Format(PyExc_ValueError, "the output buffer has %zd bytes, expected %zd", out->len,
+                     width * height * out_size);
+        goto done;
+    }
+    rows = calloc(2, (size_t)stride); /* the row above the first is all zeros */
+    if (rows == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    bad_row = unfilter_image(data->buf, width, height, layout, rows, out->buf, &bad_filter);
+    Py_END_ALLOW_THREADS
+    if (bad_row >= 0) {
+        PyErr_Format(PyExc_ValueError, "row %zd has the unknown filter type %d", bad_row, bad_filter);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(rows);
+    PyBuffer_Release(data);
+    PyBuffer_Release(out);
+    return result;
+}
+
 PyDoc_STRVAR(unfilter_doc,
 "unfilter(data, width, height, channels, out)\n--\n\n"
 "Undo the row filters of an inflated 8-bit, non-interlaced PNG image.\n\n"
@@ -102,58 +176,33 @@ static PyObject *unfilter(PyObject *self, PyObject *args)
     int channels;
     if (!PyArg_ParseTuple(args, "y*nniw*:unfilter", &data, &width, &height, &channels, &out))
         return NULL;
-    PyObject *result = NULL;
-    uint8_t *rows = NULL;
-    Py_ssize_t stride = width * channels, bad_row = -1;
-    int bad_filter = 0;
-    if (channels < 1 || channels > 4 || width <= 0 || height <= 0 || width > PY_SSIZE_T_MAX / 4 / height) {
-        PyErr_Format(PyExc_ValueError, "bad image geometry: %zd x %zd with %d channels", width, height, channels);
-        goto done;
+    if (channels < 1 || channels > 4) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&out);
+        return PyErr_Format(PyExc_ValueError, "channels must be 1 to 4, not %d", channels);
     }
-    if (data.len != height * (stride + 1)) {
-        PyErr_Format(PyExc_ValueError, "the image data has %zd bytes, expected %zd for %zd rows of %zd pixels",
-                     data.len, height * (stride + 1), height, width);
-        goto done;
-    }
-    if (out.len != width * height * 4) {
-        PyErr_Format(PyExc_ValueError, "the output buffer has %zd bytes, expected %zd", out.len, width * height * 4);
-        goto done;
-    }
-    rows = calloc(2, (size_t)stride);
-    if (rows == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const uint8_t *in = data.buf;
-    uint32_t *pixels = out.buf;
-    uint8_t *prev = rows, *cur = rows + stride;
-    for (Py_ssize_t y = 0; y < height; y++, in += stride + 1) {
-        if (unfilter_row(in[0], in + 1, prev, cur, stride, channels) != 0) {
-            bad_row = y;
-            bad_filter = in[0];
-            break;
-        }
-        pack_row(cur, pixels + y * width, width, channels);
-        uint8_t *swap = prev;
-        prev = cur;
-        cur = swap;
-    }
-    Py_END_ALLOW_THREADS
-    if (bad_row >= 0) {
-        PyErr_Format(PyExc_ValueError, "row %zd has the unknown filter type %d", bad_row, bad_filter);
-        goto done;
-    }
-    result = Py_NewRef(Py_None);
-done:
-    free(rows);
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&out);
-    return result;
+    return unfilter_checked(&data, width, height, channels, &out);
+}
+
+PyDoc_STRVAR(unfilter_grey16_doc,
+"unfilter_grey16(data, width, height, out)\n--\n\n"
+"Undo the row filters of an inflated 16-bit greyscale, non-interlaced PNG image.\n\n"
+"data: the inflated IDAT stream, height rows of one filter-type byte and 2 * width bytes (each\n"
+"sample big-endian). out: a writable buffer of width * height uint16 (native byte order) that\n"
+"receives the samples. Raises ValueError for a wrong size or an unknown filter type (naming the row).");
+
+static PyObject *unfilter_grey16(PyObject *self, PyObject *args)
+{
+    Py_buffer data, out;
+    Py_ssize_t width, height;
+    if (!PyArg_ParseTuple(args, "y*nnw*:unfilter_grey16", &data, &width, &height, &out))
+        return NULL;
+    return unfilter_checked(&data, width, height, GREY16, &out);
 }
 
 static PyMethodDef methods[] = {
     {"unfilter", unfilter, METH_VARARGS, unfilter_doc},
+    {"unfilter_grey16", unfilter_grey16, METH_VARARGS, unfilter_grey16_doc},
     {NULL, NULL, 0, NULL},
 };
 

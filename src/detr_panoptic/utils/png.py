@@ -74,8 +74,9 @@ else:
     _UNFILTER_UNAVAILABLE = ""
 try:
     from detr_panoptic.utils._png_unfilter import unfilter as _unfilter
+    from detr_panoptic.utils._png_unfilter import unfilter_grey16 as _unfilter_grey16
 except ImportError as exc:
-    _unfilter = None
+    _unfilter = _unfilter_grey16 = None
     _UNFILTER_UNAVAILABLE = (f"the C extension detr_panoptic.utils._png_unfilter was not built ({exc}); "
                              "reinstall with a C compiler")
 
@@ -167,12 +168,64 @@ def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.nda
     Reads the chunks (each CRC-checked), inflates the IDAT stream with zlib-ng and undoes the row
     filters in C. A damaged file raises ``UserInputError``, as the other decoders do.
     """
-    if len(data) < 33 or not data.startswith(_SIGNATURE) or data[12:16] != b"IHDR" or data[8:12] != b"\0\0\0\r":
+    header = _plain_png_header(data)
+    if header is None:
+        return None
+    width, height, bit_depth, colour_type = header
+    channels = _CHANNELS.get(colour_type)
+    if bit_depth != 8 or channels is None:
+        return None
+    inflated = _inflated_pixels(data, source, width, height, channels)
+    if inflated is None:
+        return None
+    if not (out is not None and out.shape == (height, width) and out.dtype == np.dtype("<u4")
+            and out.flags.writeable and out.flags.c_contiguous):
+        out = np.empty((height, width), "<u4")
+    try:
+        _unfilter(inflated, width, height, channels, out)
+    except ValueError as exc:
+        raise _undecodable(source, str(exc)) from None
+    return out
+
+
+def decode_grey16_png(data: bytes, source: str = "PNG") -> np.ndarray | None:
+    """``[H, W]`` uint16 samples of a 16-bit greyscale, non-interlaced PNG (Cityscapes' instance ids),
+    by zlib-ng and our C unfilter: ~3x faster than Pillow on a 2048x1024 ``*_instanceIds.png``.
+
+    None when the unfilter decoder is not available or ``data`` is not such a PNG (read it with
+    Pillow then, which also gives the error for other kinds). A damaged file raises ``UserInputError``.
+    """
+    if _unfilter is None or _zlib_ng is None:
+        return None
+    header = _plain_png_header(data)
+    if header is None or header[2:] != (16, 0):
+        return None
+    width, height = header[:2]
+    inflated = _inflated_pixels(data, source, width, height, 2)
+    if inflated is None:
+        return None
+    samples = np.empty((height, width), np.uint16)
+    try:
+        _unfilter_grey16(inflated, width, height, samples)
+    except ValueError as exc:
+        raise _undecodable(source, str(exc)) from None
+    return samples
+
+
+def _plain_png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(width, height, bit depth, colour type)`` of a standard, non-interlaced PNG; None otherwise."""
+    if len(data) < 33 or not data.startswith(_SIGNATURE) or data[8:16] != b"\0\0\0\rIHDR":
         return None
     width, height, bit_depth, colour_type, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    channels = _CHANNELS.get(colour_type)
-    if bit_depth != 8 or channels is None or interlace != 0 or compression != 0 or filtering != 0:
+    if interlace != 0 or compression != 0 or filtering != 0:
         return None
+    return width, height, bit_depth, colour_type
+
+
+def _inflated_pixels(data: bytes, source: str, width: int, height: int, bytes_per_pixel: int) -> bytes | None:
+    """The inflated IDAT stream of ``data``, checked to be ``height`` rows of a filter byte and
+    ``width * bytes_per_pixel`` bytes. Every chunk's CRC is checked. None when the file has a critical
+    chunk this reader does not know (another decoder takes it); ``UserInputError`` when it is damaged."""
     view = memoryview(data)
     idat = []
     position, size = 8, len(data)
@@ -192,7 +245,7 @@ def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.nda
         elif not kind[0] & 0x20 and kind not in _KNOWN_CRITICAL:  # a critical chunk we do not know
             return None
         position = end + 4
-    expected = height * (1 + width * channels)
+    expected = height * (1 + width * bytes_per_pixel)
     # At most one byte more than the header promises: a small file cannot inflate into gigabytes.
     inflater = _zlib_ng.decompressobj()
     try:
@@ -205,14 +258,7 @@ def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.nda
         amount = f"more than {expected}" if len(inflated) > expected else str(len(inflated))
         raise _undecodable(source, f"the pixel data has {amount} bytes, expected {expected} for "
                                    f"{width}x{height} pixels")
-    if not (out is not None and out.shape == (height, width) and out.dtype == np.dtype("<u4")
-            and out.flags.writeable and out.flags.c_contiguous):
-        out = np.empty((height, width), "<u4")
-    try:
-        _unfilter(inflated, width, height, channels, out)
-    except ValueError as exc:
-        raise _undecodable(source, str(exc)) from None
-    return out
+    return inflated
 
 
 def _undecodable(source: str, reason: str) -> UserInputError:
