@@ -21,7 +21,7 @@ needs_vips = pytest.mark.skipif(png_decoding._pyvips is None, reason="pyvips is 
 needs_unfilter = pytest.mark.skipif(png_decoding._unfilter is None or png_decoding._zlib_ng is None,
                                     reason="the unfilter decoder is not available")
 # The kinds of png_kinds() that the unfilter decoder takes (8-bit, not interlaced, no palette).
-UNFILTER_KINDS = ("rgb", "rgb, no compression", "rgb, converter", "rgb, several IDAT chunks", "rgb + tRNS", "rgba",
+UNFILTER_KINDS = ("rgb", "rgb, no compression", "rgb, ours", "rgb, several IDAT chunks", "rgb + tRNS", "rgba",
                   "grey", "grey + alpha")
 
 
@@ -49,13 +49,13 @@ def png_kinds() -> dict[str, bytes]:
     grey = rgb[..., 0]
     alpha = np.random.default_rng(1).integers(0, 256, rgb.shape[:2], dtype=np.uint8)
     noise = np.random.default_rng(2).integers(0, 256, (300, 300, 3), dtype=np.uint8)
-    from detr_panoptic.data.cityscapes import panoptic_png_bytes
 
     kinds = {
         "rgb": pillow_png(Image.fromarray(rgb)),
         "rgb, no compression": pillow_png(Image.fromarray(rgb), compress_level=0),
-        # Our converter's own encoder: Sub filter on every row, run-length zlib.
-        "rgb, converter": panoptic_png_bytes((rgb[..., 0] + 256 * rgb[..., 1].astype(np.uint16)).astype(np.uint16)),
+        # Our own encoder (encode_id_png): Sub filter on every row, run-length zlib.
+        "rgb, ours": png_decoding.encode_id_png(rgb[..., 0] + 256 * rgb[..., 1].astype(np.uint32)
+                                                + 65536 * rgb[..., 2].astype(np.uint32)),
         "rgb, several IDAT chunks": pillow_png(Image.fromarray(noise)),
         "rgb + tRNS": pillow_png(Image.fromarray(rgb), transparency=tuple(int(v) for v in rgb[0, 0])),
         "rgba": pillow_png(Image.fromarray(np.dstack([rgb, alpha]))),
@@ -379,3 +379,21 @@ def test_the_install_built_the_extension_where_a_compiler_exists():
     # unfilter tests and quietly make PQ evaluation twice as slow.
     assert png_decoding._unfilter is not None, png_decoding._UNFILTER_UNAVAILABLE
     assert png_decoding._zlib_ng is not None, png_decoding._UNFILTER_UNAVAILABLE
+
+
+def test_encode_id_png_round_trips_every_id_through_pillow():
+    rng = np.random.default_rng(24)
+    for ids in (rng.integers(0, 256**3, (37, 29)),  # noise: every byte of every pixel changes
+                np.repeat(np.repeat(rng.integers(0, 256**3, (4, 3)), 9, 0), 10, 1).astype(np.uint32),
+                np.array([[0]], np.uint8), np.array([[256**3 - 1, 65535]], np.int64)):
+        data = png_decoding.encode_id_png(ids)
+        np.testing.assert_array_equal(shown_colour_ids(data), ids)
+
+
+def test_encode_id_png_refuses_what_no_rgb_pixel_holds():
+    for ids, message in ((np.array([[256**3]]), r"segment ids must be in 0\.\.16777215, got 16777216"),
+                         (np.array([[-1, 0]]), r"got -1\.\.0"),
+                         (np.zeros((0, 4), np.int64), "non-empty"), (np.zeros(4, np.int64), "non-empty"),
+                         (np.zeros((2, 2), np.float32), "integer")):
+        with pytest.raises(ValueError, match=message):
+            png_decoding.encode_id_png(ids)

@@ -26,8 +26,6 @@ import io
 import json
 import logging
 import os
-import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,12 +38,7 @@ from PIL import Image
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
 from detr_panoptic.utils.parallel import process_context
-from detr_panoptic.utils.png import decode_grey16_png
-
-try:
-    from zlib_ng import zlib_ng as _zlib
-except ImportError:  # a core dependency; stock zlib writes the same format, slower
-    _zlib = zlib
+from detr_panoptic.utils.png import decode_grey16_png, encode_id_png
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +47,6 @@ INSTANCE_SUFFIX = "_gtFine_instanceIds.png"
 # Pillow modes of a 16-bit greyscale PNG (mode "I" comes from older Pillow versions).
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 # zlib level of the panoptic PNGs: faster than Pillow's default 6; the pixels are the same.
-PNG_COMPRESS_LEVEL = 1
 
 
 def _umask() -> int:
@@ -264,40 +256,6 @@ def encode_panoptic_png(id_map: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb, mode="RGB")
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def panoptic_png_bytes(id_map: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
-    """An 8-bit RGB PNG (id = R + 256 G, B = 0) of a uint16 id map ``[H, W]``, encoded directly.
-
-    Every row uses PNG's "Sub" filter (each byte minus the byte 3 to its left, mod 256): id maps are
-    piecewise constant, so the filtered rows are mostly zeros and zlib (level 1, run-length strategy)
-    compresses them fast. Several times faster than Pillow's encoder, same pixels.
-    """
-    id_map = np.asarray(id_map, dtype=np.uint16)
-    height, width = id_map.shape
-    rows = np.zeros((height, 1 + 3 * width), np.uint8)
-    rows[:, 0] = 1  # filter type: Sub
-    for channel, byte in enumerate(((id_map & 255).astype(np.uint8), (id_map >> 8).astype(np.uint8))):
-        # Sub-filtered channel (wraps mod 256 as PNG specifies), written with a stride of 3 (RGB).
-        filtered = np.empty_like(byte)
-        filtered[:, 0] = byte[:, 0]
-        np.subtract(byte[:, 1:], byte[:, :-1], out=filtered[:, 1:])
-        rows[:, 1 + channel::3] = filtered
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    return b"".join([b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", _deflate(rows.data, level)), _png_chunk(b"IEND", b"")])
-
-
-def _deflate(data: memoryview, level: int) -> bytes:
-    # Run-length matching only: the filtered rows are long runs of zeros, so this is faster than the
-    # default strategy and gives smaller files.
-    # zlib-ng: the same stream format, ~6x faster than stock zlib here (2 vs 13 ms for 2048x1024).
-    compressor = _zlib.compressobj(level, _zlib.DEFLATED, 15, 9, _zlib.Z_RLE)
-    return compressor.compress(data) + compressor.flush()
-
-
 def convert_image(instance_path: str, panoptic_dir: str, tables: _LabelTables) -> dict[str, Any]:
     """Convert one ``*_instanceIds.png``: write its panoptic PNG, return its image + annotation records."""
     ids = read_instance_ids(instance_path)
@@ -306,7 +264,7 @@ def convert_image(instance_path: str, panoptic_dir: str, tables: _LabelTables) -
     output_name = file_name.replace("_instanceIds.png", "_panoptic.png")
     segments, id_map = _segments(ids, instance_path, tables)
     with atomic_path(os.path.join(panoptic_dir, output_name)) as tmp:
-        tmp.write_bytes(panoptic_png_bytes(id_map))
+        tmp.write_bytes(encode_id_png(id_map))
         os.chmod(tmp, FILE_MODE)
     return {
         "image": {"id": image_id, "width": int(ids.shape[1]), "height": int(ids.shape[0]),

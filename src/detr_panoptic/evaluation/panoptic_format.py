@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
-from detr_panoptic.utils.png import MAX_SEGMENT_ID, read_id_png  # noqa: F401 - re-exported
+from detr_panoptic.utils.png import MAX_SEGMENT_ID, encode_id_png, read_id_png  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,21 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
-def id_map_to_rgb(id_map: Any) -> np.ndarray:
-    """``[H, W]`` segment ids (numpy or torch, 0..256^3-1) -> ``[H, W, 3]`` uint8 RGB."""
+def _checked_ids(id_map: Any, *, non_empty: bool = False) -> np.ndarray:
+    """``id_map`` (numpy or torch) as an int64 ``[H, W]`` array of ids that fit an RGB pixel, else
+    ``UserInputError``."""
     ids = _to_numpy(id_map).astype(np.int64, copy=False)
-    if ids.ndim != 2:
-        raise UserInputError(f"expected an [H, W] id map, got shape {ids.shape}")
+    if ids.ndim != 2 or (non_empty and ids.size == 0):
+        raise UserInputError(f"expected {'a non-empty' if non_empty else 'an'} [H, W] id map, got shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
         raise UserInputError(f"segment ids must be in 0..{MAX_SEGMENT_ID} to fit an RGB PNG, "
                              f"got {int(ids.min())}..{int(ids.max())}")
+    return ids
+
+
+def id_map_to_rgb(id_map: Any) -> np.ndarray:
+    """``[H, W]`` segment ids (numpy or torch, 0..256^3-1) -> ``[H, W, 3]`` uint8 RGB."""
+    ids = _checked_ids(id_map)
     rgb = np.empty(ids.shape + (3,), dtype=np.uint8)
     rgb[..., 0] = ids & 255
     rgb[..., 1] = (ids >> 8) & 255
@@ -50,9 +56,9 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
 
 def write_id_png(path: str | os.PathLike, id_map: Any) -> None:
     """Write ``[H, W]`` segment ids as an RGB PNG, atomically."""
-    rgb = id_map_to_rgb(id_map)
+    data = encode_id_png(_checked_ids(id_map, non_empty=True))
     with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        tmp.write_bytes(data)
 
 
 def load_panoptic_json(source: str | os.PathLike | Mapping[str, Any], *, what: str = "panoptic JSON"

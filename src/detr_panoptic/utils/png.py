@@ -16,6 +16,8 @@ on each kind of file):
 - ``libvips`` (``pyvips``; the ``pyvips-binary`` wheels bundle it), for the other 8-bit PNGs
   (palette, interlaced), and for all of them when the extension was not compiled or zlib-ng is missing.
 - ``pillow`` for everything else (16-bit PNGs, non-PNG files), and when pyvips cannot be imported.
+
+The other way, ``encode_id_png`` writes id maps as PNGs several times faster than Pillow.
 """
 from __future__ import annotations
 
@@ -152,6 +154,40 @@ def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarra
         data = file.read()
     ids = decode_rgb_png(data, str(path), out=out if packed else None)
     return ids if packed else ids & np.uint32(MAX_SEGMENT_ID)
+
+
+def encode_id_png(id_map: np.ndarray, level: int = 1) -> bytes:
+    """The bytes of an 8-bit RGB PNG of the ``[H, W]`` segment ids ``id_map`` (0..256^3-1; the pixel
+    is ``(id % 256, id // 256 % 256, id // 256^2)``), encoded directly.
+
+    Every row uses PNG's "Sub" filter (each byte minus the byte 3 to its left, mod 256): id maps are
+    piecewise constant, so the filtered rows are mostly zeros, which zlib-ng compresses with its
+    run-length strategy in ~2 ms for 2048x1024 (stock zlib: ~13 ms; Pillow's whole encoder: tens of
+    ms). Raises ``ValueError`` for ids out of range or a map that is not 2-D.
+    """
+    ids = np.asarray(id_map)
+    if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "ui":
+        raise ValueError(f"expected a non-empty [H, W] integer id map, got {ids.dtype} of shape {ids.shape}")
+    if ids.min() < 0 or ids.max() > MAX_SEGMENT_ID:
+        raise ValueError(f"segment ids must be in 0..{MAX_SEGMENT_ID}, got {ids.min()}..{ids.max()}")
+    height, width = ids.shape
+    rows = np.zeros((height, 1 + 3 * width), np.uint8)
+    rows[:, 0] = 1  # filter type: Sub
+    ids = ids.astype(np.uint32, copy=False)
+    for channel in range(3):
+        byte = (ids >> (8 * channel)).astype(np.uint8)  # astype wraps: the channel's byte
+        # Sub-filtered channel (wraps mod 256 as PNG specifies), written with a stride of 3 (RGB).
+        filtered = rows[:, 1 + channel::3]
+        filtered[:, 0] = byte[:, 0]
+        np.subtract(byte[:, 1:], byte[:, :-1], out=filtered[:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    deflate = (_zlib_ng or zlib).compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return b"".join([_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", deflate.compress(rows.data) + deflate.flush()), _png_chunk(b"IEND", b"")])
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _is_8bit_png(data: bytes) -> bool:
