@@ -385,7 +385,9 @@ def test_encode_id_png_round_trips_every_id_through_pillow():
     rng = np.random.default_rng(24)
     for ids in (rng.integers(0, 256**3, (37, 29)),  # noise: every byte of every pixel changes
                 np.repeat(np.repeat(rng.integers(0, 256**3, (4, 3)), 9, 0), 10, 1).astype(np.uint32),
-                np.array([[0]], np.uint8), np.array([[256**3 - 1, 65535]], np.int64)):
+                np.array([[0]], np.uint8), np.array([[256**3 - 1, 65535]], np.int64),
+                rng.integers(0, 65536, (30, 20)).astype(">u4").T,  # big-endian, not contiguous
+                rng.integers(0, 65536, (3, 5)).astype(np.uint16)):
         data = png_decoding.encode_id_png(ids)
         np.testing.assert_array_equal(shown_colour_ids(data), ids)
 

@@ -173,9 +173,13 @@ def encode_id_png(id_map: np.ndarray, level: int = 1) -> bytes:
     height, width = ids.shape
     rows = np.zeros((height, 1 + 3 * width), np.uint8)
     rows[:, 0] = 1  # filter type: Sub
-    ids = ids.astype(np.uint32, copy=False)
-    for channel in range(3):
-        byte = (ids >> (8 * channel)).astype(np.uint8)  # astype wraps: the channel's byte
+    if ids.dtype.itemsize > 1 and not (ids.dtype.byteorder == "<" or (ids.dtype.byteorder == "=" and
+                                                                       sys.byteorder == "little")):
+        ids = ids.astype(ids.dtype.newbyteorder("<"))
+    # The ids' own bytes, lowest first: R, G, B are the first three (missing ones stay 0). No copies.
+    id_bytes = np.ascontiguousarray(ids).view(np.uint8).reshape(height, width, ids.dtype.itemsize)
+    for channel in range(min(3, ids.dtype.itemsize)):
+        byte = id_bytes[:, :, channel]
         # Sub-filtered channel (wraps mod 256 as PNG specifies), written with a stride of 3 (RGB).
         filtered = rows[:, 1 + channel::3]
         filtered[:, 0] = byte[:, 0]
