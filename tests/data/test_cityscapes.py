@@ -61,6 +61,17 @@ def test_identical_to_cityscapesscripts(tree: Path, tmp_path: Path, use_train_id
     assert [img["id"] for img in data["images"]][:3] == ["a-b_000001_000019", "a_000000_000019", "a_000002_000019"]
 
 
+def test_identical_without_zlib_ng_and_the_c_extension(tree: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from detr_panoptic.utils import png
+
+    monkeypatch.setattr(png, "_unfilter_grey16", None)  # instance ids decoded by Pillow
+    monkeypatch.setattr(png, "_zlib_ng", None)  # panoptic PNGs deflated by stock zlib
+    reference_convert(tree / "gtFine", tmp_path / "ref", False, ["val"])
+    convert_cityscapes(tree, tmp_path / "ours", splits=("val",), workers=1, progress=False)  # in this process
+    assert_same_output(tmp_path / "ours", tmp_path / "ref")
+
+
 def test_default_output_is_the_gtfine_folder(tree: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tree / "gtFine", copy / "gtFine")
