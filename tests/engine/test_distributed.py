@@ -3,6 +3,7 @@ process with the same global batch."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_shards_partition_the_epoch_and_interleave_like_one_big_batch():
 
 
 RUNNER = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
 from tests.engine.toys import SometimesEmpty, ToyPanoptic, tiny_config, toy_datasets
 from detr_panoptic.engine.training import train
@@ -39,8 +40,10 @@ setup_logging()
 out = sys.argv[1]
 
 def evaluate(model):
-    # runs on every rank after the last step: keep each rank's parameters for the test
+    # runs on every rank after the last step: keep each rank's parameters (and where it ran) for the test
     torch.save(model.state_dict(), f"{{out}}/rank{{dist.get_rank()}}.pt")
+    with open(f"{{out}}/rank{{dist.get_rank()}}.where", "w") as file:
+        file.write(os.environ["LOCAL_RANK"] + " " + os.environ["GROUP_RANK"])
     return {{"pq": 1.0}}
 
 config = tiny_config(out, model={{"dropout": 0.0}}, train={{"batch_size": 1, "max_steps": 4, "eos_coef": 1.0}})
@@ -56,16 +59,41 @@ train(config, datasets=datasets, evaluate=evaluate)
 # process has the same total weight, which eos_coef=1 (all weights 1, Q queries per image) guarantees while
 # the images keep different numbers of segments (so the num_boxes all_reduce is exercised). Some images have
 # no segment at all: a rank then computes no mask, which DDP must tolerate (find_unused_parameters).
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path, nodes):
+    # nodes=2: two torchrun agents with one process each, as on two machines (static rendezvous on this
+    # host): both processes are LOCAL_RANK 0, on node 0 and node 1.
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(here=str(REPO_ROOT)))
     out = tmp_path / "ddp"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        launches = [run + ["--standalone", "--nproc_per_node", "2", str(script), str(out)]]
+    else:
+        port = free_port()
+        launches = [run + ["--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
+                    for node in range(2)]
+    agents = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for command in launches]
+    try:
+        outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output
+    expected_places = ["0 0", "1 0"] if nodes == 1 else ["0 0", "0 1"]  # LOCAL_RANK, node
+    assert [(out / f"rank{rank}.where").read_text() for rank in range(2)] == expected_places
 
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
