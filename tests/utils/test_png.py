@@ -213,9 +213,9 @@ def test_the_unfilter_decoder_names_what_is_wrong_with_a_damaged_file():
         "the pixel data has 95 bytes, expected 96 for 5x6 pixels": with_pixel_data(inflated[:-1]),
         "the pixel data has more than 96 bytes, expected 96": with_pixel_data(inflated + bytes(1000)),
         "the compressed stream is truncated": with_truncated_stream(inflated),
-        "the b'IDAT' chunk at byte 33 has a wrong CRC": good[:-17] + bytes([good[-17] ^ 1]) + good[-16:],
+        "the IDAT chunk at byte 33 has a wrong CRC": good[:-17] + bytes([good[-17] ^ 1]) + good[-16:],
         "the file ends before its IEND chunk": good[:-12],
-        "the b'IDAT' chunk at byte 33 runs past the end of the file": good[:50],
+        "the IDAT chunk at byte 33 runs past the end of the file": good[:50],
         "the pixel data does not inflate": good[:idat_start + 8] + b"\0" * (len(good) - idat_start - 24)
                                            + good[-16:],
     }

@@ -276,10 +276,11 @@ def _inflated_pixels(data: bytes, source: str, width: int, height: int, bytes_pe
             raise _undecodable(source, "the file ends before its IEND chunk")
         length, kind = struct.unpack_from(">I4s", data, position)
         end = position + 8 + length
+        name = kind.decode("ascii", "backslashreplace")
         if end + 4 > size:
-            raise _undecodable(source, f"the {kind!r} chunk at byte {position} runs past the end of the file")
+            raise _undecodable(source, f"the {name} chunk at byte {position} runs past the end of the file")
         if zlib.crc32(view[position + 4:end]) != struct.unpack_from(">I", data, end)[0]:
-            raise _undecodable(source, f"the {kind!r} chunk at byte {position} has a wrong CRC")
+            raise _undecodable(source, f"the {name} chunk at byte {position} has a wrong CRC")
         if kind == b"IDAT":
             idat.append(view[position + 8:end])
         elif kind == b"IEND":
