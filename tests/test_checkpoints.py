@@ -80,7 +80,20 @@ def test_our_checkpoint_round_trip_keeps_metadata(tiny, tmp_path):
     assert_same_weights(model, tiny)
     assert model.category_map == categories
     assert model.config["aux_loss"] is True and model.config["dropout"] == 0.0
+    assert model.input_size is None  # not recorded
     assert not list(tmp_path.glob("run/.*tmp*"))  # atomic: no temporary file left
+
+
+def test_the_training_input_size_rides_along(tiny, tmp_path, caplog):
+    path = save_checkpoint(tmp_path / "a.pth", tiny, category_map=None, model_config=None,
+                           input_size={"min_size": 128, "max_size": 256})
+    assert torch.load(path, weights_only=True)["detr_panoptic"]["input_size"] == {"min_size": 128, "max_size": 256}
+    assert load_pretrained(path).input_size == (128, 256)
+    raw = torch.load(path, weights_only=True)
+    raw["detr_panoptic"]["input_size"] = {"min_size": 300, "max_size": 200}  # longer side below shorter
+    torch.save(raw, tmp_path / "bad.pth")
+    assert load_pretrained(tmp_path / "bad.pth").input_size is None
+    assert "ignoring a malformed input_size" in caplog.text
 
 
 def test_safetensors_export_with_sidecar(tiny, tmp_path):

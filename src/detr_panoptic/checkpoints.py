@@ -343,7 +343,8 @@ def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> Panopt
     (``num_classes=``, ``aux_loss=``, ``dropout=``, ``dilation=`` ...). With a different ``num_classes``
     the class head keeps its fresh initialisation (logged); any other shape mismatch raises
     ``UserInputError`` listing the keys. ``model.category_map`` is set from our metadata, or to the COCO
-    panoptic map for 250-class checkpoints without metadata, else None.
+    panoptic map for 250-class checkpoints without metadata, else None; ``model.input_size`` to the
+    ``(min_size, max_size)`` our checkpoints record (see ``save_checkpoint``), else None.
     """
     _check_overrides(model_overrides)
     loaded = _read_source(source)
@@ -365,7 +366,23 @@ def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> Panopt
         log.info("%s: %d -> %d classes: not loaded (re-initialised): %s", loaded.description, checkpoint_classes,
                  config["num_classes"], ", ".join(skip))
     model.category_map = _category_map(loaded, config["num_classes"], checkpoint_classes)
+    model.input_size = _input_size(loaded)
     return model
+
+
+def _input_size(loaded: _Loaded) -> tuple[int, int] | None:
+    """``(min_size, max_size)`` from our metadata, when it is there and sane (else None, logged)."""
+    saved = loaded.metadata.get("input_size")
+    if saved is None:
+        return None
+    try:
+        sizes = int(saved["min_size"]), int(saved["max_size"])
+    except (KeyError, TypeError, ValueError):
+        sizes = None
+    if sizes is None or not 0 < sizes[0] <= sizes[1]:
+        log.warning("%s: ignoring a malformed input_size in the metadata: %r", loaded.description, saved)
+        return None
+    return sizes
 
 
 PanopticDETR_DEFAULTS = {name: p.default for name, p in inspect.signature(PanopticDETR.__init__).parameters.items()
@@ -411,18 +428,26 @@ def _category_map(loaded: _Loaded, num_classes: int, checkpoint_classes: int) ->
 
 # -- saving ------------------------------------------------------------------------------------------------
 def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any] | None,
-              model_config: Mapping[str, Any] | None) -> dict[str, Any]:
+              model_config: Mapping[str, Any] | None,
+              input_size: Mapping[str, int] | None = None) -> dict[str, Any]:
     if isinstance(category_map, CategoryMap):
         category_map = category_map.to_json()
-    return {"format_version": FORMAT_VERSION,
+    meta = {"format_version": FORMAT_VERSION,
             "model_config": dict(model_config if model_config is not None else model_config_from_model(model)),
             "category_map": dict(category_map) if category_map is not None else None}
+    if input_size is not None:
+        meta["input_size"] = {"min_size": int(input_size["min_size"]), "max_size": int(input_size["max_size"])}
+    return meta
 
 
 def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
                     category_map: CategoryMap | Mapping[str, Any] | None, model_config: Mapping[str, Any],
-                    extra: Mapping[str, Any] | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None, input_size: Mapping[str, int] | None = None) -> Path:
     """Write ``{"model": state_dict, "detr_panoptic": {...}, **extra}`` atomically.
+
+    ``input_size`` (``{"min_size", "max_size"}``): the resize the model was trained and validated with;
+    ``load_pretrained`` sets it as ``model.input_size``, and ``predict``/``evaluate``/``attention`` use
+    it when no size is given.
 
     The reference code loads it (``checkpoint["model"]`` has the official keys); ``extra`` holds the
     training state (``optimizer``, ``lr_scheduler``, ``step``, ``epoch``, ``rng``, ``best_pq``) and must
@@ -432,7 +457,7 @@ def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
     # official layout (frozen norms) has not; their other keys are the frozen norms' own.
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
     payload: dict[str, Any] = {"model": state,
-                               "detr_panoptic": _metadata(model, category_map, model_config)}
+                               "detr_panoptic": _metadata(model, category_map, model_config, input_size)}
     for key, value in (extra or {}).items():
         if key in payload:
             raise ValueError(f"extra must not overwrite {key!r}")

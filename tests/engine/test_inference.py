@@ -168,7 +168,8 @@ def test_predict_to_folder_writes_pngs_overlays_and_json(tmp_path):
         for segment in annotation["segments_info"]:
             assert segment["area"] == int((ids == segment["id"]).sum())
         overlay = Image.open(tmp_path / "out" / "overlays" / annotation["file_name"])
-        assert overlay.size == (image["width"], image["height"])
+        factor = -(-400 // min(image["width"], image["height"]))  # small images are drawn enlarged
+        assert overlay.size == (image["width"] * factor, image["height"] * factor)
 
 
 def test_image_ids_stay_unique(tmp_path):

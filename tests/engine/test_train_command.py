@@ -68,6 +68,10 @@ def test_train_command_runs_both_stages_on_synthetic_cityscapes(tmp_path, capsys
     key = "detr.transformer.encoder.layers.0.self_attn.in_proj_weight"
     assert torch.equal(best1[key], last2[key])
     assert not torch.equal(best1["detr.class_embed.weight"], last2["detr.class_embed.weight"])
+    # The checkpoints record the resize they were trained with, for predict/evaluate/attention.
+    from detr_panoptic.checkpoints import load_pretrained
+
+    assert load_pretrained(tmp_path / "runs" / "stage2" / "checkpoints" / "best.pth").input_size == (64, 128)
 
 
 def test_wandb_without_the_package_gives_the_install_hint(tmp_path, monkeypatch):

@@ -53,7 +53,8 @@ def test_stuff_keeps_category_colour_and_things_get_distinct_shades():
 def test_overlay_has_image_size_and_colours_segments():
     result = two_cars_on_road()
     image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
-    out = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False, alpha=1.0)
+    out = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False, alpha=1.0,
+                        min_side=0)
     assert out.shape == (3, 60, 80) and out.dtype == torch.uint8
     colors = segment_colors(result.segments_info, CATEGORIES.by_id())
     assert tuple(out[:, 50, 5].tolist()) == colors[1]              # road interior
@@ -65,23 +66,36 @@ def test_overlay_has_image_size_and_colours_segments():
 def test_boundaries_labels_and_boxes_change_pixels_only_where_expected():
     result = two_cars_on_road()
     image = torch.zeros((3, 60, 80), dtype=torch.uint8)
-    plain = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False)
+    plain = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False, min_side=0)
     edges = segment_boundaries(result.id_map)
     assert edges[10, 15] and edges[30, 15] and not edges[20, 20]
-    outlined = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False)
+    outlined = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, min_side=0)
     # torchvision blends in float: pixels outside a mask may move by one grey level.
     changed = ((outlined.int() - plain.int()).abs() > 2).any(0)
     assert changed[edges].float().mean() > 0.9 and not changed[~edges].any()
-    labelled = draw_panoptic(image, result, CATEGORIES, font_size=10)
+    labelled = draw_panoptic(image, result, CATEGORIES, font_size=10, min_side=0)
     assert (labelled != outlined).any()
 
 
 def test_empty_result_returns_the_image_and_size_mismatch_is_an_error():
     image = np.zeros((20, 30, 3), dtype=np.uint8)
     empty = PanopticResult(torch.zeros((20, 30), dtype=torch.long), [])
-    assert torch.equal(draw_panoptic(image, empty, CATEGORIES), torch.zeros((3, 20, 30), dtype=torch.uint8))
+    assert torch.equal(draw_panoptic(image, empty, CATEGORIES, min_side=0), torch.zeros((3, 20, 30), dtype=torch.uint8))
     with pytest.raises(ValueError, match="image size|original image size"):
         draw_panoptic(image, two_cars_on_road(), CATEGORIES)
+
+
+def test_small_images_are_drawn_enlarged_by_a_whole_factor():
+    result = two_cars_on_road()  # 60 x 80
+    image = torch.full((3, 60, 80), 255, dtype=torch.uint8)
+    plain = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False, min_side=0)
+    big = draw_panoptic(image, result, CATEGORIES, labels=False, boxes=False, boundaries=False, min_side=200)
+    assert big.shape == (3, 240, 320)  # 4 = the smallest factor that takes 60 to >= 200
+    # Without boundaries, boxes and labels, the enlarged overlay is the small one with each pixel repeated.
+    assert torch.equal(big, plain.repeat_interleave(4, dim=1).repeat_interleave(4, dim=2))
+    labelled = draw_panoptic(image, result, CATEGORIES, min_side=200)
+    assert labelled.shape == (3, 240, 320)
+    assert draw_panoptic(image, result, CATEGORIES, min_side=60).shape == (3, 60, 80)  # large enough already
 
 
 def test_draws_coco_ground_truth_on_the_sample_images(coco_sample, tmp_path):

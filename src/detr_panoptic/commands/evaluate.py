@@ -48,9 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--threshold", type=float, default=0.85,
                           help="keep queries whose class score exceeds this (default: 0.85)")
     evaluate.add_argument("--size", type=int, help="resize the shorter side to this before the model "
-                          "(default: the config's data.min_size, else 800)")
+                          "(default: the config's data.min_size, else the checkpoint's training size, else 800)")
     evaluate.add_argument("--max-size", type=int, help="but keep the longer side at most this "
-                          "(default: the config's data.max_size, else 1333)")
+                          "(default: the config's data.max_size, else the checkpoint's, else 1333)")
     evaluate.add_argument("--limit", type=int, help="only the first N images (a quick look)")
     add_device(evaluate)
     add_workers(evaluate)

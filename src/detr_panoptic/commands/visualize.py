@@ -13,9 +13,10 @@ log = logging.getLogger("detr_panoptic")
 def _add_resize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.85,
                         help="keep queries whose best class (not 'no object') scores above this (default: 0.85)")
-    parser.add_argument("--size", type=int, default=800, help="resize the shorter side to this (default: 800)")
-    parser.add_argument("--max-size", type=int, default=1333,
-                        help="but keep the longer side at most this (default: 1333)")
+    parser.add_argument("--size", type=int, help="resize the shorter side to this (default: the size the "
+                        "checkpoint was trained with, when it records one, else 800)")
+    parser.add_argument("--max-size", type=int,
+                        help="but keep the longer side at most this (default: the checkpoint's, else 1333)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,12 +67,13 @@ def _load(checkpoint: str):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.inference import model_category_map, predict_to_folder
+    from detr_panoptic.engine.inference import model_category_map, model_input_size, predict_to_folder
 
     model = _load(args.checkpoint)
+    size, max_size = model_input_size(model, args.size, args.max_size)
     summary = predict_to_folder(
         model, args.inputs, args.out, category_map=model_category_map(model), threshold=args.threshold,
-        size=args.size, max_size=args.max_size, batch_size=args.batch_size, device=args.device,
+        size=size, max_size=max_size, batch_size=args.batch_size, device=args.device,
         skip_bad=args.skip_bad, overlays=args.overlays,
     )
     print(f"predicted {len(summary.processed)} image(s) into {summary.out_dir} ({summary.predictions_json.name})"
@@ -80,15 +82,21 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.inference import compute_attention, load_image, model_category_map
+    from detr_panoptic.engine.inference import (
+        compute_attention,
+        load_image,
+        model_category_map,
+        model_input_size,
+    )
     from detr_panoptic.visualize.attention import write_attention_figures
     from detr_panoptic.visualize.overlay import draw_panoptic, save_image
 
     image = load_image(args.image)
     model = _load(args.checkpoint)
     category_map = model_category_map(model)
-    maps = compute_attention(model, image, category_map=category_map, threshold=args.threshold, size=args.size,
-                             max_size=args.max_size, device=args.device)
+    size, max_size = model_input_size(model, args.size, args.max_size)
+    maps = compute_attention(model, image, category_map=category_map, threshold=args.threshold, size=size,
+                             max_size=max_size, device=args.device)
     out = Path(args.out)
     written = write_attention_figures(maps, out, category_map, per_head=args.per_head, points=args.points)
     if maps.result is not None:

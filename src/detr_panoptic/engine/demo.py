@@ -383,7 +383,8 @@ def export_source_model(checkpoint: Path, path: Path) -> Path:
     meta = saved["detr_panoptic"]
     model = PanopticDETR(**meta["model_config"])
     model.load_state_dict(saved["model"])
-    return save_checkpoint(path, model, category_map=meta["category_map"], model_config=meta["model_config"])
+    return save_checkpoint(path, model, category_map=meta["category_map"], model_config=meta["model_config"],
+                           input_size=meta.get("input_size"))
 
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -185,7 +185,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = N
                         progress: bool = True) -> dict[str, Any]:
     """Load ``checkpoint`` (``checkpoints.load_pretrained``), pick the data (flags, else the config's
     val split) and run ``evaluate_model``; ``out_dir`` defaults to the run's ``eval/``. ``size``/``max_size``
-    (the model's input resize) default to the config's ``data.min_size``/``data.max_size``, else 800/1333."""
+    (the model's input resize) default to the config's ``data.min_size``/``data.max_size``, else to the
+    size the checkpoint was trained with (``model.input_size``), else 800/1333."""
     from detr_panoptic.checkpoints import load_pretrained
     from detr_panoptic.config import load_config
 
@@ -194,6 +195,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = N
                                  use_train_id=use_train_id, gt_json=gt_json, gt_folder=gt_folder,
                                  image_dir=image_dir)
     model = load_pretrained(checkpoint)
+    if loaded_config is None:  # no data section to say the size: the checkpoint's, else 800/1333
+        from detr_panoptic.engine.inference import model_input_size
+
+        size, max_size = model_input_size(model, size, max_size)
     if loaded_config is not None and loaded_config.data.max_val_images is not None and limit is None:
         limit = loaded_config.data.max_val_images
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)

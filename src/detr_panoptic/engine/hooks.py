@@ -79,8 +79,10 @@ class CheckpointHook(Hook):
     validation PQ improves. Writes are atomic, so a kill never leaves a broken checkpoint behind."""
 
     def __init__(self, folder: str | Path, *, every_steps: int | None, model_config: Mapping[str, Any],
-                 category_map: Mapping[str, Any], on_saved: Callable[[Path, str, int], None] | None = None) -> None:
+                 category_map: Mapping[str, Any], on_saved: Callable[[Path, str, int], None] | None = None,
+                 input_size: Mapping[str, int] | None = None) -> None:
         self.folder = Path(folder)
+        self.input_size = input_size
         self.every_steps = every_steps
         self.model_config = dict(model_config)
         self.category_map = dict(category_map)
@@ -119,7 +121,7 @@ class CheckpointHook(Hook):
         if extra is None:
             return
         save_checkpoint(path, trainer.unwrapped_model, category_map=self.category_map,  # type: ignore[arg-type]
-                        model_config=self.model_config, extra=extra)
+                        model_config=self.model_config, extra=extra, input_size=self.input_size)
         log.debug("saved %s (step %d)", path, extra["step"])
         if self.on_saved is not None:
             self.on_saved(path, alias, int(extra["step"]))

@@ -195,6 +195,20 @@ class Prediction:
     result: PanopticResult      # id map at the original size, on the CPU
 
 
+def model_input_size(model: torch.nn.Module, size: int | None = None,
+                     max_size: int | None = None) -> tuple[int, int]:
+    """The resize for ``model``'s input images, ``(shorter side, longer side at most)``: the values
+    given, else the ones its checkpoint was trained with (``model.input_size``, set by
+    ``checkpoints.load_pretrained``), else DETR's 800 / 1333. A model trained on small images sees
+    nonsense when its inputs are resized to 800."""
+    recorded = getattr(model, "input_size", None) or (800, 1333)
+    chosen = (size if size is not None else recorded[0], max_size if max_size is not None else recorded[1])
+    if chosen != (size, max_size):
+        log.info("input images resized to a shorter side of %d, longer at most %d (%s)", *chosen,
+                 "the checkpoint's training size" if getattr(model, "input_size", None) else "DETR's default")
+    return chosen
+
+
 def model_category_map(model: torch.nn.Module) -> CategoryMap:
     category_map = getattr(model, "category_map", None)
     if category_map is None:

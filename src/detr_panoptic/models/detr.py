@@ -77,6 +77,7 @@ class PanopticDETR(nn.Module):
         self.num_classes = num_classes
         self.aux_loss = aux_loss
         self.category_map = None  # set by checkpoints.load_pretrained (data.categories.CategoryMap)
+        self.input_size = None  # set by checkpoints.load_pretrained: (min_size, max_size) of its training
         resnet = ResNetBackbone(backbone, dilation)
         self.detr = DETR(num_classes, BackboneWithPosition(resnet, PositionEmbeddingSine(hidden_dim // 2)),
                          Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout),

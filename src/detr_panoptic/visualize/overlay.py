@@ -138,12 +138,15 @@ def draw_panoptic(
     boxes: bool = True,
     labels: bool = True,
     font_size: int | None = None,
+    min_side: int = 400,
 ) -> torch.Tensor:
     """Draw ``result`` over ``image`` and return the overlay as ``[3, H, W]`` uint8.
 
     ``result.id_map`` must have the image's size. Thing segments get a box; every segment gets a
     label (class name and score, when the segment has one). Segments missing from the id map (area 0)
-    are skipped.
+    are skipped. An image whose shorter side is below ``min_side`` is drawn enlarged by the smallest
+    whole factor that reaches it (the image bilinearly, the id map by repeating pixels), so that
+    labels stay legible on small images; the overlay is then that many times larger. 0 disables it.
     """
     canvas = as_image_tensor(image)
     height, width = canvas.shape[1:]
@@ -151,6 +154,12 @@ def draw_panoptic(
     if tuple(id_map.shape) != (height, width):
         raise ValueError(f"id map is {tuple(id_map.shape)} but the image is {(height, width)}: "
                          "post-process to the original image size (target_sizes)")
+    factor = -(-min_side // min(height, width)) if min_side > 0 and min(height, width) > 0 else 1
+    if factor > 1:
+        height, width = height * factor, width * factor
+        canvas = torch.nn.functional.interpolate(canvas[None].float(), size=(height, width), mode="bilinear",
+                                                 align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        id_map = id_map.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1)
     cats = categories_by_id(categories)
     present = set(torch.unique(id_map).tolist())
     segments = [seg for seg in result.segments_info if int(seg["id"]) in present]
