@@ -117,3 +117,18 @@ def test_draws_coco_ground_truth_on_the_sample_images(coco_sample, tmp_path):
     before = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[:, inside].float().mean(1)
     after = overlay[:, inside].float().mean(1)
     assert torch.dist(after, color) < torch.dist(before, color)
+
+
+def test_labels_near_the_right_and_bottom_edges_stay_inside_the_picture():
+    id_map = torch.zeros((120, 200), dtype=torch.long)
+    id_map[100:120, 190:200] = 1  # a thing in the bottom-right corner
+    result = PanopticResult(id_map, [{"id": 1, "category_id": 1, "isthing": True, "area": 200, "score": 0.9}])
+    image = torch.zeros((3, 120, 200), dtype=torch.uint8)
+    plain = draw_panoptic(image, result, CATEGORIES, labels=False, min_side=0)
+    labelled = draw_panoptic(image, result, CATEGORIES, font_size=12, min_side=0)
+    changed = (labelled != plain).any(0)
+    columns = torch.nonzero(changed.any(0)).flatten()
+    rows = torch.nonzero(changed.any(1)).flatten()
+    # "car 0.90" is ~50 px wide at 12 px: drawn from its box's corner it would run off the picture.
+    assert columns.min() < 150 and columns.max() <= 199
+    assert rows.max() - rows.min() >= 8 and rows.min() < 105  # the whole line of text, lifted

@@ -185,10 +185,16 @@ def draw_panoptic(
         anchors = masks_to_boxes(masks)[:, :2]
         for index in torch.nonzero(~thing).flatten().tolist():
             anchors[index] = torch.tensor(label_anchor(masks[index]), dtype=anchors.dtype)
-        anchors[:, 0].clamp_(0, max(0, width - 1))
-        anchors[:, 1].clamp_(0, max(0, height - 1))
+        # Keep each label inside the picture: its text runs right of and below the anchor.
+        from PIL import ImageFont
+
+        font = ImageFont.truetype(default_font(), font_size)
+        text = [segment_label(s, cats) for s in segments]
+        right = torch.tensor([width - 3 - font.getlength(t) for t in text], dtype=anchors.dtype)
+        anchors[:, 0] = torch.minimum(anchors[:, 0], right).clamp(min=0)
+        anchors[:, 1].clamp_(0, max(0, height - font_size - 3))
         canvas = draw_bounding_boxes(
-            canvas, torch.cat([anchors, anchors], dim=1), labels=[segment_label(s, cats) for s in segments],
+            canvas, torch.cat([anchors, anchors], dim=1), labels=text,
             colors=[colors[int(s["id"])] for s in segments], width=0, font=default_font(), font_size=font_size,
             label_colors=[text_color(colors[int(s["id"])]) for s in segments], label_background_colors=[colors[int(s["id"])] for s in segments],
             fill_labels=True,
