@@ -230,7 +230,7 @@ def test_corrupt_files_are_named(cityscapes_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=png.name):
         dataset[1]
     problems = check_cityscapes(root, "val")
-    assert any(str(png) in p and "cannot be decoded" in p for p in problems)
+    assert any(str(png) in p and "cannot decode the PNG" in p for p in problems)
 
 
 def test_dataset_pickles_for_spawned_workers(cityscapes_root: Path) -> None:

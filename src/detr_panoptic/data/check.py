@@ -16,21 +16,19 @@ import numpy as np
 
 from detr_panoptic.data.cityscapes import available_cores, find_gtfine, panoptic_output_name
 from detr_panoptic.data.coco_panoptic import CityscapesImagePath, load_coco_json
+from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.png import read_id_png
 
 
 def _png_ids(path: Path) -> tuple[np.ndarray | None, tuple[int, int] | None, str | None]:
     """(ids present, (h, w), error message) of a panoptic PNG."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint32)
+        ids = read_id_png(path)
     except FileNotFoundError:
         return None, None, f"panoptic PNG {path} is missing"
-    except (OSError, SyntaxError, ValueError) as exc:
-        return None, None, f"panoptic PNG {path} cannot be decoded (corrupt or truncated?): {exc}"
-    ids = rgb[..., 0] | (rgb[..., 1] << 8) | (rgb[..., 2] << 16)
+    except UserInputError as exc:  # names the file and what is wrong with it
+        return None, None, f"panoptic PNG {exc}"
     # Every id present starts some horizontal run: np.unique over run starts only (few) is much
     # cheaper than over all pixels.
     starts = np.ones(ids.shape, bool)
