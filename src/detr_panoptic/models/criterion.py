@@ -159,7 +159,8 @@ class SetCriterion(nn.Module):
                    num_boxes: float) -> dict[str, torch.Tensor]:
         """L1 and 1-GIoU over matched pairs; ``boxes`` [B, Q, 4] normalised cxcywh."""
         device = boxes.device
-        matched = torch.cat([boxes[b, q.to(device)] for b, (q, _) in enumerate(indices)]).float()
+        # index_select: a backward that is deterministic on CPU, unlike advanced indexing's
+        matched = torch.cat([boxes[b].index_select(0, q.to(device)) for b, (q, _) in enumerate(indices)]).float()
         target = torch.cat([targets[b]["boxes"].to(device)[t.to(device)] for b, (_, t) in enumerate(indices)])
         target = target.to(matched)
         loss_bbox = F.l1_loss(matched, target, reduction="none").sum() / num_boxes
@@ -235,7 +236,7 @@ def select_matched_masks(pred_masks: torch.Tensor, mask_queries: Sequence[torch.
     if mask_queries is None:
         if pred_masks.dim() != 4:
             raise ValueError(f"pred_masks must be [B, Q, h, w] when mask_queries is None, got {tuple(pred_masks.shape)}")
-        return torch.cat([pred_masks[b, q.to(pred_masks.device)] for b, (q, _) in enumerate(indices)])
+        return torch.cat([pred_masks[b].index_select(0, q.to(pred_masks.device)) for b, (q, _) in enumerate(indices)])
     if pred_masks.dim() != 3:
         raise ValueError(f"packed pred_masks must be [N, h, w], got {tuple(pred_masks.shape)}")
     rows = []
@@ -255,7 +256,7 @@ def select_matched_masks(pred_masks: torch.Tensor, mask_queries: Sequence[torch.
         raise ValueError(f"mask_queries list {offset} masks but pred_masks holds {pred_masks.shape[0]}")
     if not rows:
         return pred_masks[:0]
-    return pred_masks[torch.cat(rows)]
+    return pred_masks.index_select(0, torch.cat(rows))
 
 
 def _pad_to(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -134,7 +134,10 @@ class PanopticDETR(nn.Module):
                                  for b, q in enumerate(query_indices)])
         query_index = torch.cat([q.to(device=device, dtype=torch.long) for q in query_indices])
         if torch.is_grad_enabled() or image_index.numel() == 0:
-            attention = self.bbox_attention.attend(queries[image_index, query_index], keys[image_index],
+            # index_select, not queries[image_index, query_index]: the same rows, and a backward that
+            # is deterministic on CPU (advanced indexing accumulates its gradient in a varying order)
+            flat_queries = queries.flatten(0, 1).index_select(0, image_index * queries.shape[1] + query_index)
+            attention = self.bbox_attention.attend(flat_queries, keys.index_select(0, image_index),
                                                    flat_mask[image_index], size)
             return self.mask_head.decode(context, attention, laterals, image_index)
         masks = []

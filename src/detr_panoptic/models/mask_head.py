@@ -2,7 +2,10 @@
 
 Both work on a *packed* set of queries: ``image_index[n]`` says which image row n belongs to, so the
 same code computes masks for all queries (inference, reference behaviour), for the matched queries
-only (training) or for the kept queries only (``PanopticDETR.predict``).
+only (training) or for the kept queries only (``PanopticDETR.predict``). Rows are gathered with
+``index_select``, not advanced indexing: the same values, and a backward (``index_add_``) that is
+deterministic on CPU, where advanced indexing accumulates gradients in a varying order and two runs
+of the same training drift apart.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ class MHAttentionMap(nn.Module):
                 image_index: torch.Tensor) -> torch.Tensor:
         """queries [N, D] (packed), memory [B, D, h, w], padding_mask [B, h, w] (True = padding),
         image_index [N] -> attention [N, heads, h, w] (sums to 1 over heads*h*w for each query)."""
-        k = self.project_keys(memory)[image_index]
+        k = self.project_keys(memory).index_select(0, image_index)  # see the module doc
         mask = None if padding_mask is None else padding_mask.flatten(1)[image_index]
         return self.attend(self.project_queries(queries), k, mask, tuple(memory.shape[-2:]))
 
@@ -67,7 +70,7 @@ def _add_per_image(x: torch.Tensor, per_image: torch.Tensor, image_index: torch.
     if x.shape[0] == 0:
         return x
     if x.requires_grad or per_image.requires_grad or bool((image_index[1:] < image_index[:-1]).any()):
-        return x + per_image[image_index]
+        return x + per_image.index_select(0, image_index)
     counts = torch.bincount(image_index, minlength=per_image.shape[0]).tolist()
     start = 0
     for b, count in enumerate(counts):
@@ -129,7 +132,7 @@ class MaskHeadSmallConv(nn.Module):
         """context [B, C1, h, w] and laterals from ``prepare``; attention [N, heads, h, w]; image_index [N]
         -> mask logits [N, H/4, W/4]."""
         w_attention = self.lay1.weight[:, self.context_dim:]
-        x = context[image_index] + F.conv2d(attention, w_attention, padding=1)
+        x = context.index_select(0, image_index) + F.conv2d(attention, w_attention, padding=1)
         x = F.relu(self.gn1(x))
         x = self._block(2, x)
         for i, lateral in enumerate(laterals, start=1):
