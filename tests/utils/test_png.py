@@ -393,7 +393,7 @@ def test_encode_id_png_round_trips_every_id_through_pillow():
 
 
 def test_encode_id_png_refuses_what_no_rgb_pixel_holds():
-    for ids, message in ((np.array([[256**3]]), r"segment ids must be in 0\.\.16777215, got 16777216"),
+    for ids, message in ((np.array([[256**3]]), r"segment ids must be in 0\.\.16777215 to fit an RGB PNG, got 16777216"),
                          (np.array([[-1, 0]]), r"got -1\.\.0"),
                          (np.zeros((0, 4), np.int64), "non-empty"), (np.zeros(4, np.int64), "non-empty"),
                          (np.zeros((2, 2), np.float32), "integer")):

@@ -32,21 +32,14 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
-def _checked_ids(id_map: Any, *, non_empty: bool = False) -> np.ndarray:
-    """``id_map`` (numpy or torch) as an int64 ``[H, W]`` array of ids that fit an RGB pixel, else
-    ``UserInputError``."""
+def id_map_to_rgb(id_map: Any) -> np.ndarray:
+    """``[H, W]`` segment ids (numpy or torch, 0..256^3-1) -> ``[H, W, 3]`` uint8 RGB."""
     ids = _to_numpy(id_map).astype(np.int64, copy=False)
-    if ids.ndim != 2 or (non_empty and ids.size == 0):
-        raise UserInputError(f"expected {'a non-empty' if non_empty else 'an'} [H, W] id map, got shape {ids.shape}")
+    if ids.ndim != 2:
+        raise UserInputError(f"expected an [H, W] id map, got shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
         raise UserInputError(f"segment ids must be in 0..{MAX_SEGMENT_ID} to fit an RGB PNG, "
                              f"got {int(ids.min())}..{int(ids.max())}")
-    return ids
-
-
-def id_map_to_rgb(id_map: Any) -> np.ndarray:
-    """``[H, W]`` segment ids (numpy or torch, 0..256^3-1) -> ``[H, W, 3]`` uint8 RGB."""
-    ids = _checked_ids(id_map)
     rgb = np.empty(ids.shape + (3,), dtype=np.uint8)
     rgb[..., 0] = ids & 255
     rgb[..., 1] = (ids >> 8) & 255
@@ -56,7 +49,10 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
 
 def write_id_png(path: str | os.PathLike, id_map: Any) -> None:
     """Write ``[H, W]`` segment ids as an RGB PNG, atomically."""
-    data = encode_id_png(_checked_ids(id_map, non_empty=True))
+    try:
+        data = encode_id_png(_to_numpy(id_map))  # checks the ids once
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     with atomic_path(path, suffix=".png") as tmp:
         tmp.write_bytes(data)
 

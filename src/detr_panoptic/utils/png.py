@@ -148,9 +148,8 @@ def read_id_png(path: str | os.PathLike, *, packed: bool = False, out: np.ndarra
     give the ids of the colours they display. ``packed=True`` skips one pass: the ids are then only
     the low 24 bits of each value (the high byte is padding or alpha), which is all that comparisons
     between neighbours need; the array may be read-only, or ``out`` (a buffer to reuse, see
-    ``decode_rgb_png``). Raises
-    ``FileNotFoundError`` naming the path when it does not exist and ``UserInputError`` when it does
-    not decode.
+    ``decode_rgb_png``). Raises ``FileNotFoundError`` naming the path when it does not exist and
+    ``UserInputError`` when it does not decode.
     """
     with open(path, "rb") as file:
         data = file.read()
@@ -171,7 +170,7 @@ def encode_id_png(id_map: np.ndarray, level: int = 1) -> bytes:
     if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "ui":
         raise ValueError(f"expected a non-empty [H, W] integer id map, got {ids.dtype} of shape {ids.shape}")
     if ids.min() < 0 or ids.max() > MAX_SEGMENT_ID:
-        raise ValueError(f"segment ids must be in 0..{MAX_SEGMENT_ID}, got {ids.min()}..{ids.max()}")
+        raise ValueError(f"segment ids must be in 0..{MAX_SEGMENT_ID} to fit an RGB PNG, got {ids.min()}..{ids.max()}")
     height, width = ids.shape
     rows = np.zeros((height, 1 + 3 * width), np.uint8)
     rows[:, 0] = 1  # filter type: Sub
@@ -192,16 +191,20 @@ def encode_id_png(id_map: np.ndarray, level: int = 1) -> bytes:
                      _png_chunk(b"IDAT", deflate.compress(rows.data) + deflate.flush()), _png_chunk(b"IEND", b"")])
 
 
+def _fits(out: np.ndarray | None, shape: tuple[int, int]) -> bool:
+    """Whether a decoder can write the packed pixels of an image of ``shape`` into ``out``."""
+    return (out is not None and out.shape == shape and out.dtype == np.dtype("<u4") and out.flags.writeable
+            and out.flags.c_contiguous)
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _is_8bit_png(data: bytes) -> bool:
-    """Whether ``data`` starts like a PNG with a bit depth of 8 or less (the IHDR chunk comes first)."""
-    if len(data) < 33 or not data.startswith(_SIGNATURE) or data[12:16] != b"IHDR":
-        return False
-    bit_depth, colour_type = struct.unpack_from(">BB", data, 24)
-    return bit_depth <= 8 and colour_type in _COLOUR_TYPES
+    """Whether ``data`` starts like a PNG with a bit depth of 8 or less (interlaced or not)."""
+    header = _png_header(data)
+    return header is not None and header[2] <= 8 and header[3] in _COLOUR_TYPES
 
 
 def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.ndarray | None:
@@ -220,8 +223,7 @@ def _decode_unfilter(data: bytes, source: str, out: np.ndarray | None) -> np.nda
     inflated = _inflated_pixels(data, source, width, height, channels)
     if inflated is None:
         return None
-    if not (out is not None and out.shape == (height, width) and out.dtype == np.dtype("<u4")
-            and out.flags.writeable and out.flags.c_contiguous):
+    if not _fits(out, (height, width)):
         out = np.empty((height, width), "<u4")
     try:
         _unfilter(inflated, width, height, channels, out)
@@ -254,14 +256,20 @@ def decode_grey16_png(data: bytes, source: str = "PNG") -> np.ndarray | None:
     return samples
 
 
-def _plain_png_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """``(width, height, bit depth, colour type)`` of a standard, non-interlaced PNG; None otherwise."""
+def _png_header(data: bytes) -> tuple[int, int, int, int, int, int, int] | None:
+    """The IHDR fields ``(width, height, bit depth, colour type, compression, filter, interlace)`` of
+    a PNG (IHDR comes first); None when ``data`` does not start like one."""
     if len(data) < 33 or not data.startswith(_SIGNATURE) or data[8:16] != b"\0\0\0\rIHDR":
         return None
-    width, height, bit_depth, colour_type, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    if interlace != 0 or compression != 0 or filtering != 0:
+    return struct.unpack_from(">IIBBBBB", data, 16)
+
+
+def _plain_png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(width, height, bit depth, colour type)`` of a standard, non-interlaced PNG; None otherwise."""
+    header = _png_header(data)
+    if header is None or header[4:] != (0, 0, 0):
         return None
-    return width, height, bit_depth, colour_type
+    return header[:4]
 
 
 def _inflated_pixels(data: bytes, source: str, width: int, height: int, bytes_per_pixel: int) -> bytes | None:
@@ -322,8 +330,7 @@ def _decode_vips(data: bytes, source: str, out: np.ndarray | None = None) -> np.
         if image.bands == 3:
             image = image.bandjoin_const([255])
         shape = (image.height, image.width)
-        if (out is not None and out.shape == shape and out.dtype == np.dtype("<u4") and out.flags.writeable
-                and out.flags.c_contiguous):
+        if _fits(out, shape):
             image.write(_pyvips.Image.new_from_memory(out, image.width, image.height, 4, "uchar"))
             return out
         pixels = image.write_to_memory()
