@@ -31,7 +31,7 @@ WORK = BENCH / "_work" / "warm_start"
 
 
 def stage1_config(demo_run: Path, *, warm_start: bool, seed: int, steps: int | None):
-    from detr_panoptic.engine import demo
+    from detr_panoptic.demo import pipeline as demo
 
     settings, raw = demo.load_demo_config(demo.demo_config_path())
     source = {s: demo_run / "data" / "source" / f"panoptic_{s}.json" for s in ("train", "val")}
@@ -54,7 +54,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from detr_panoptic.data.coco_panoptic import cityscapes_panoptic_dataset
-    from detr_panoptic.engine import demo
+    from detr_panoptic.demo import pipeline as demo
     from detr_panoptic.engine.training import build_model, make_pq_evaluator, train
     from detr_panoptic.utils.logging import setup_logging
 

@@ -162,7 +162,7 @@ def test_no_stages_resolves_to_itself() -> None:
 def test_shipped_configs_load(path: Path) -> None:
     if "demo" in read_yaml(path):
         # The demo's configs are training configs plus a `demo:` section that the demo reads.
-        from detr_panoptic.engine.demo import load_demo_config
+        from detr_panoptic.demo import load_demo_config
 
         _, raw = load_demo_config(path)
         cfg = config_from_dict(raw, source=str(path))

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.demo import pq_table, run_demo
+    from detr_panoptic.demo import pq_table, run_demo
 
     out = args.out or ("runs/demo_quick" if args.quick else "runs/demo")
     summary = run_demo(out, quick=args.quick, init=args.init, device=args.device, seed=args.seed,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  predictions   {out}/eval/<start|stage1|stage2>/ (COCO panoptic PNG + JSON, metrics.json)")
     print(f"  pictures      {out}/summary/ (overlays/, attention/, plots/)")
     if args.bench_json:
-        from detr_panoptic.engine.demo import bench_record
+        from detr_panoptic.demo import bench_record
         from detr_panoptic.utils.io import atomic_write_json
 
         atomic_write_json(args.bench_json, bench_record(summary, command="detr-panoptic " + " ".join(sys.argv[1:])))

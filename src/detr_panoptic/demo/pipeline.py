@@ -19,7 +19,8 @@
    COCO panoptic format, panopticapi-exact PQ) of the start point, stage 1 and stage 2; overlays,
    attention maps, curves and the HTML report.
 
-The recipe's settings live in ``configs/demo.yaml`` (``configs/demo_quick.yaml`` for ``quick``): a normal
+The recipe's settings live in the shipped config ``demo`` (``demo_quick`` for ``quick``; files under
+``detr_panoptic/configs/``, found by ``config.find_config``): a normal
 chained ``Config`` (stages ``pretrain``, ``stage1``, ``stage2``) plus a ``demo:`` section read here
 (``DemoSettings``: image size and counts, what the scenes hold, how many pictures, time budgets per
 phase). The demo departs from the reference recipe where a CPU forces it, and says so in the config:
@@ -61,16 +62,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from detr_panoptic.config import Config, config_from_dict, read_yaml
+from detr_panoptic.config import Config, config_from_dict, find_config, read_yaml
 from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-DEFAULT_CONFIG = "demo.yaml"
-QUICK_CONFIG = "demo_quick.yaml"
+DEFAULT_CONFIG = "demo"        # shipped config names (config.find_config)
+QUICK_CONFIG = "demo_quick"
 STATE_FILE = "demo_state.json"
 PHASES = ("start", "stage1", "stage2")
 
@@ -172,7 +172,7 @@ class DemoSettings:
 
 
 def demo_config_path(quick: bool = False) -> Path:
-    return CONFIG_DIR / (QUICK_CONFIG if quick else DEFAULT_CONFIG)
+    return find_config(QUICK_CONFIG if quick else DEFAULT_CONFIG)
 
 
 def load_demo_config(path: str | os.PathLike) -> tuple[DemoSettings, dict[str, Any]]:
@@ -427,10 +427,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
-    config_path = Path(config_path) if config_path is not None else demo_config_path(quick)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"demo config not found: {config_path} (the demo reads configs/demo.yaml "
-                                f"of a source checkout)")
+    config_path = find_config(config_path) if config_path is not None else demo_config_path(quick)
     settings, raw = load_demo_config(config_path)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     resolve_device(device)  # fail early on a bad device

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from detr_panoptic.cli import main
-from detr_panoptic.engine import demo
+from detr_panoptic.demo import pipeline as demo
 from detr_panoptic.utils.errors import UserInputError
 
 METRIC_KEYS = ("pq", "sq", "rq", "pq_things", "pq_stuff")
