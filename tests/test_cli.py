@@ -68,3 +68,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         main(["--debug", "config", str(tmp_path / "missing.yaml")])
+
+
+def test_config_list_and_shipped_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "--list"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert {"demo", "demo_quick", "cityscapes/recipe_two_stages", "cityscapes/stage1_freeze_transformer"} <= set(listed)
+    assert main(["config", "cityscapes/recipe_two_stages", "--stages"]) == 0
+    out = capsys.readouterr().out
+    assert "# cityscapes/stage1" in out and "# cityscapes/stage2" in out
+    assert main(["config", "cityscapes/no_such_recipe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cityscapes/no_such_recipe" in err and "cityscapes/recipe_two_stages" in err
+    assert main(["config"]) == 2 and "--list" in capsys.readouterr().err
+    assert main(["config", "--list", "demo"]) == 2

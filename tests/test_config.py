@@ -9,6 +9,8 @@ from detr_panoptic.config import (
     Config,
     apply_overrides,
     config_from_dict,
+    find_config,
+    list_configs,
     load_config,
     read_yaml,
     save_config,
@@ -16,6 +18,7 @@ from detr_panoptic.config import (
 from detr_panoptic.utils.errors import UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIR = REPO_ROOT / "src" / "detr_panoptic" / "configs"
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -158,7 +161,7 @@ def test_no_stages_resolves_to_itself() -> None:
     assert cfg.resolve_stages() == [cfg]
 
 
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(SHIPPED_DIR.rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     if "demo" in read_yaml(path):
         # The demo's configs are training configs plus a `demo:` section that the demo reads.
@@ -169,3 +172,27 @@ def test_shipped_configs_load(path: Path) -> None:
     else:
         cfg = load_config(path)
     assert cfg.resolve_stages()
+
+
+def test_list_configs_names_every_shipped_file() -> None:
+    shipped = list_configs()
+    on_disk = {p.relative_to(SHIPPED_DIR).with_suffix("").as_posix() for p in SHIPPED_DIR.rglob("*.yaml")}
+    assert set(shipped) == on_disk and {"demo", "demo_quick", "cityscapes/recipe_two_stages"} <= on_disk
+    for name, description in shipped.items():
+        assert description and "\n" not in description and not description.startswith("#"), name
+
+
+def test_find_config_by_name_or_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = SHIPPED_DIR / "cityscapes" / "recipe_two_stages.yaml"
+    assert find_config("cityscapes/recipe_two_stages").resolve() == recipe.resolve()
+    assert find_config("cityscapes/recipe_two_stages.yaml").resolve() == recipe.resolve()
+    assert load_config("cityscapes/recipe_two_stages") == load_config(recipe)
+    # A file of the same name in the working folder wins over the shipped config.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("train: {epochs: 3}\n")
+    assert find_config("demo") == Path("demo") and load_config("demo").train.epochs == 3
+    with pytest.raises(FileNotFoundError, match="cityscapes/nope.*shipped: .*cityscapes/recipe_two_stages"):
+        find_config("cityscapes/nope")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(UserInputError, match="folder.yaml: not a file"):
+        find_config("folder.yaml")

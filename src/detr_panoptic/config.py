@@ -15,22 +15,31 @@ of these dataclasses. A config file looks like::
         model: {init: "@stage1/best"}
 
 Unknown keys and wrong types raise ``UserInputError`` naming the key and the file.
+
+The shipped configs (the demo's and the Cityscapes recipes) are package data under
+``detr_panoptic/configs/``: ``list_configs()`` names them, and ``find_config`` (used by ``load_config``)
+takes a shipped name such as ``cityscapes/recipe_two_stages`` as well as a path.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
+import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass(frozen=True)
@@ -374,6 +383,76 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+CONFIG_PACKAGE_DIR = "configs"  # under the detr_panoptic package
+
+
+def _shipped_root() -> Traversable:
+    return importlib.resources.files("detr_panoptic").joinpath(CONFIG_PACKAGE_DIR)
+
+
+def _shipped_files() -> dict[str, Traversable]:
+    """Shipped config name (``cityscapes/recipe_two_stages``) -> its resource, sorted by name."""
+    found: dict[str, Traversable] = {}
+
+    def walk(node: Traversable, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".yaml"):
+                found[prefix + child.name[: -len(".yaml")]] = child
+
+    root = _shipped_root()
+    if root.is_dir():
+        walk(root, "")
+    return dict(sorted(found.items()))
+
+
+def _description(text: str) -> str:
+    """The first sentence of a config's leading comment block, on one line."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        stripped = line.lstrip("#").strip()
+        if not stripped:
+            break
+        lines.append(stripped)
+    block = " ".join(lines)
+    end = block.find(". ")
+    return block[: end + 1] if end >= 0 else block
+
+
+def list_configs() -> dict[str, str]:
+    """The shipped configs: name (as ``find_config`` takes it) -> a one-line description."""
+    return {name: _description(res.read_text(encoding="utf-8")) for name, res in _shipped_files().items()}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """The YAML file for a path or a shipped config name (``demo``, ``cityscapes/recipe_two_stages``).
+
+    An existing file wins over a shipped config of the same name; ``.yaml`` may be left out of a name.
+    Neither raises ``FileNotFoundError`` listing the shipped names.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path).replace("\\", "/").removesuffix(".yaml")
+    shipped = _shipped_files()
+    if name in shipped:
+        resource = shipped[name]
+        if isinstance(resource, Path):
+            return resource
+        # A package that is not plain files (a zip import): give the caller a real file.
+        copy_dir = Path(tempfile.mkdtemp(prefix="detr-panoptic-config-"))
+        copied = copy_dir / f"{name.replace('/', '_')}.yaml"
+        copied.write_text(resource.read_text(encoding="utf-8"), encoding="utf-8")
+        return copied
+    if path.exists():
+        raise UserInputError(f"config {name_or_path}: not a file")
+    raise FileNotFoundError(f"config file not found: {name_or_path} (not a file, nor a shipped config; "
+                            f"shipped: {', '.join(shipped) or 'none'}; `detr-panoptic config --list` shows them)")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -390,7 +469,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Read a YAML config (a path or a shipped config name, see ``find_config``; the defaults when
+    ``path`` is None) and apply ``--set`` overrides."""
+    if path is not None:
+        path = find_config(path)
     data = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     if overrides:

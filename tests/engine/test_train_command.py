@@ -16,12 +16,10 @@ from detr_panoptic.engine.metrics_log import read_metrics
 from detr_panoptic.utils.errors import UserInputError
 from tests.engine.toys import TINY_MODEL
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "cityscapes"
-
 
 @pytest.mark.parametrize("name", ["stage1_freeze_transformer", "stage2_freeze_attention", "recipe_two_stages"])
 def test_recipes_use_the_reference_hyper_parameters(name):
-    for stage in load_config(CONFIGS / f"{name}.yaml").resolve_stages():
+    for stage in load_config(f"cityscapes/{name}").resolve_stages():
         t = stage.train
         assert (t.lr, t.weight_decay, t.lr_backbone, t.batch_size, t.clip_max_norm, t.scheduler) == \
             (1e-4, 1e-4, 0.0, 1, 0.1, "step")
@@ -30,7 +28,7 @@ def test_recipes_use_the_reference_hyper_parameters(name):
 
 
 def test_two_stage_recipe_chains_stage2_to_stage1_best():
-    stage1, stage2 = load_config(CONFIGS / "recipe_two_stages.yaml").resolve_stages()
+    stage1, stage2 = load_config("cityscapes/recipe_two_stages").resolve_stages()
     assert stage1.model.init == "coco-r50-panoptic" and stage1.freeze.transformer and not stage1.freeze.attention
     assert stage2.model.init == str(Path(stage1.train.output_dir) / "checkpoints" / "best.pth")
     assert stage2.freeze.attention and not stage2.freeze.transformer

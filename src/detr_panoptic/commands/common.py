@@ -27,10 +27,18 @@ def add_workers(parser: argparse.ArgumentParser, *, default: int | None = None) 
                         else f"worker processes (default: {default})")
 
 
-def add_config(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+CONFIG_HELP = "a YAML config file, or a shipped config's name such as cityscapes/recipe_two_stages " \
+    "(detr-panoptic config --list)"
+
+
+def add_config(parser: argparse.ArgumentParser, *, required: bool = True, positional: bool | None = None) -> None:
+    """The config argument: positional when required (``positional=True`` makes an optional one
+    positional too), else ``--config``; plus the repeatable ``--set KEY=VALUE``."""
     if required:
-        parser.add_argument("config", help="YAML config file (see configs/)")
+        parser.add_argument("config", help=CONFIG_HELP)
+    elif positional:
+        parser.add_argument("config", nargs="?", default=None, help=CONFIG_HELP)
     else:
-        parser.add_argument("--config", help="YAML config file (see configs/)")
+        parser.add_argument("--config", help=CONFIG_HELP)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=5e-5 (repeatable)")

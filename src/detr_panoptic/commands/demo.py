@@ -19,11 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", "-o", default=None,
                         help="output folder (default: runs/demo, or runs/demo_quick with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny version in about a minute (configs/demo_quick.yaml): checks the plumbing")
+                        help="a tiny version in about a minute (the shipped config demo_quick): checks the plumbing")
     parser.add_argument("--init", default=None, metavar="PATH_OR_ALIAS",
                         help="start from this checkpoint (file, URL, Hugging Face folder or alias such as "
                         "coco-r50-panoptic) instead of the synthetic source-domain pre-training")
-    parser.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="demo config: a YAML file or a shipped config's name (default: demo; demo_quick "
+                        "with --quick)")
     add_device(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: 0)")
     parser.add_argument("--bench-json", default=None, metavar="PATH",

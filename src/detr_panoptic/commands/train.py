@@ -16,7 +16,8 @@ from detr_panoptic.utils.logging import process_rank
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train", help="fine-tune a model (every stage of a chained config, in order)",
-        description="Fine-tune DETR panoptic per a YAML config (see configs/cityscapes/). Resumes from "
+        description="Fine-tune DETR panoptic per a YAML config, a file or a shipped config's name (the "
+        "Cityscapes recipe: cityscapes/recipe_two_stages; detr-panoptic config --list). Resumes from "
         "<output_dir>/checkpoints/last.pth when it exists (train.resume). Multi-GPU/CPU: launch with "
         "torchrun --nproc_per_node N.")
     add_config(parser)
