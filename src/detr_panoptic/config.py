@@ -335,12 +335,13 @@ def config_from_dict(data: Mapping[str, Any] | None, *, source: str = "<dict>") 
         # Validate the override keys and types now, against the base, so errors point at the file.
         probe = _deep_merge({s: dataclasses.asdict(sections[s]) for s in SECTIONS}, overrides,
                             source=f"{source}: stages[{i}]")
+        stage_source = f"{source}: stage {stage_name!r}"
         for key in overrides:
             if key not in SECTIONS:
-                raise UserInputError(f"{source}: unknown key stages[{i}].{key} (stage keys: name, "
+                raise UserInputError(f"{stage_source}: unknown key stages[{i}].{key} (stage keys: name, "
                                      f"{', '.join(SECTIONS)})")
         for sec, cls in SECTIONS.items():
-            _section_from_dict(cls, probe[sec], f"stages[{i}].{sec}", source)
+            _section_from_dict(cls, probe[sec], f"stages[{i}].{sec}", stage_source)
         stages.append(StageConfig(name=stage_name, overrides=copy.deepcopy(overrides)))
     return Config(name=name, stages=tuple(stages), **sections)
 

@@ -6,7 +6,9 @@ Distributed: ``torchrun --nproc_per_node N -m detr_panoptic.cli train CONFIG`` (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from detr_panoptic.commands.common import add_config
 from detr_panoptic.config import load_config
@@ -37,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides.append(f"data.workers={args.workers}")
     config = load_config(args.config, overrides)
+    for stage in config.resolve_stages():
+        check_output_dir(stage.train.output_dir, what=f"{args.config} ({stage.name}): train.output_dir")
     try:
         results = train(config)
     except TrainingDiverged as exc:
@@ -49,3 +53,17 @@ def run(args: argparse.Namespace) -> int:
                   f"{result.last_checkpoint.name} in {result.last_checkpoint.parent}; metrics "
                   f"{result.output_dir / 'metrics.jsonl'})")
     return 0
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, what: str = "train.output_dir") -> None:
+    """Fail before any work when ``output_dir`` cannot be created or written (creates nothing)."""
+    path = Path(output_dir)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise NotADirectoryError(f"{what} {path} {where}, not a folder")
+    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise PermissionError(f"{what} {path}: cannot write there{where}: permission denied")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
@@ -174,7 +174,10 @@ def read_instance_ids(path: str | os.PathLike) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow: truncated data, bad CRC, not a PNG ...
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the file
+        what = "an empty file" if not data else f"not a PNG (it starts with {data[:8]!r})"
+        raise UserInputError(f"{path}: cannot decode the instance id PNG: {what}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow: truncated data, bad CRC ...
         raise UserInputError(f"{path}: cannot decode the PNG (corrupt or truncated file?): {exc}") from None
     if array.ndim != 2:
         raise UserInputError(f"{path}: expected a single-channel instance id PNG, got shape {array.shape}")
@@ -383,11 +386,25 @@ def convert_cityscapes(
     if workers < 1:
         raise UserInputError(f"workers must be >= 1, got {workers}")
     files_per_split = {split: instance_files(gtfine, split) for split in splits}  # fail before any work
+    _check_output_folder(output_dir)
     categories = cityscapes_categories(use_train_id)
     written: dict[str, Path] = {}
     for split, files in files_per_split.items():
         written[split] = _convert_split(split, files, output_dir, categories, use_train_id, workers, progress)
     return written
+
+
+def _check_output_folder(output_dir: Path) -> None:
+    """Fail before any work when the output folder cannot be made or written (creates nothing)."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"is inside {existing}, which is a file"
+        raise NotADirectoryError(f"output folder {output_dir} {where}, not a folder")
+    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        where = "" if existing == output_dir else f" (it would be created in {existing})"
+        raise PermissionError(f"output folder {output_dir}: cannot write there{where}: permission denied")
 
 
 def _convert_split(split: str, files: list[str], output_dir: Path, categories: list[dict[str, Any]],

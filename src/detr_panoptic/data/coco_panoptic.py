@@ -102,8 +102,9 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         category_map: category id <-> class index (default: contiguous over the JSON's categories).
         transforms: a callable ``(image, id_map, boxes) -> (image, id_map, boxes)`` on tv_tensors
             (default: ``make_transforms(min_size=min_size, max_size=max_size)``).
-        validate: check at construction that every annotation's image record, image file, PNG file
-            and category exist (file existence only; ``check_dataset`` also decodes the PNGs).
+        validate: check at construction that there are annotations and that every annotation's image
+            record, image file, PNG file and category exist (file existence only; ``check_dataset``
+            also decodes the PNGs).
         cache_dir: a cache folder (optional; created and filled on first use, see the module doc).
     """
 
@@ -138,6 +139,9 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         if self.cache_dir is not None:
             _open_cache(self.cache_dir, min_size, max_size)
         if validate:
+            if not self.annotations:
+                raise UserInputError(f"{self.json_path}: no images to train or evaluate on (its 'annotations' "
+                                     "list is empty)")
             problems = self.validate()
             if problems:
                 more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
