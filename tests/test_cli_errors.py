@@ -311,6 +311,13 @@ def test_predict_refuses_unreadable_images(checkpoint, tmp_path, capsys, kind):
     out = tmp_path / "out"
     fails(["predict", "--checkpoint", str(checkpoint), "--out", str(out), *SMALL, str(bad)], capsys, str(bad))
     assert not (out / "predictions.json").exists() and not list(out.rglob("*.png"))
+    # --skip-bad: skipped with a warning naming it, the good image predicted.
+    Image.new("RGB", (48, 32), (10, 200, 30)).save(tmp_path / "in" / "good.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), "--skip-bad", *SMALL,
+                 str(tmp_path / "in")]) == 0
+    assert "bad.jpg" in capsys.readouterr().err
+    data = json.loads((out / "predictions.json").read_text())
+    assert [a["file_name"] for a in data["annotations"]] == ["good.png"]
 
 
 @pytest.mark.parametrize("kind", [
