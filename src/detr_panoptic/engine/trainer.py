@@ -26,6 +26,7 @@ from detr_panoptic.models.criterion import SetCriterion
 from detr_panoptic.models.matcher import QuerySelector
 from detr_panoptic.utils.batching import pad_images
 from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.precision import autocast, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +183,7 @@ class Trainer:
         batch, mask = pad_images([img.to(self.device, non_blocking=True) for img in images])
         targets = [_to_device(t, self.device) for t in targets]
         selector = QuerySelector(self.criterion.matcher, targets) if self.matched_masks_only else None
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype \
-            else contextlib.nullcontext()
-        with autocast:
+        with autocast(self.device, self.autocast_dtype):  # the network only; losses run in float32
             outputs = self.model(batch, mask, mask_queries=selector)
         losses = self.criterion(outputs, targets, indices=selector.indices if selector is not None else None)
         return losses, self.criterion.weighted_total(losses)
@@ -275,12 +274,13 @@ class Trainer:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device``: bf16/fp16 on CUDA; None (fp32) otherwise."""
-    if amp == "none":
-        return None
-    if amp not in ("bf16", "fp16"):
+    """The autocast dtype for ``train.amp`` on ``device`` (``utils.precision.resolve_dtype``): none -> None
+    (float32); bf16 on the CPU and on CUDA; fp16 on CUDA only (with a ``GradScaler``), a
+    ``UserInputError`` naming ``train.amp`` on the CPU. bf16 on hardware that only emulates it warns."""
+    if amp not in ("none", "bf16", "fp16"):
         raise UserInputError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
-    if device.type != "cuda":
-        log.info("train.amp=%s applies on CUDA only; training in fp32 on %s", amp, device)
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    dtype = resolve_dtype(amp, device, key="train.amp")
+    if dtype is not None:
+        log.info("train.amp=%s: the network runs under %s autocast on %s; losses and weights stay float32",
+                 amp, amp, device)
+    return dtype

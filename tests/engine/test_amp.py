@@ -1,0 +1,58 @@
+"""train.amp on the CPU: bf16 autocast trains (finite losses close to fp32, float32 weights in the
+checkpoint); fp16 is refused with an error naming train.amp."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detr_panoptic.engine.metrics_log import read_metrics
+from detr_panoptic.engine.trainer import autocast_dtype
+from detr_panoptic.engine.training import train_stage
+from detr_panoptic.utils.errors import UserInputError
+from tests.engine.toys import tiny_config, toy_datasets
+
+
+def _run(tmp_path, amp: str, steps: int = 2):
+    config = tiny_config(tmp_path / amp, train={"amp": amp, "max_steps": steps, "eval_every_epochs": 100})
+    train_stage(config, datasets=toy_datasets(), evaluate=lambda model: {"pq": 0.0})
+    records = [r for r in read_metrics(tmp_path / amp / "metrics.jsonl") if r["kind"] == "train"]
+    checkpoint = torch.load(tmp_path / amp / "checkpoints" / "last.pth", weights_only=True)
+    return records, checkpoint
+
+
+def test_bf16_training_on_cpu_is_close_to_fp32_and_keeps_fp32_weights(tmp_path):
+    fp32, fp32_checkpoint = _run(tmp_path, "none")
+    bf16, checkpoint = _run(tmp_path, "bf16")
+    assert [r["step"] for r in bf16] == [1, 2]
+    loss_keys = [k for k in fp32[0] if k.startswith("loss")]
+    assert "loss_mask" in loss_keys and "loss_dice" in loss_keys
+    differences = []
+    for key in loss_keys:
+        a, b = fp32[0][key], bf16[0][key]  # step 1: the same weights, only the precision differs
+        assert torch.isfinite(torch.tensor(b)), key
+        differences.append(abs(a - b) / max(abs(a), 1e-6))
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2%). Measured on these toys (AMD EPYC,
+    # torch 2.14): total loss 0.13% apart, the worst term 2.6% (loss_ce_0: an auxiliary layer whose
+    # Hungarian matching can flip under bf16 rounding); bounds: 1% on the total, 5% on any term.
+    relative = dict(zip(loss_keys, differences))
+    assert relative["loss"] < 0.01, relative
+    assert max(differences) < 0.05, relative
+    assert max(differences) > 0  # autocast did run: bf16 rounding shows in the losses
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
+    weights = checkpoint["model"]
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert weights.keys() == fp32_checkpoint["model"].keys()
+
+
+def test_fp16_on_cpu_is_refused_naming_the_key(tmp_path):
+    config = tiny_config(tmp_path / "fp16", train={"amp": "fp16", "max_steps": 1})
+    with pytest.raises(UserInputError, match=r"train\.amp: fp16 is not supported on the CPU"):
+        train_stage(config, datasets=toy_datasets(), evaluate=lambda model: {"pq": 0.0})
+
+
+def test_autocast_dtype_per_device():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("none", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(UserInputError, match="train.amp must be none, bf16 or fp16"):
+        autocast_dtype("fp8", cpu)
