@@ -82,3 +82,16 @@ def test_config_list_and_shipped_names(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(err.splitlines()) == 1 and "cityscapes/no_such_recipe" in err and "cityscapes/recipe_two_stages" in err
     assert main(["config"]) == 2 and "--list" in capsys.readouterr().err
     assert main(["config", "--list", "demo"]) == 2
+
+
+def test_train_and_demo_take_shipped_config_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    # The recipe is found by name and resolved; it stops at the (missing) data, before writing anything.
+    assert main(["train", "cityscapes/recipe_two_stages", "--set", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such folder" in err and "config file not found" not in err
+    assert main(["demo", "--config", "no_such_demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_demo" in err and "demo_quick" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
