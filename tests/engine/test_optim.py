@@ -72,14 +72,12 @@ def test_scheduler_resumes_from_its_state_dict():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 20)))
 
 
-def test_mixed_precision_only_on_cuda(caplog):
-    import logging
-
+def test_mixed_precision_per_device():
     from detr_panoptic.engine.trainer import autocast_dtype
 
-    with caplog.at_level(logging.INFO):
-        assert autocast_dtype("bf16", torch.device("cpu")) is None
-    assert "CUDA only" in caplog.text
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16  # bf16 autocast on the CPU too
+    with pytest.raises(UserInputError, match=r"train\.amp: fp16 is not supported on the CPU"):
+        autocast_dtype("fp16", torch.device("cpu"))
     assert autocast_dtype("none", torch.device("cpu")) is None
     assert autocast_dtype("fp16", torch.device("cuda", 0)) is torch.float16
     assert autocast_dtype("bf16", torch.device("cuda", 0)) is torch.bfloat16

@@ -137,7 +137,8 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str, *,
             _warn_once("cpu-bf16", f"{key}: bf16 on this CPU ({cpu_model()}) has no native bf16 "
                                    f"(AVX512-BF16/AMX): it runs, emulated, usually slower than fp32")
     elif device.type == "cuda":
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        if dtype == torch.bfloat16 and torch.cuda.is_available() \
+                and not torch.cuda.is_bf16_supported(including_emulation=False):
             _warn_once("cuda-bf16", f"{key}: bf16 on {torch.cuda.get_device_name(device)} is emulated "
                                     f"(needs compute capability >= 8.0): slower; fp16 is native there")
     elif not torch.amp.is_autocast_available(device.type):
