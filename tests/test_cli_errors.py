@@ -109,6 +109,14 @@ def test_train_wrong_value_deep_in_a_stage(cityscapes, tmp_path, capsys, stage2,
     assert not (tmp_path / "runs").exists()
 
 
+def test_debug_shows_the_traceback_of_a_bad_input(cityscapes, tmp_path):
+    from detr_panoptic.utils.errors import UserInputError
+
+    config = train_config(tmp_path, cityscapes, stages=[{"name": "s1", "train": {"lr": "fast"}}])
+    with pytest.raises(UserInputError, match=r"stage 's1': stages\[0\]\.train\.lr"):
+        main(["--debug", "train", str(write_config(tmp_path / "c.yaml", config))])
+
+
 @pytest.mark.parametrize("where", ["file", "inside_file"])
 def test_train_output_folder_that_cannot_be_made(cityscapes, tmp_path, capsys, where):
     blocker = tmp_path / "blocker"
