@@ -432,7 +432,7 @@ def find_config(name_or_path: str | Path) -> Path:
     """The YAML file for a path or a shipped config name (``demo``, ``cityscapes/recipe_two_stages``).
 
     An existing file wins over a shipped config of the same name; ``.yaml`` may be left out of a name.
-    Neither raises ``FileNotFoundError`` listing the shipped names.
+    When it is neither, ``FileNotFoundError`` lists the shipped names.
     """
     path = Path(name_or_path)
     if path.is_file():
