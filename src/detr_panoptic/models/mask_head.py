@@ -67,6 +67,11 @@ class MHAttentionMap(nn.Module):
 def _add_per_image(x: torch.Tensor, per_image: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
     """``x + per_image[image_index]`` without materialising the gathered copy when rows are grouped by image
     (the large 1/4-resolution maps would otherwise be duplicated once per query)."""
+    if per_image.shape[0] == 1 and not (x.requires_grad or per_image.requires_grad):
+        # one image (as in the ONNX mask graph): a plain broadcast, traceable. Not under autograd: the
+        # broadcast's backward sums rows in another order than index_add_, and DDP runs (one image per
+        # process) must match a single process to float rounding.
+        return x + per_image
     if x.shape[0] == 0:
         return x
     if x.requires_grad or per_image.requires_grad or bool((image_index[1:] < image_index[:-1]).any()):
