@@ -18,6 +18,7 @@ from detr_panoptic.checkpoints import (
     adapt_class_head,
     export_safetensors,
     infer_model_config,
+    load_checkpoint,
     load_pretrained,
     model_config_from_model,
     save_checkpoint,
@@ -50,7 +51,7 @@ def test_official_format_loads_and_config_is_inferred(tiny, tmp_path):
     model = load_pretrained(path)
     assert_same_weights(model, tiny)
     assert model.config == dict(tiny.config, aux_loss=False)
-    assert model.category_map is None  # 7 classes: not the COCO layout
+    assert load_checkpoint(path).category_map is None  # 7 classes: not the COCO layout
 
 
 def test_reference_training_checkpoint_with_namespace_args(tiny, tmp_path):
@@ -76,11 +77,13 @@ def test_our_checkpoint_round_trip_keeps_metadata(tiny, tmp_path):
     raw = torch.load(path, weights_only=True)  # loadable without custom classes, as the reference would
     assert set(raw["model"]) == set(tiny.state_dict()) and raw["step"] == 12
     assert raw["detr_panoptic"]["format_version"] == 1
-    model = load_pretrained(path)
+    loaded = load_checkpoint(path)
+    model = loaded.model
     assert_same_weights(model, tiny)
-    assert model.category_map == categories
+    assert loaded.category_map == categories
     assert model.config["aux_loss"] is True and model.config["dropout"] == 0.0
-    assert model.input_size is None  # not recorded
+    assert loaded.input_size is None and loaded.postprocess is None  # not recorded
+    assert not hasattr(model, "category_map") and not hasattr(model, "input_size")  # the module holds weights
     assert not list(tmp_path.glob("run/.*tmp*"))  # atomic: no temporary file left
 
 
@@ -88,34 +91,33 @@ def test_the_training_input_size_rides_along(tiny, tmp_path, caplog):
     path = save_checkpoint(tmp_path / "a.pth", tiny, category_map=None, model_config=None,
                            input_size={"min_size": 128, "max_size": 256})
     assert torch.load(path, weights_only=True)["detr_panoptic"]["input_size"] == {"min_size": 128, "max_size": 256}
-    assert load_pretrained(path).input_size == (128, 256)
+    assert load_checkpoint(path).input_size == (128, 256)
     raw = torch.load(path, weights_only=True)
     raw["detr_panoptic"]["input_size"] = {"min_size": 300, "max_size": 200}  # longer side below shorter
     torch.save(raw, tmp_path / "bad.pth")
-    assert load_pretrained(tmp_path / "bad.pth").input_size is None
+    assert load_checkpoint(tmp_path / "bad.pth").input_size is None
     assert "ignoring a malformed input_size" in caplog.text
 
 
 def test_safetensors_export_with_sidecar(tiny, tmp_path):
     categories = CategoryMap.contiguous(Category(i + 1, f"c{i}", False) for i in range(7))
-    tiny.category_map = categories
-    try:
-        path = export_safetensors(tiny, tmp_path / "model.safetensors")
-    finally:
-        tiny.category_map = None
+    path = export_safetensors(tiny, tmp_path / "model.safetensors", category_map=categories,
+                              input_size={"min_size": 64, "max_size": 96},
+                              postprocess={"threshold": 0.6, "merge_stuff": "merge", "min_area": 2})
     assert (tmp_path / "model.json").is_file()
-    model = load_pretrained(path)
-    assert_same_weights(model, tiny)
-    assert model.category_map == categories
+    loaded = load_checkpoint(path)
+    assert_same_weights(loaded.model, tiny)
+    assert loaded.category_map == categories and loaded.input_size == (64, 96)
+    assert loaded.postprocess == {"threshold": 0.6, "merge_stuff": "merge", "min_area": 2}
     (tmp_path / "model.json").unlink()  # without the sidecar: config from the weights, no categories
-    bare = load_pretrained(path)
-    assert_same_weights(bare, tiny) and bare.category_map is None
+    bare = load_checkpoint(path)
+    assert_same_weights(bare.model, tiny) and bare.category_map is None
 
 
 def test_250_class_official_checkpoint_gets_coco_categories(tmp_path):
     model = PanopticDETR(250, **TINY)
     torch.save({"model": model.state_dict()}, tmp_path / "coco.pth")
-    loaded = load_pretrained(tmp_path / "coco.pth")
+    loaded = load_checkpoint(tmp_path / "coco.pth")
     assert loaded.category_map is not None and loaded.category_map.num_classes == 250
     assert loaded.category_map.is_thing()[1] and not loaded.category_map.is_thing()[200]
 

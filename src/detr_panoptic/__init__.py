@@ -3,7 +3,10 @@
 The public API, re-exported lazily (``import detr_panoptic`` stays cheap; the CLI's ``--help`` does
 not import torch until a command needs it)::
 
-    from detr_panoptic import load_pretrained, panoptic_postprocess, pq_compute, convert_cityscapes
+    from detr_panoptic import PanopticPredictor, load_pretrained, pq_compute, convert_cityscapes
+
+    predictor = PanopticPredictor.from_pretrained("coco-r50-panoptic")
+    result = predictor("street.jpg")[0]        # PanopticResult: id_map [H, W], segments_info, kept queries
 """
 from __future__ import annotations
 
@@ -13,17 +16,34 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
+    # inference: the one way from an image to a panoptic result
+    "PanopticPredictor": "detr_panoptic.inference",
+    "PredictorSettings": "detr_panoptic.inference",
+    "run_inference": "detr_panoptic.inference",
+    "make_loader": "detr_panoptic.inference",
+    "PQEvaluator": "detr_panoptic.inference",
+    "PanopticWriter": "detr_panoptic.inference",
+    "OverlayWriter": "detr_panoptic.inference",
+    "predict_to_folder": "detr_panoptic.inference",
+    "evaluate_dataset": "detr_panoptic.inference",
     # models
     "PanopticDETR": "detr_panoptic.models.detr",
     "DETROutput": "detr_panoptic.models.outputs",
     "PanopticResult": "detr_panoptic.models.outputs",
+    "KeptQueries": "detr_panoptic.models.outputs",
     "panoptic_postprocess": "detr_panoptic.models.postprocess",
     "build_criterion": "detr_panoptic.models.criterion",
     "build_matcher": "detr_panoptic.models.matcher",
     # checkpoints
     "load_pretrained": "detr_panoptic.checkpoints",
+    "load_checkpoint": "detr_panoptic.checkpoints",
     "save_checkpoint": "detr_panoptic.checkpoints",
     "export_safetensors": "detr_panoptic.checkpoints",
+    # deployment
+    "OnnxPredictor": "detr_panoptic.export.onnx_predictor",
+    "export_onnx": "detr_panoptic.export.onnx",
+    "export_hugging_face": "detr_panoptic.export.hugging_face",
+    "export_checkpoint": "detr_panoptic.export",
     # data
     "Category": "detr_panoptic.data.categories",
     "CategoryMap": "detr_panoptic.data.categories",

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -177,7 +178,10 @@ def _read_hf_folder(folder: Path) -> _Loaded:
         raise UserInputError(f"{config_file}: encoder_ffn_dim != decoder_ffn_dim is not supported")
     if hf.get("position_embedding_type", "sine") != "sine":
         raise UserInputError(f"{config_file}: only sine position embeddings are supported")
-    return _Loaded(dict(state), description=str(folder), config={k: v for k, v in config.items() if v is not None})
+    # our own metadata, when the folder was written by ``export.export_hugging_face``
+    metadata = hf.get("detr_panoptic") if isinstance(hf.get("detr_panoptic"), Mapping) else None
+    return _Loaded(dict(state), description=str(folder), metadata=metadata,
+                   config={k: v for k, v in config.items() if v is not None})
 
 
 # -- Hugging Face names -> official names ------------------------------------------------------------------
@@ -334,17 +338,34 @@ def _check_overrides(overrides: Mapping[str, Any]) -> None:
         raise UserInputError(f"unknown model option(s) {unknown}; expected some of {list(MODEL_KWARGS)}")
 
 
-# -- the public entry point ------------------------------------------------------------------------------------
-def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> PanopticDETR:
-    """Build a ``PanopticDETR`` from ``source`` (see the module docstring) and load its weights.
+# -- the public entry points ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pretrained:
+    """A model loaded by ``load_checkpoint`` and what its checkpoint says about using it.
+
+    category_map: from our metadata, the COCO panoptic map for 250-class checkpoints without metadata,
+    else None. input_size: ``(min_size, max_size)`` the model was trained with (our checkpoints), else
+    None. postprocess: the post-processing settings stored by ``calibrate`` (``threshold``,
+    ``merge_stuff``, ``min_area``), else None. The module carries weights only;
+    ``inference.PredictorSettings.from_pretrained`` turns these into the predictor's settings.
+    """
+
+    model: PanopticDETR
+    category_map: CategoryMap | None
+    input_size: tuple[int, int] | None
+    postprocess: dict[str, Any] | None
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_checkpoint(source: str | os.PathLike, **model_overrides: Any) -> Pretrained:
+    """Build a ``PanopticDETR`` from ``source`` (see the module docstring), load its weights and read its metadata.
 
     The configuration is read from the weights (classes, queries, layers, widths, heads, backbone depth),
     then from metadata (our checkpoints, a Hugging Face config.json), then ``model_overrides``
     (``num_classes=``, ``aux_loss=``, ``dropout=``, ``dilation=`` ...). With a different ``num_classes``
-    the class head keeps its fresh initialisation (logged); any other shape mismatch raises
-    ``UserInputError`` listing the keys. ``model.category_map`` is set from our metadata, or to the COCO
-    panoptic map for 250-class checkpoints without metadata, else None; ``model.input_size`` to the
-    ``(min_size, max_size)`` our checkpoints record (see ``save_checkpoint``), else None.
+    the class head keeps its fresh initialisation (logged) and the category map is dropped; any other
+    shape mismatch raises ``UserInputError`` listing the keys.
     """
     _check_overrides(model_overrides)
     loaded = _read_source(source)
@@ -365,9 +386,20 @@ def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> Panopt
     if skip:
         log.info("%s: %d -> %d classes: not loaded (re-initialised): %s", loaded.description, checkpoint_classes,
                  config["num_classes"], ", ".join(skip))
-    model.category_map = _category_map(loaded, config["num_classes"], checkpoint_classes)
-    model.input_size = _input_size(loaded)
-    return model
+    postprocess = loaded.metadata.get("postprocess")
+    return Pretrained(model=model, category_map=_category_map(loaded, config["num_classes"], checkpoint_classes),
+                      input_size=_input_size(loaded),
+                      postprocess=dict(postprocess) if isinstance(postprocess, Mapping) else None,
+                      description=loaded.description, metadata=dict(loaded.metadata))
+
+
+def load_pretrained(source: str | os.PathLike, **model_overrides: Any) -> PanopticDETR:
+    """The ``PanopticDETR`` of ``load_checkpoint(source, **model_overrides)``, weights only.
+
+    For inference, ``inference.PanopticPredictor.from_pretrained(source)`` also restores the checkpoint's
+    categories, input size and post-processing settings.
+    """
+    return load_checkpoint(source, **model_overrides).model
 
 
 def _input_size(loaded: _Loaded) -> tuple[int, int] | None:
@@ -429,7 +461,8 @@ def _category_map(loaded: _Loaded, num_classes: int, checkpoint_classes: int) ->
 # -- saving ------------------------------------------------------------------------------------------------
 def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any] | None,
               model_config: Mapping[str, Any] | None,
-              input_size: Mapping[str, int] | None = None) -> dict[str, Any]:
+              input_size: Mapping[str, int] | None = None,
+              postprocess: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if isinstance(category_map, CategoryMap):
         category_map = category_map.to_json()
     meta = {"format_version": FORMAT_VERSION,
@@ -437,17 +470,20 @@ def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any]
             "category_map": dict(category_map) if category_map is not None else None}
     if input_size is not None:
         meta["input_size"] = {"min_size": int(input_size["min_size"]), "max_size": int(input_size["max_size"])}
+    if postprocess is not None:
+        meta["postprocess"] = dict(postprocess)
     return meta
 
 
 def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
                     category_map: CategoryMap | Mapping[str, Any] | None, model_config: Mapping[str, Any],
-                    extra: Mapping[str, Any] | None = None, input_size: Mapping[str, int] | None = None) -> Path:
+                    extra: Mapping[str, Any] | None = None, input_size: Mapping[str, int] | None = None,
+                    postprocess: Mapping[str, Any] | None = None) -> Path:
     """Write ``{"model": state_dict, "detr_panoptic": {...}, **extra}`` atomically.
 
     ``input_size`` (``{"min_size", "max_size"}``): the resize the model was trained and validated with;
-    ``load_pretrained`` sets it as ``model.input_size``, and ``predict``/``evaluate``/``attention`` use
-    it when no size is given.
+    the predictor (``predict``/``evaluate``/``attention``) uses it when no size is given. ``postprocess``
+    (``{"threshold", "merge_stuff", "min_area"}``, written by ``calibrate``): the predictor's defaults.
 
     The reference code loads it (``checkpoint["model"]`` has the official keys); ``extra`` holds the
     training state (``optimizer``, ``lr_scheduler``, ``step``, ``epoch``, ``rng``, ``best_pq``) and must
@@ -457,7 +493,8 @@ def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
     # official layout (frozen norms) has not; their other keys are the frozen norms' own.
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".num_batches_tracked")}
     payload: dict[str, Any] = {"model": state,
-                               "detr_panoptic": _metadata(model, category_map, model_config, input_size)}
+                               "detr_panoptic": _metadata(model, category_map, model_config, input_size,
+                                                          postprocess)}
     for key, value in (extra or {}).items():
         if key in payload:
             raise ValueError(f"extra must not overwrite {key!r}")
@@ -470,16 +507,19 @@ def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
 
 def export_safetensors(model: PanopticDETR, path: str | os.PathLike, *,
                        category_map: CategoryMap | Mapping[str, Any] | None = None,
-                       model_config: Mapping[str, Any] | None = None) -> Path:
-    """Write the weights (official keys) as ``.safetensors`` plus ``<stem>.json`` with the model config and
-    category map (defaults: the model's). Returns the weights path."""
+                       model_config: Mapping[str, Any] | None = None,
+                       input_size: Mapping[str, int] | None = None,
+                       postprocess: Mapping[str, Any] | None = None) -> Path:
+    """Write the weights (official keys) as ``.safetensors`` plus ``<stem>.json`` with the model config,
+    category map, input size and post-processing settings (``load_checkpoint`` reads them back).
+    Returns the weights path."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserInputError(f"{path}: the file name must end in .safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = _metadata(model, category_map if category_map is not None else model.category_map, model_config)
+    meta = _metadata(model, category_map, model_config, input_size, postprocess)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "detr_panoptic_format_version": str(FORMAT_VERSION)})
     atomic_write_json(sidecar_path(path), meta)

@@ -67,9 +67,9 @@ def test_train_command_runs_both_stages_on_synthetic_cityscapes(tmp_path, capsys
     assert torch.equal(best1[key], last2[key])
     assert not torch.equal(best1["detr.class_embed.weight"], last2["detr.class_embed.weight"])
     # The checkpoints record the resize they were trained with, for predict/evaluate/attention.
-    from detr_panoptic.checkpoints import load_pretrained
+    from detr_panoptic.checkpoints import load_checkpoint
 
-    assert load_pretrained(tmp_path / "runs" / "stage2" / "checkpoints" / "best.pth").input_size == (64, 128)
+    assert load_checkpoint(tmp_path / "runs" / "stage2" / "checkpoints" / "best.pth").input_size == (64, 128)
 
 
 def test_wandb_without_the_package_gives_the_install_hint(tmp_path, monkeypatch):

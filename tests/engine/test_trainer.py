@@ -56,10 +56,10 @@ def test_run_folder_metrics_and_checkpoints(tmp_path):
     assert "detr.class_embed.weight" in last["model"] and "mask_head.lay1.weight" in last["model"]
     assert result.best_pq == 30.0 and result.best_checkpoint == out / "checkpoints" / "best.pth"
     # frozen backbone untouched, heads trained
-    from detr_panoptic.checkpoints import load_pretrained
+    from detr_panoptic.checkpoints import load_checkpoint
 
-    model = load_pretrained(out / "checkpoints" / "last.pth")
-    assert model.num_classes == 3 and model.category_map.class_ids == (7, 24, 26)
+    loaded = load_checkpoint(out / "checkpoints" / "last.pth")
+    assert loaded.model.num_classes == 3 and loaded.category_map.class_ids == (7, 24, 26)
     # a second call finds the run complete and does nothing
     again = train_stage(config, datasets=toy_datasets(), evaluate=evaluate)
     assert evaluate.calls == 2 and again.best_pq == 30.0

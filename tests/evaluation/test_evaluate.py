@@ -1,4 +1,4 @@
-"""engine.evaluate (model over a split -> COCO panoptic predictions -> PQ), the ``evaluate`` command,
+"""inference.evaluate_dataset (model over a split -> COCO panoptic predictions -> PQ), the ``evaluate`` command,
 and the per-class chart."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from detr_panoptic.cli import main
 from detr_panoptic.data.categories import CategoryMap
-from detr_panoptic.engine.evaluate import evaluate_model
+from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
 from detr_panoptic.evaluation import pq_compute, read_id_png
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
@@ -45,6 +45,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, dataset, category_map: CategoryMap) -> None:
         super().__init__()
         self.category_map = category_map
+        self.num_classes = category_map.num_classes
         self.queue = []
         for ann in dataset.annotations:
             ids = read_id_png(dataset.panoptic_path(ann)).astype(np.int64)
@@ -56,9 +57,17 @@ class Oracle(torch.nn.Module):
             self.queue.append(PanopticResult(torch.from_numpy(renumbered), segments))
         self.sizes = []
 
-    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category):
+    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category, merge_stuff, min_area,
+                autocast_dtype):
         self.sizes.extend(tuple(s) for s in target_sizes)
         return [self.queue.pop(0) for _ in images]
+
+
+def evaluate_model(model, dataset, out, *, batch_size=1, device="cpu", **kwargs):
+    """``evaluate_dataset`` with a predictor around ``model`` (its categories, the dataset's input size)."""
+    settings = PredictorSettings(model.category_map, min_size=dataset.min_size, max_size=dataset.max_size)
+    return evaluate_dataset(PanopticPredictor(model, settings, device=device), dataset, out, batch_size=batch_size,
+                            num_workers=0, **kwargs)
 
 
 def test_oracle_predictions_score_perfectly(cityscapes, tmp_path):
@@ -154,7 +163,7 @@ def _single_thread(one_thread):
 
 
 def test_coco_layout_data_from_flags(tmp_path):
-    from detr_panoptic.engine.evaluate import build_eval_dataset
+    from detr_panoptic.inference.tasks import build_eval_dataset
     from tests.evaluation.pq_cases import to_rgb
 
     (tmp_path / "gt").mkdir()

@@ -1,10 +1,7 @@
-"""Inference plumbing: inputs, streaming, outputs; with a fake model and, when the real model and
-checkpoint code are importable, with a tiny random PanopticDETR through the CLI."""
+"""Inference plumbing: inputs, loading, outputs, attention; with fake models behind the real predictor."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,15 +10,10 @@ from PIL import Image
 
 from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.data.transforms import detr_resize_size
-from detr_panoptic.engine import inference
-from detr_panoptic.engine.inference import (
-    expand_inputs,
-    load_image,
-    predict_to_folder,
-    prefetch,
-    unique_names,
-)
+from detr_panoptic.inference import PanopticPredictor, PredictorSettings, expand_inputs, load_image, predict_to_folder
+from detr_panoptic.inference.samples import unique_names
 from detr_panoptic.models.outputs import PanopticResult
+from detr_panoptic.utils.devices import resolve_device
 from detr_panoptic.utils.errors import UserInputError
 
 CATEGORIES = CategoryMap.contiguous([Category(1, "car", True, (0, 0, 142)), Category(7, "road", False, (128, 64, 128))])
@@ -36,12 +28,14 @@ def write_image(path, size=(40, 30), color=(10, 200, 30)):
 class FakeModel(torch.nn.Module):
     """``predict`` returns road on the left half and a car in the top-right quarter, at target size."""
 
+    num_classes = 2
+
     def __init__(self):
         super().__init__()
-        self.category_map = CATEGORIES
         self.calls: list[dict] = []
 
-    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category):
+    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category, merge_stuff, min_area,
+                autocast_dtype):
         self.calls.append({"batch": len(images), "shapes": [tuple(i.shape) for i in images],
                            "sizes": list(target_sizes), "threshold": threshold})
         results = []
@@ -55,6 +49,11 @@ class FakeModel(torch.nn.Module):
                 {"id": 3, "category_id": 1, "isthing": True, "area": 0, "score": 0.86, "query": 8},  # area 0
             ]))
         return results
+
+
+def predictor(model=None, **settings):
+    sizes = {"min_size": settings.pop("size", 16), "max_size": settings.pop("max_size", 1333)}
+    return PanopticPredictor(model or FakeModel(), PredictorSettings(CATEGORIES, **sizes, **settings), device="cpu")
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -106,36 +105,6 @@ def test_resized_shape_follows_the_reference_rule():
     assert detr_resize_size(600, 800, 600, 1333) == (600, 800)
 
 
-def test_prefetch_is_bounded_keeps_order_and_passes_errors():
-    produced = []
-
-    def items():
-        for i in range(10):
-            produced.append(i)
-            yield i
-
-    stream = prefetch(items(), depth=2)
-    assert next(stream) == 0
-    time.sleep(0.3)
-    assert len(produced) <= 4  # one consumed, <= 2 queued, one waiting to be put
-    assert list(stream) == list(range(1, 10))
-
-    def failing():
-        yield 1
-        raise UserInputError("bad file x.png")
-
-    stream = prefetch(failing(), depth=2)
-    assert next(stream) == 1
-    with pytest.raises(UserInputError, match="x.png"):
-        next(stream)
-    before = threading.active_count()
-    stream = prefetch(iter(range(100)), depth=1)
-    next(stream)
-    stream.close()
-    time.sleep(0.3)
-    assert threading.active_count() <= before
-
-
 # -- outputs ---------------------------------------------------------------------------------------
 def test_unique_names():
     from pathlib import Path
@@ -152,8 +121,8 @@ def test_predict_to_folder_writes_pngs_overlays_and_json(tmp_path):
     write_image(tmp_path / "in" / "000000000042.jpg", size=(40, 30))
     write_image(tmp_path / "in" / "street.png", size=(50, 20))
     model = FakeModel()
-    summary = predict_to_folder(model, [str(tmp_path / "in")], tmp_path / "out", size=16, max_size=64,
-                                batch_size=2, progress=False)
+    summary = predict_to_folder(predictor(model, size=16, max_size=64), [str(tmp_path / "in")], tmp_path / "out",
+                                batch_size=2, progress=False, num_workers=0)
     assert len(summary.processed) == 2 and model.calls[0]["batch"] == 2
     assert model.calls[0]["sizes"] == [(30, 40), (20, 50)]
     assert model.calls[0]["shapes"] == [(3, 16, 21), (3, 16, 40)]
@@ -175,7 +144,7 @@ def test_predict_to_folder_writes_pngs_overlays_and_json(tmp_path):
 def test_image_ids_stay_unique(tmp_path):
     write_image(tmp_path / "in" / "0139.png")
     write_image(tmp_path / "in" / "139.png")
-    predict_to_folder(FakeModel(), [str(tmp_path / "in")], tmp_path / "out", size=None, progress=False)
+    predict_to_folder(predictor(), [str(tmp_path / "in")], tmp_path / "out", progress=False)
     data = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [a["image_id"] for a in data["annotations"]] == [139, "139"]
 
@@ -185,38 +154,40 @@ def test_predict_to_folder_bad_inputs(tmp_path, caplog):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"garbage")
     with pytest.raises(UserInputError, match="broken.jpg"):
-        predict_to_folder(FakeModel(), [str(good), str(broken)], tmp_path / "out", progress=False)
+        predict_to_folder(predictor(), [str(good), str(broken)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "predictions.json").exists()
-    summary = predict_to_folder(FakeModel(), [str(good), str(broken)], tmp_path / "out", progress=False,
-                                skip_bad=True, size=None)
+    summary = predict_to_folder(predictor(), [str(good), str(broken)], tmp_path / "out", progress=False,
+                                skip_bad=True)
     assert [p.name for p in summary.processed] == ["good.png"]
     assert [p.name for p, _ in summary.skipped] == ["broken.jpg"] and "broken.jpg" in caplog.text
     with pytest.raises(UserInputError, match="no image could be processed"):
-        predict_to_folder(FakeModel(), [str(broken)], tmp_path / "out2", progress=False, skip_bad=True)
+        predict_to_folder(predictor(), [str(broken)], tmp_path / "out2", progress=False, skip_bad=True)
 
 
 @pytest.mark.parametrize("options, message", [
     ({"threshold": 1.5}, "threshold"), ({"size": 0}, "size"), ({"size": 800, "max_size": 100}, "max size"),
-    ({"batch_size": 0}, "batch size"),
+    ({"merge_stuff": "blend"}, "merge_stuff"), ({"min_area": -1}, "min_area"),
 ])
-def test_bad_options_fail_before_any_work(tmp_path, options, message):
-    good = write_image(tmp_path / "good.png")
+def test_bad_settings_fail_before_any_work(tmp_path, options, message):
     with pytest.raises(UserInputError, match=message):
-        predict_to_folder(FakeModel(), [str(good)], tmp_path / "out", progress=False, **options)
+        predictor(**options)
+    good = write_image(tmp_path / "good.png")
+    with pytest.raises(UserInputError, match="batch size"):
+        predict_to_folder(predictor(), [str(good)], tmp_path / "out", progress=False, batch_size=0)
     assert not (tmp_path / "out").exists()
 
 
 def test_device_resolution():
-    assert inference.resolve_device("cpu").type == "cpu"
-    assert inference.resolve_device("auto").type in {"cpu", "cuda"}
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda"}
     with pytest.raises(UserInputError, match="device"):
-        inference.resolve_device("tpu:banana")
+        resolve_device("tpu:banana")
 
 
 class FakeAttentionModel(FakeModel):
     """``forward(return_attention=True)`` with hand-set logits, boxes, masks and attention maps."""
 
-    def forward(self, images, *, return_attention=False):
+    def forward(self, images, *, return_attention=False, mask_queries=None):
         from detr_panoptic.models.outputs import DETROutput
 
         (image,) = images
@@ -229,14 +200,17 @@ class FakeAttentionModel(FakeModel):
         masks[0, 0, :2] = 5.0
         cross = torch.arange(2 * 3 * feat_h * feat_w, dtype=torch.float).reshape(1, 2, 3, feat_h * feat_w)
         encoder = torch.rand(1, 2, feat_h * feat_w, feat_h * feat_w)
-        return DETROutput(pred_logits=logits, pred_boxes=boxes, pred_masks=masks,
-                          attentions={"decoder_cross": [cross * 0, cross], "encoder_self": encoder,
-                                      "feature_size": (feat_h, feat_w)})
+        output = DETROutput(pred_logits=logits, pred_boxes=boxes,
+                            attentions={"decoder_cross": [cross * 0, cross], "encoder_self": encoder,
+                                        "feature_size": (feat_h, feat_w)})
+        selected = [torch.as_tensor(q, dtype=torch.long) for q in mask_queries(output)]
+        output.pred_masks, output.mask_queries = masks[0, selected[0]], selected
+        return output
 
 
 def test_compute_attention_keeps_confident_queries_and_reshapes_maps():
     image = Image.new("RGB", (100, 60))
-    maps = inference.compute_attention(FakeAttentionModel(), image, category_map=CATEGORIES, size=64, max_size=200)
+    maps = predictor(FakeAttentionModel(), size=64, max_size=200).attention(image)
     assert maps.queries.tolist() == [0] and maps.category_ids.tolist() == [1]
     feat_h, feat_w = maps.feature_size
     assert (feat_h, feat_w) == (2, 4)                                  # a 64 x 107 input at stride 32
@@ -252,23 +226,23 @@ def test_attention_with_no_kept_query_still_draws(tmp_path):
     from detr_panoptic.visualize.attention import write_attention_figures
 
     image = Image.new("RGB", (100, 60))
-    maps = inference.compute_attention(FakeAttentionModel(), image, category_map=CATEGORIES, size=64,
-                                       max_size=200, threshold=0.99999)
+    maps = predictor(FakeAttentionModel(), size=64, max_size=200, threshold=0.99999).attention(image)
     assert len(maps.queries) == 0 and maps.decoder.shape[:2] == (0, 2) and maps.masks.shape == (0, 60, 100)
     written = write_attention_figures(maps, tmp_path, CATEGORIES, points=2)
     assert [p.name for p in written] == ["queries_01.png", "encoder.png", "masks.png"]
     assert all(p.stat().st_size > 0 for p in written)
 
 
-def test_iter_predictions_streams_with_a_bounded_read_ahead(tmp_path, monkeypatch):
-    paths = [write_image(tmp_path / f"{i:02d}.png", size=(16, 12)) for i in range(12)]
-    loaded = []
-    real_load = inference.load_image
-    monkeypatch.setattr(inference, "load_image", lambda path: loaded.append(path) or real_load(path))
-    stream = inference.iter_predictions(FakeModel(), paths, category_map=CATEGORIES, size=None, batch_size=2,
-                                        prefetch_batches=1)
-    first = next(stream)
-    time.sleep(0.3)
-    assert first.path == paths[0]
-    assert len(loaded) <= 2 * 3  # the batch in hand, one queued, one being built
-    assert [p.path for p in stream] == paths[1:]
+def test_loader_workers_give_the_same_files_in_order(tmp_path):
+    paths = [write_image(tmp_path / "in" / f"{i:02d}.png", size=(16 + i, 12)) for i in range(5)]
+    one = predict_to_folder(predictor(), [str(tmp_path / "in")], tmp_path / "a", progress=False, num_workers=0,
+                            overlays=False)
+    two = predict_to_folder(predictor(), [str(tmp_path / "in")], tmp_path / "b", progress=False, num_workers=2,
+                            overlays=False, batch_size=2)
+    assert one.processed == two.processed == [p.resolve() for p in paths]
+    a = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    b = json.loads((tmp_path / "b" / "predictions.json").read_text())
+    assert a["annotations"] == b["annotations"] and a["images"] == b["images"]
+    for annotation in a["annotations"]:
+        assert (_decode(tmp_path / "a" / "predictions" / annotation["file_name"])
+                == _decode(tmp_path / "b" / "predictions" / annotation["file_name"])).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detr_panoptic.checkpoints import hugging_face_to_official, load_pretrained
+from detr_panoptic.checkpoints import hugging_face_to_official, load_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="the equivalence test needs `pip install transformers`")
 
@@ -37,10 +37,11 @@ def build_hf_model(layer_type: str = "basic", depths=(2, 2, 2, 2), hidden_sizes=
 def test_same_outputs_as_transformers(tmp_path, layer_type, depths, hidden_sizes, backbone):
     hf = build_hf_model(layer_type, depths, hidden_sizes)
     hf.save_pretrained(tmp_path)
-    ours = load_pretrained(tmp_path).eval()
+    loaded = load_checkpoint(tmp_path)
+    ours = loaded.model.eval()
     assert ours.config["backbone"] == backbone
     assert (ours.config["hidden_dim"], ours.config["nheads"], ours.config["num_queries"]) == (32, 8, 7)
-    assert ours.num_classes == 5 and ours.category_map is None
+    assert ours.num_classes == 5 and loaded.category_map is None
 
     pixels = torch.randn(2, 3, 64, 96)
     pixel_mask = torch.ones(2, 64, 96, dtype=torch.long)

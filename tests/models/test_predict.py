@@ -81,15 +81,16 @@ def test_predict_with_target_sizes_padded_batch_and_categories(setup):
     assert {s["category_id"] for r in actual for s in r.segments_info} <= {11, 12, 13, 14, 15}
 
 
-def test_predict_uses_category_map_of_the_model():
+def test_predict_uses_the_category_tensors_given():
     model = PanopticDETR(250, backbone="resnet18", hidden_dim=32, enc_layers=1, dec_layers=1,
                          dim_feedforward=32, num_queries=4).eval()
-    model.category_map = coco_category_map()
+    categories = coco_category_map()
     with torch.no_grad():
         model.detr.class_embed.weight.zero_()
         model.detr.class_embed.bias.zero_()
         model.detr.class_embed.bias[1] = 20.0  # COCO id 1, "person": a thing
-    results = model.predict([torch.randn(3, 64, 64)], threshold=0.5)
+    results = model.predict([torch.randn(3, 64, 64)], threshold=0.5, is_thing=categories.is_thing(),
+                            class_to_category=categories.class_to_category_tensor())
     assert results[0].segments_info and all(s["category_id"] == 1 and s["isthing"] for s in results[0].segments_info)
 
 

@@ -50,8 +50,8 @@ def images(tmp_path):
 
 
 def test_predict_resizes_to_the_checkpoints_training_size(checkpoint, images, tmp_path, monkeypatch):
+    import detr_panoptic.inference as inference
     from detr_panoptic.checkpoints import load_pretrained, save_checkpoint
-    from detr_panoptic.engine import inference
 
     model = load_pretrained(checkpoint)
     recorded = tmp_path / "recorded.pth"
@@ -60,7 +60,9 @@ def test_predict_resizes_to_the_checkpoints_training_size(checkpoint, images, tm
     seen = []
     real = inference.predict_to_folder
     monkeypatch.setattr(inference, "predict_to_folder",
-                        lambda *args, **kwargs: seen.append((kwargs["size"], kwargs["max_size"])) or real(*args, **kwargs))
+                        lambda predictor, *args, **kwargs: seen.append((predictor.settings.min_size,
+                                                                        predictor.settings.max_size))
+                        or real(predictor, *args, **kwargs))
     assert main(["predict", "-c", str(recorded), str(images), "--out", str(tmp_path / "a")]) == 0
     assert main(["predict", "-c", str(checkpoint), str(images), "--out", str(tmp_path / "b")]) == 0
     assert main(["predict", "-c", str(recorded), "--size", "32", str(images), "--out", str(tmp_path / "c")]) == 0

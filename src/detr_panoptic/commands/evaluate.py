@@ -45,8 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_out(evaluate, default=None, help="output folder (default: <run>/eval for a checkpoint in "
             "<run>/checkpoints/, else ./eval)")
     evaluate.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
-    evaluate.add_argument("--threshold", type=float, default=0.85,
-                          help="keep queries whose class score exceeds this (default: 0.85)")
+    evaluate.add_argument("--threshold", type=float,
+                          help="keep queries whose class score exceeds this (default: the config's "
+                          "train.eval_threshold, else the checkpoint's calibrated threshold, else 0.85)")
+    evaluate.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                          help="precision of the network (autocast; post-processing stays fp32; default: fp32)")
     evaluate.add_argument("--size", type=int, help="resize the shorter side to this before the model "
                           "(default: the config's data.min_size, else the checkpoint's training size, else 800)")
     evaluate.add_argument("--max-size", type=int, help="but keep the longer side at most this "
@@ -73,13 +76,14 @@ def run_pq(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.evaluate import evaluate_checkpoint
+    from detr_panoptic.inference import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
         args.checkpoint, config=args.config, overrides=args.overrides,
         cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
         gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir,
         out_dir=args.out, batch_size=args.batch_size, threshold=args.threshold, device=args.device,
+        dtype=args.dtype,
         size=args.size, max_size=args.max_size,
         workers=args.workers, limit=args.limit)
     _print_summary(metrics)

@@ -10,13 +10,17 @@ from detr_panoptic.commands.common import add_checkpoint, add_device, add_out
 log = logging.getLogger("detr_panoptic")
 
 
-def _add_resize(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threshold", type=float, default=0.85,
-                        help="keep queries whose best class (not 'no object') scores above this (default: 0.85)")
+def add_predictor_options(parser: argparse.ArgumentParser) -> None:
+    """The predictor's settings as flags; each defaults to what the checkpoint records, then DETR's default."""
+    parser.add_argument("--threshold", type=float,
+                        help="keep queries whose best class (not 'no object') scores above this (default: the "
+                        "checkpoint's calibrated threshold when it has one, else 0.85)")
     parser.add_argument("--size", type=int, help="resize the shorter side to this (default: the size the "
                         "checkpoint was trained with, when it records one, else 800)")
     parser.add_argument("--max-size", type=int,
                         help="but keep the longer side at most this (default: the checkpoint's, else 1333)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="precision of the network (autocast; post-processing stays fp32; default: fp32)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/predictions/<name>.png (COCO panoptic ids, R + 256 G + 256^2 B, original size), "
         "OUT/overlays/<name>.png and OUT/predictions.json.")
     add_checkpoint(predict)
-    _add_resize(predict)
+    add_predictor_options(predict)
     predict.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
+    predict.add_argument("--loader-workers", type=int, default=None,
+                         help="processes decoding images ahead of the model (default: 1 for several images, else 0)")
     add_device(predict)
     predict.add_argument("--skip-bad", action="store_true",
                          help="skip missing or unreadable inputs with a warning instead of stopping")
@@ -40,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "attention", help="where each kept query looks: decoder and encoder attention maps of one image")
     add_checkpoint(attention)
     attention.add_argument("image", help="an image file")
-    _add_resize(attention)
+    add_predictor_options(attention)
     attention.add_argument("--per-head", action="store_true", help="one cross-attention map per head")
     attention.add_argument("--points", type=int, default=4,
                            help="encoder self-attention reference points (default: 4; 0: none)")
@@ -60,43 +66,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(func=run_report)
 
 
-def _load(checkpoint: str):
-    from detr_panoptic.checkpoints import load_pretrained
+def predictor_from_args(args: argparse.Namespace):
+    from detr_panoptic.inference import PanopticPredictor
 
-    return load_pretrained(checkpoint)
+    return PanopticPredictor.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                             threshold=args.threshold, size=args.size, max_size=args.max_size)
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.inference import model_category_map, model_input_size, predict_to_folder
+    from detr_panoptic.inference import predict_to_folder
 
-    model = _load(args.checkpoint)
-    size, max_size = model_input_size(model, args.size, args.max_size)
-    summary = predict_to_folder(
-        model, args.inputs, args.out, category_map=model_category_map(model), threshold=args.threshold,
-        size=size, max_size=max_size, batch_size=args.batch_size, device=args.device,
-        skip_bad=args.skip_bad, overlays=args.overlays,
-    )
+    summary = predict_to_folder(predictor_from_args(args), args.inputs, args.out, batch_size=args.batch_size,
+                                skip_bad=args.skip_bad, overlays=args.overlays, num_workers=args.loader_workers)
     print(f"predicted {len(summary.processed)} image(s) into {summary.out_dir} ({summary.predictions_json.name})"
+          + (f"; {summary.resumed} kept from an interrupted run" if summary.resumed else "")
           + (f"; skipped {len(summary.skipped)}" if summary.skipped else ""))
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from detr_panoptic.engine.inference import (
-        compute_attention,
-        load_image,
-        model_category_map,
-        model_input_size,
-    )
+    from detr_panoptic.inference import load_image
     from detr_panoptic.visualize.attention import write_attention_figures
     from detr_panoptic.visualize.overlay import draw_panoptic, save_image
 
     image = load_image(args.image)
-    model = _load(args.checkpoint)
-    category_map = model_category_map(model)
-    size, max_size = model_input_size(model, args.size, args.max_size)
-    maps = compute_attention(model, image, category_map=category_map, threshold=args.threshold, size=size,
-                             max_size=max_size, device=args.device)
+    predictor = predictor_from_args(args)
+    category_map = predictor.settings.category_map
+    maps = predictor.attention(image)
     out = Path(args.out)
     written = write_attention_figures(maps, out, category_map, per_head=args.per_head, points=args.points)
     if maps.result is not None:

@@ -183,10 +183,13 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.annotations)
 
-    def load_raw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image uint8 [3, H, W], id map int32 [H, W]) at the cached (resized) or the original size."""
+    def load_raw(self, index: int, *, use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image uint8 [3, H, W], id map int32 [H, W]) at the cached (resized) or the original size.
+
+        ``use_cache=False``: always the original files (evaluation compares at the original size).
+        """
         ann = self.annotations[index]
-        if self.cache_dir is not None:
+        if self.cache_dir is not None and use_cache:
             image_file, ids_file = _cache_files(self.cache_dir, ann)
             if image_file.is_file() and ids_file.is_file():
                 with np.load(ids_file) as stored:
@@ -197,7 +200,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset):
         if id_map.shape != image.shape[-2:]:
             raise UserInputError(f"{self.panoptic_path(ann)}: size {tuple(id_map.shape)} differs from the image's "
                                  f"{tuple(image.shape[-2:])} ({self.image_path(self.image_record(index))})")
-        if self.cache_dir is not None:
+        if self.cache_dir is not None and use_cache:
             image, id_map = _write_cache_entry(self.cache_dir, ann, image, id_map, self.min_size, self.max_size)
         return image, id_map
 

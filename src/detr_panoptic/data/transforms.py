@@ -98,23 +98,40 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
-class NormalizeImage(v2.Transform):
-    """uint8 image -> float32 normalised with ImageNet mean/std, in one pass (other inputs untouched)."""
+_MEAN_255 = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1) * 255.0
+_SCALE_255 = 1.0 / (torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1) * 255.0)
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__()
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
-        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` (or float in 0..1) -> float32 normalised with ImageNet mean/std, in one pass."""
+    image = image.as_subclass(torch.Tensor)
+    out = image.to(torch.float32) if image.dtype == torch.uint8 else image.to(torch.float32) * 255.0
+    return out.sub_(_MEAN_255.to(out.device)).mul_(_SCALE_255.to(out.device))
+
+
+def resize_for_model(image: torch.Tensor, min_size: int, max_size: int | None) -> torch.Tensor:
+    """``[3, H, W]`` resized to DETR's evaluation size (``detr_resize_size``), antialiased."""
+    height, width = image.shape[-2:]
+    return F.resize(image, list(detr_resize_size(height, width, min_size, max_size)), antialias=True)
+
+
+def preprocess_image(image: torch.Tensor, min_size: int, max_size: int | None) -> torch.Tensor:
+    """The evaluation transform of one image: ``resize_for_model`` then ``normalize_image``.
+
+    ``make_transforms(augment=False)`` (the dataset's evaluation transform) runs the same two kernels on
+    the image, and ``inference.preprocess`` calls this, so training validation, ``evaluate`` and
+    ``predict`` feed the model the same tensors for the same image file.
+    """
+    return normalize_image(resize_for_model(image, min_size, max_size))
+
+
+class NormalizeImage(v2.Transform):
+    """uint8 image -> float32 normalised with ImageNet mean/std (``normalize_image``); other inputs untouched."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image):
             return inpt
-        if inpt.dtype == torch.uint8:
-            out = inpt.as_subclass(torch.Tensor).to(torch.float32)
-        else:  # already float in 0..1
-            out = inpt.as_subclass(torch.Tensor).to(torch.float32) * 255.0
-        out.sub_(self.mean.to(out.device)).mul_(self.scale.to(out.device))
-        return tv_tensors.Image(out)
+        return tv_tensors.Image(normalize_image(inpt))
 
 
 def make_transforms(*, min_size: int = 800, max_size: int | None = 1333, augment: bool = False,

@@ -15,7 +15,7 @@
    (transformer frozen: heads train) from the start point with the class head adapted to the Cityscapes
    classes, then ``stage2`` (attention frozen) from stage 1's best checkpoint; backbone frozen, as in the
    recipe.
-4. **evaluation**: PQ on the synthetic val split (``engine.evaluate.evaluate_model``: predictions written in
+4. **evaluation**: PQ on the synthetic val split (``inference.evaluate_dataset``: predictions written in
    COCO panoptic format, panopticapi-exact PQ) of the start point, stage 1 and stage 2; overlays,
    attention maps, curves and the HTML report.
 
@@ -419,11 +419,10 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
              workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the demo into ``out`` (see the module docstring); returns the summary written to
     ``<out>/metrics.json`` (final ``pq, sq, rq, pq_things, pq_stuff``, ``stages``, ``seconds``)."""
-    from detr_panoptic.checkpoints import load_pretrained
     from detr_panoptic.data.coco_panoptic import cityscapes_panoptic_dataset
-    from detr_panoptic.engine.evaluate import evaluate_model
-    from detr_panoptic.engine.inference import resolve_device
     from detr_panoptic.engine.training import build_model, train
+    from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
+    from detr_panoptic.utils.devices import resolve_device
 
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
@@ -467,7 +466,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
                                                        [memory_train[i][0] for i in range(min(16, len(memory_train)))],
                                                        mask_attention_gain=settings.mask_attention_gain)
                 config = dataclasses.replace(config, model=dataclasses.replace(config.model, init=str(init_path)))
-            result = train(config, datasets=(memory_train, MemoryDataset(val_set), train_set.category_map))[0]
+            result = train(config, datasets=(memory_train, val_set, train_set.category_map))[0]
             target = out / "source_model.pth"
             if not target.is_file() or target.stat().st_mtime < result.last_checkpoint.stat().st_mtime:
                 export_source_model(result.last_checkpoint, target)
@@ -482,28 +481,30 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     val_set = cityscapes_panoptic_dataset(target_root, "val", category_map=train_set.category_map,
                                           min_size=data_config.min_size, max_size=data_config.max_size)
     category_map = train_set.category_map
-    eval_kwargs: dict[str, Any] = {"threshold": stage_configs[0].train.eval_threshold, "batch_size": 4,
-                                   "device": device, "workers": 1, "progress": False}
+    threshold = stage_configs[0].train.eval_threshold
+    eval_kwargs: dict[str, Any] = {"batch_size": 4, "workers": 1, "progress": False, "chart": False}
     evaluations: dict[str, dict[str, Any]] = {}
 
     def start_phase() -> None:
         torch.manual_seed(stage_configs[0].train.seed)
         model = build_model(stage_configs[0].model, category_map)  # what stage 1 starts from
-        evaluations["start"] = evaluate_model(model, val_set, out / "eval" / "start", chart=False,
-                                              **eval_kwargs)["metrics"]
+        settings = PredictorSettings(category_map, min_size=data_config.min_size, max_size=data_config.max_size,
+                                     threshold=threshold)
+        evaluations["start"] = evaluate_dataset(PanopticPredictor(model, settings, device=device), val_set,
+                                                out / "eval" / "start", **eval_kwargs)["metrics"]
 
     timer.run("start", start_phase)
     memory_train = MemoryDataset(train_set)
-    timer.run("finetune", lambda: train(finetune_config, datasets=(memory_train, MemoryDataset(val_set),
+    timer.run("finetune", lambda: train(finetune_config, datasets=(memory_train, val_set,
                                                                    category_map)))
 
     def evaluate_phase() -> None:
         for stage in stage_configs:
             name = stage.name.split("/")[-1]
             best = Path(stage.train.output_dir) / "checkpoints" / "best.pth"
-            model = load_pretrained(best)
-            evaluations[name] = evaluate_model(model, val_set, out / "eval" / name, chart=False,
-                                               extra_metrics={"checkpoint": str(best)}, **eval_kwargs)["metrics"]
+            predictor = PanopticPredictor.from_pretrained(best, device=device, threshold=threshold)
+            evaluations[name] = evaluate_dataset(predictor, val_set, out / "eval" / name,
+                                                 extra_metrics={"checkpoint": str(best)}, **eval_kwargs)["metrics"]
 
     timer.run("evaluate", evaluate_phase)
     final_checkpoint = Path(stage_configs[-1].train.output_dir) / "checkpoints" / "best.pth"
@@ -511,9 +512,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
     summary = _summary(evaluations, source_pq=source_pq, settings=settings, config_path=config_path,
                        init=init, seed=seed, final_checkpoint=final_checkpoint, quick=quick)
-    summary["threshold"] = eval_kwargs["threshold"]  # class-score threshold of every evaluation and figure
+    summary["threshold"] = threshold  # class-score threshold of every evaluation and figure
     timer.run("figures", lambda: _figures(final_checkpoint, val_set, summary_dir, settings, stage_configs,
-                                          device=device, threshold=eval_kwargs["threshold"]))
+                                          device=device, threshold=threshold))
     summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - wall_start, 1))
     summary["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "load_average": _load_average()}
@@ -566,22 +567,18 @@ def _summary(evaluations: Mapping[str, Mapping[str, Any]], *, source_pq: Mapping
 def _figures(checkpoint: Path, val_set: Any, summary_dir: Path, settings: DemoSettings,
              stage_configs: Sequence[Config], *, device: str, threshold: float) -> None:
     """Overlays and attention maps of the final model on a few val images; curves of the fine-tuning."""
-    from detr_panoptic.checkpoints import load_pretrained
-    from detr_panoptic.engine.inference import compute_attention, load_image, predict_to_folder
+    from detr_panoptic.inference import PanopticPredictor, predict_to_folder
     from detr_panoptic.visualize.attention import write_attention_figures
     from detr_panoptic.visualize.curves import plot_run
 
-    model = load_pretrained(checkpoint)
-    size, max_size = val_set.min_size, val_set.max_size
+    predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, threshold=threshold)
     paths = [val_set.image_path(val_set.image_record(i)) for i in range(len(val_set))]
     if settings.figure_images:
-        predict_to_folder(model, paths[:settings.figure_images], summary_dir, threshold=threshold, size=size,
-                          max_size=max_size, device=device, progress=False)
+        predict_to_folder(predictor, paths[:settings.figure_images], summary_dir, progress=False)
     for path in paths[:settings.attention_images]:
-        maps = compute_attention(model, load_image(path), category_map=model.category_map, threshold=threshold,
-                                 size=size, max_size=max_size, device=device)
-        write_attention_figures(maps, summary_dir / "attention" / path.stem.removesuffix("_leftImg8bit"),
-                                model.category_map)
+        write_attention_figures(predictor.attention(path),
+                                summary_dir / "attention" / path.stem.removesuffix("_leftImg8bit"),
+                                predictor.settings.category_map)
     _combined_metrics([Path(s.train.output_dir) for s in stage_configs], summary_dir / "metrics.jsonl")
     shutil.copyfile(Path(stage_configs[-1].train.output_dir) / "config.yaml", summary_dir / "config.yaml")
     try:
@@ -634,10 +631,9 @@ def pq_table(summary: Mapping[str, Any]) -> str:
 
 
 def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, Any]) -> None:
-    """``visualize.report.build_report`` of the summary folder, with the per-stage PQ table added on top."""
+    """``visualize.report.build_report`` of the summary folder, the per-stage PQ table first."""
     from detr_panoptic.visualize import report
 
-    report.build_report(summary_dir, report_path, title="detr-panoptic demo: synthetic Cityscapes")
     labels = {"start": "start point (before fine-tuning)", "stage1": "stage 1: transformer frozen",
               "stage2": "stage 2: attention frozen"}
     rows = [[labels[name], *(summary["stages"][name].get(k, "") for k in ("pq", "sq", "rq", "pq_things", "pq_stuff"))]
@@ -649,10 +645,8 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
                  f"{source.get('pq', 0):.1f} on the source val images.</p>")
     seconds = summary.get("seconds", {})
     body += "<p>Seconds per phase: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".</p>"
-    html = report_path.read_text(encoding="utf-8")
-    html = html.replace("<main>", "<main>" + report.section("PQ on the synthetic val split, per stage", body,
-                                                            "stages"), 1)
-    atomic_write_text(report_path, html)
+    report.build_report(summary_dir, report_path, title="detr-panoptic demo: synthetic Cityscapes",
+                        lead_sections=[("PQ on the synthetic val split, per stage", body, "stages")])
 
 
 def random_calibrated_init(path: Path, config: Config, category_map: CategoryMap,

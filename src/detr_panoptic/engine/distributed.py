@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +36,6 @@ class DistributedContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``/None -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; other names as given."""
-    if name is None or str(name) == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserInputError(f"unknown device {name!r}: expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserInputError(f"device {name!r} requested but CUDA is not available (use --device cpu)")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def init_distributed(device: str = "auto") -> DistributedContext:

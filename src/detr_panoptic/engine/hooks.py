@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,24 +21,9 @@ import torch
 from detr_panoptic.checkpoints import save_checkpoint
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.metrics_log import JsonlWriter, TensorBoardWriter, WandbWriter
-
-if TYPE_CHECKING:
-    from detr_panoptic.engine.trainer import Trainer
+from detr_panoptic.engine.trainer import Hook, Trainer
 
 log = logging.getLogger(__name__)
-
-class Hook:
-    def before_train(self, trainer: Trainer) -> None: ...
-
-    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
-
-    def after_epoch(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def after_train(self, trainer: Trainer) -> None: ...
-
-    def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 # -- RNG state (as tensors/lists, so checkpoints load with weights_only=True) -------------------------

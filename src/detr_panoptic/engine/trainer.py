@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from detr_panoptic.data.coco_panoptic import collate
 from detr_panoptic.engine import distributed
-from detr_panoptic.engine.hooks import Hook
 from detr_panoptic.models.criterion import SetCriterion
 from detr_panoptic.models.matcher import QuerySelector
 from detr_panoptic.utils.batching import pad_images
@@ -29,6 +28,22 @@ from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.precision import autocast, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+
+class Hook:
+    """What hangs off the loop (``engine.hooks`` has the standard ones); override any of these."""
+
+    def before_train(self, trainer: Trainer) -> None: ...
+
+    def after_step(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def after_train(self, trainer: Trainer) -> None: ...
+
+    def on_log(self, trainer: Trainer, record: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -159,8 +174,6 @@ class Trainer:
         self.clip_max_norm = clip_max_norm
         self.matched_masks_only = matched_masks_only
         self.name = name
-        # a NaN prediction must surface as a non-finite loss, which every process sees (all-reduced)
-        self.criterion.matcher.raise_on_nonfinite = False
         self.autocast_dtype = autocast_dtype(amp, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
 

@@ -104,22 +104,21 @@ def build_model(model_config: ModelConfig, category_map: CategoryMap) -> Panopti
     """A ``PanopticDETR`` for ``category_map``'s classes: random, or from ``model_config.init`` with the
     class head adapted (re-initialised, optionally warm-started) when the classes differ. A checkpoint
     defines the architecture; ``dropout`` and ``aux_loss`` come from the config."""
-    from detr_panoptic.checkpoints import load_pretrained
+    from detr_panoptic.checkpoints import load_checkpoint
 
     training = {"dropout": model_config.dropout, "aux_loss": model_config.aux_loss}
     if model_config.init is None:
         arch = {k: getattr(model_config, k) for k in ARCHITECTURE_FIELDS}
-        model = PanopticDETR(category_map.num_classes, **arch, **training)
-        model.category_map = category_map
-        return model
-    model = load_pretrained(model_config.init, **training)
+        return PanopticDETR(category_map.num_classes, **arch, **training)
+    pretrained = load_checkpoint(model_config.init, **training)
+    model = pretrained.model
     differs = {k: (getattr(model_config, k), model.config[k]) for k in ARCHITECTURE_FIELDS
                if model.config.get(k) != getattr(model_config, k)}
     if differs:
         log.info("model.init %s defines the architecture; config values not used: %s", model_config.init,
                  ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in differs.items()))
-    adapt_to_classes(model, category_map, warm_start=model_config.class_warm_start,
-                     table_path=model_config.class_warm_start_table)
+    adapt_to_classes(model, category_map, source_map=pretrained.category_map,
+                     warm_start=model_config.class_warm_start, table_path=model_config.class_warm_start_table)
     return model
 
 
@@ -127,7 +126,6 @@ def _model_from_resume(checkpoint: dict[str, Any], category_map: CategoryMap) ->
     saved = checkpoint.get("detr_panoptic", {}).get("model_config", {})
     model = PanopticDETR(**{k: v for k, v in saved.items() if k != "category_map"})
     model.load_state_dict(checkpoint["model"])
-    model.category_map = category_map
     if model.num_classes != category_map.num_classes:
         raise ValueError(f"cannot resume: last.pth has {model.num_classes} classes, the dataset "
                          f"{category_map.num_classes} (use another train.output_dir or train.resume=false)")
@@ -135,107 +133,93 @@ def _model_from_resume(checkpoint: dict[str, Any], category_map: CategoryMap) ->
 
 
 # -- validation --------------------------------------------------------------------------------------
-def make_pq_evaluator(dataset: Dataset, category_map: CategoryMap, *, threshold: float, batch_size: int,
-                      rank: int, world_size: int, device: torch.device, workers: int = 0
-                      ) -> Callable[[nn.Module], dict[str, Any]]:
-    """``evaluate(model) -> metrics`` (percentages, ``per_class`` by category id) with the in-memory PQ
-    accumulator; each process takes every ``world_size``-th image and the statistics are summed.
-
-    PQ is computed at the network input resolution (ground truth from the target masks), which is fast;
-    ``detr-panoptic evaluate`` gives the official full-resolution figure.
+def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int, max_size: int | None,
+                   threshold: float, batch_size: int, rank: int, world_size: int, device: torch.device,
+                   num_workers: int = 0) -> Callable[[nn.Module], dict[str, Any]]:
+    """``validate(model) -> metrics`` (percentages, ``per_class`` by category id): ``run_inference`` with a
+    ``PQEvaluator``, the very path of ``detr-panoptic evaluate`` (same preprocessing, same predictor, PQ at
+    the original resolution), so a checkpoint gets one PQ figure. Each process takes every
+    ``world_size``-th image and the statistics are summed across processes.
     """
-    from detr_panoptic.data.coco_panoptic import collate
-    from detr_panoptic.evaluation.pq import PQAccumulator, results_to_percentages
+    from detr_panoptic.evaluation.pq import results_to_percentages
+    from detr_panoptic.inference import (
+        DatasetSamples,
+        PanopticPredictor,
+        PQEvaluator,
+        PredictorSettings,
+        make_loader,
+        run_inference,
+    )
 
-    indices = list(range(rank, len(dataset), world_size))  # type: ignore[arg-type]
+    samples = DatasetSamples(dataset, min_size=min_size, max_size=max_size)
+    shard = Subset(samples, range(rank, len(samples), world_size))
+    settings = PredictorSettings(category_map, min_size=min_size, max_size=max_size, threshold=threshold)
 
-    def evaluate(model: nn.Module) -> dict[str, Any]:
-        accumulator = PQAccumulator(category_map)
-        loader = torch.utils.data.DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                                             num_workers=workers, collate_fn=collate)
-        for images, targets in loader:
-            sizes = [tuple(int(v) for v in t["size"]) for t in targets]
-            results = model.predict([img.to(device) for img in images], threshold=threshold,  # type: ignore[operator]
-                                    target_sizes=sizes)
-            for target, result in zip(targets, results):
-                gt_map, gt_segments = target_id_map(target)
-                accumulator.add(gt_map, gt_segments, result.id_map.cpu(), result.segments_info,
-                                image_id=target.get("image_id"))
-        if distributed.is_initialized():
-            total = accumulator.to_tensor(device=device if device.type == "cuda" else None)
-            torch.distributed.all_reduce(total)
-            accumulator.load_tensor(total.cpu())
-        return results_to_percentages(accumulator.compute())
+    def validate(model: nn.Module) -> dict[str, Any]:
+        predictor = PanopticPredictor(model, settings, device=device)  # type: ignore[arg-type]
+        run = run_inference(predictor, make_loader(shard, batch_size=batch_size, num_workers=num_workers),
+                            [PQEvaluator(category_map)])
+        return results_to_percentages(run.outputs["pq"])
 
-    return evaluate
+    return validate
 
 
-def target_id_map(target: dict[str, Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Ground-truth id map [H, W] (0 = void) and segments from a dataset target's masks."""
-    masks = target["masks"]
-    id_map = torch.zeros(masks.shape[-2:], dtype=torch.int64)
-    segments = []
-    for k in range(masks.shape[0]):
-        segment_id = int(target["segment_ids"][k])
-        id_map[masks[k].cpu()] = segment_id
-        segments.append({"id": segment_id, "category_id": int(target["category_ids"][k]),
-                         "iscrowd": int(target["iscrowd"][k])})
-    return id_map, segments
-
-
-# -- one stage -----------------------------------------------------------------------------------------
+# -- one stage, step by step -------------------------------------------------------------------------------
 def total_steps_for(*, epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
     total = epochs * steps_per_epoch
     return min(total, max_steps) if max_steps is not None else total
 
 
-def _freeze(model: nn.Module, config: Config) -> FreezeReport:
+def _check_stage(config: Config) -> None:
+    if config.stages:
+        raise ValueError("train_stage takes one resolved stage; use train() for a chained config")
+    tc = config.train
+    if tc.accumulate_steps < 1 or tc.batch_size < 1:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) and train.accumulate_steps ({tc.accumulate_steps}) "
+                         f"must be >= 1")
+    if not config.freeze.batch_norm and (config.freeze.backbone or tc.lr_backbone == 0):
+        raise UserInputError(f"{config.name}: freeze.batch_norm: false trains the backbone's batch norms, "
+                             f"so it needs freeze.backbone: false and train.lr_backbone > 0")
+
+
+def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, Any] | None,
+                  device: torch.device, *, verbose: bool) -> PanopticDETR:
+    """The stage's model on ``device``: from the resumed checkpoint or ``model.init``, batch norms thawed
+    when ``freeze.batch_norm`` is false, freeze policies applied (trainable parameters per part logged)."""
+    model = _model_from_resume(resume, category_map) if resume is not None \
+        else build_model(config.model, category_map)
+    model.to(device)
+    if not config.freeze.batch_norm:
+        # A frozen stem keeps its norms frozen too: only the training stages' norms move.
+        thawed = model.thaw_backbone_batch_norms(stem=not config.freeze.backbone_stem)
+        log.info("%s: %d backbone batch norms train (batch statistics)", config.name, thawed)
     freeze = config.freeze
     backbone = freeze.backbone or config.train.lr_backbone == 0
     if backbone and not freeze.backbone:
         log.info("train.lr_backbone is 0: the backbone is frozen")
-    return apply_freeze(model, backbone=backbone, transformer=freeze.transformer, attention=freeze.attention,
-                        first_layers=freeze.first_layers, backbone_stem=freeze.backbone_stem)
-
-
-def train_stage(config: Config, ctx: DistributedContext | None = None, *,
-                evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
-                datasets: tuple[Dataset, Dataset, CategoryMap] | None = None) -> StageResult:
-    """Train one resolved config (no ``stages``). ``datasets`` and ``evaluate`` replace the ones built
-    from ``config.data`` (tests, notebooks)."""
-    if config.stages:
-        raise ValueError("train_stage takes one resolved stage; use train() for a chained config")
-    ctx = ctx or distributed.init_distributed(config.train.device)
-    tc = config.train
-    out = Path(tc.output_dir)
-    ckpt_dir = out / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pth", ckpt_dir / "best.pth"
-    if tc.accumulate_steps < 1 or tc.batch_size < 1:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) and train.accumulate_steps ({tc.accumulate_steps}) "
-                         f"must be >= 1")
-    seed_everything(tc.seed + ctx.rank)
-
-    train_set, val_set, category_map = datasets if datasets is not None else build_datasets(config.data)
-    resume = torch.load(last_path, map_location="cpu", weights_only=True) \
-        if tc.resume and last_path.is_file() else None
-    model = _model_from_resume(resume, category_map) if resume is not None \
-        else build_model(config.model, category_map)
-    model.to(ctx.device)
-    if not config.freeze.batch_norm:
-        if config.freeze.backbone or tc.lr_backbone == 0:
-            raise UserInputError(f"{config.name}: freeze.batch_norm: false trains the backbone's batch norms, "
-                                 f"so it needs freeze.backbone: false and train.lr_backbone > 0")
-        from detr_panoptic.models.backbone import thaw_batch_norms
-
-        body = model.detr.backbone[0].body
-        # A frozen stem keeps its norms frozen too: only the training stages' norms move.
-        stages = [body.layer2, body.layer3, body.layer4] if config.freeze.backbone_stem else [body]
-        log.info("%s: %d backbone batch norms train (batch statistics)", config.name,
-                 sum(thaw_batch_norms(stage) for stage in stages))
-    report = _freeze(model, config)
-    if ctx.is_main:
+    report: FreezeReport = apply_freeze(model, backbone=backbone, transformer=freeze.transformer,
+                                        attention=freeze.attention, first_layers=freeze.first_layers,
+                                        backbone_stem=freeze.backbone_stem)
+    if verbose:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())
+    return model
 
+
+@dataclass
+class StageParts:
+    """What one stage trains with (``build_parts``)."""
+
+    batches: EpochBatches
+    state: RunState
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def build_parts(config: Config, model: PanopticDETR, train_set: Dataset, category_map: CategoryMap,
+                ctx: DistributedContext) -> StageParts:
+    """Batches, run state, criterion, AdamW and the LR schedule of a stage."""
+    tc = config.train
     batches = EpochBatches(train_set, batch_size=tc.batch_size, seed=tc.seed, rank=ctx.rank,
                            world_size=ctx.world_size, accumulate_steps=tc.accumulate_steps,
                            workers=config.data.workers, pin_memory=ctx.device.type == "cuda")
@@ -247,41 +231,98 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
         eos_coef=tc.eos_coef, ce_loss_coef=tc.ce_loss_coef, bbox_loss_coef=tc.bbox_loss_coef,
         giou_loss_coef=tc.giou_loss_coef, mask_loss_coef=tc.mask_loss_coef, dice_loss_coef=tc.dice_loss_coef,
         set_cost_class=tc.set_cost_class, set_cost_bbox=tc.set_cost_bbox, set_cost_giou=tc.set_cost_giou,
+        # a NaN prediction must surface as a non-finite loss, which every process sees (all-reduced)
+        raise_on_nonfinite=False,
     ).to(ctx.device)
     optimizer = build_optimizer(model, lr=tc.lr, lr_backbone=tc.lr_backbone, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, scheduler=tc.scheduler, steps_per_epoch=batches.steps_per_epoch,
                                 total_steps=state.total_steps, lr_drop_epochs=tc.lr_drop_epochs,
                                 lr_drop_factor=tc.lr_drop_factor, warmup_steps=tc.warmup_steps)
+    return StageParts(batches, state, criterion, optimizer, scheduler)
+
+
+def restore_parts(parts: StageParts, resume: dict[str, Any], last_path: Path) -> None:
+    """Optimizer, schedule and run state from ``last.pth``."""
+    try:
+        parts.optimizer.load_state_dict(resume["optimizer"])
+    except ValueError as exc:
+        raise UserInputError(f"cannot resume from {last_path}: the trainable parameters differ from the run that "
+                             f"wrote it (freeze or learning-rate settings changed?): {exc}; set "
+                             f"train.resume=false or use another train.output_dir") from None
+    parts.scheduler.load_state_dict(resume["lr_scheduler"])
+    parts.state.restore(resume["run_state"])
+
+
+def prepare_run_folder(config: Config, *, resumed_step: int | None) -> None:
+    """``config.yaml`` written; a fresh run drops an old ``best.pth`` and ``metrics.jsonl``, a resumed run
+    drops the metric records written after its checkpoint. Rank 0 only."""
+    out = Path(config.train.output_dir)
+    best_path = out / "checkpoints" / "best.pth"
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    if resumed_step is None:
+        best_path.unlink(missing_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        return
+    dropped = truncate_metrics(out / "metrics.jsonl", after_step=resumed_step)
+    if dropped:
+        log.info("dropped %d metric records written after the resumed checkpoint", dropped)
+
+
+def build_hooks(config: Config, model: PanopticDETR, category_map: CategoryMap, ctx: DistributedContext,
+                validate: Callable[[nn.Module], dict[str, Any]], wandb: WandbWriter | None) -> list[Hook]:
+    """LR schedule, validation, checkpoints, logging and the progress bar, in the order they must run."""
+    from detr_panoptic.checkpoints import model_config_from_model
+
+    tc = config.train
+    out = Path(tc.output_dir)
+    return [
+        LRSchedulerHook(),
+        EvalHook(validate, every_epochs=tc.eval_every_epochs),
+        CheckpointHook(out / "checkpoints", every_steps=tc.checkpoint_every_steps,
+                       model_config=model_config_from_model(model), category_map=category_map.to_json(),
+                       on_saved=wandb.log_checkpoint if wandb is not None else None,
+                       input_size={"min_size": config.data.min_size, "max_size": config.data.max_size}),
+        LoggingHook(out, every_steps=config.logging.log_every_steps, jsonl=config.logging.jsonl,
+                    tensorboard=config.logging.tensorboard, wandb=wandb, main=ctx.is_main),
+        ProgressHook(enabled=config.logging.progress),
+    ]
+
+
+def train_stage(config: Config, ctx: DistributedContext | None = None, *,
+                evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+                datasets: tuple[Dataset, Dataset, CategoryMap] | None = None) -> StageResult:
+    """Train one resolved config (no ``stages``): data, resume point, model (built, thawed, frozen), parts
+    (criterion, optimizer, schedule), run folder, hooks, then the loop. ``datasets`` and ``evaluate``
+    replace the ones built from ``config.data`` (tests, notebooks)."""
+    _check_stage(config)
+    ctx = ctx or distributed.init_distributed(config.train.device)
+    tc = config.train
+    out = Path(tc.output_dir)
+    last_path, best_path = out / "checkpoints" / "last.pth", out / "checkpoints" / "best.pth"
+    seed_everything(tc.seed + ctx.rank)
+
+    train_set, val_set, category_map = datasets if datasets is not None else build_datasets(config.data)
+    resume = torch.load(last_path, map_location="cpu", weights_only=True) \
+        if tc.resume and last_path.is_file() else None
+    model = prepare_model(config, category_map, resume, ctx.device, verbose=ctx.is_main)
+    parts = build_parts(config, model, train_set, category_map, ctx)
     result = StageResult(name=config.name, output_dir=out, last_checkpoint=last_path, best_checkpoint=best_path,
-                         steps=state.total_steps, best_pq=state.best_pq)
+                         steps=parts.state.total_steps, best_pq=parts.state.best_pq)
     if resume is not None:
-        try:
-            optimizer.load_state_dict(resume["optimizer"])
-        except ValueError as exc:
-            raise UserInputError(f"cannot resume from {last_path}: the trainable parameters differ from the run that "
-                                 f"wrote it (freeze or learning-rate settings changed?): {exc}; set "
-                                 f"train.resume=false or use another train.output_dir") from None
-        scheduler.load_state_dict(resume["lr_scheduler"])
-        state.restore(resume["run_state"])
+        restore_parts(parts, resume, last_path)
         if ctx.is_main:
-            log.info("%s: resuming from %s at step %d (epoch %d)", config.name, last_path, state.step, state.epoch)
-        if state.step >= state.total_steps:
+            log.info("%s: resuming from %s at step %d (epoch %d)", config.name, last_path, parts.state.step,
+                     parts.state.epoch)
+        if parts.state.step >= parts.state.total_steps:
             if ctx.is_main:
                 log.info("%s: already complete (%d steps in %s); nothing to do (train.resume=false or another "
-                         "train.output_dir starts over)", config.name, state.step, last_path)
-            return dataclasses.replace(result, best_pq=state.best_pq)
+                         "train.output_dir starts over)", config.name, parts.state.step, last_path)
+            return dataclasses.replace(result, best_pq=parts.state.best_pq)
     elif tc.resume and ctx.is_main and best_path.exists():
-        log.info("%s: no last.pth but an old best.pth in %s: it will be replaced", config.name, ckpt_dir)
+        log.info("%s: no last.pth but an old best.pth in %s: it will be replaced", config.name, best_path.parent)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        if resume is None and best_path.exists():
-            best_path.unlink()
-        dropped = truncate_metrics(out / "metrics.jsonl", after_step=state.step) if resume is not None else 0
-        if resume is None and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-        if dropped:
-            log.info("dropped %d metric records written after the resumed checkpoint", dropped)
+        prepare_run_folder(config, resumed_step=parts.state.step if resume is not None else None)
     distributed.barrier()
 
     train_model: nn.Module = model
@@ -295,24 +336,15 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
                             name=config.name, config=config.to_dict(),
                             log_checkpoints=config.logging.wandb_log_checkpoints)
     if evaluate is None:
-        evaluate = make_pq_evaluator(val_set, category_map, threshold=tc.eval_threshold, batch_size=tc.batch_size,
-                                     rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
-    from detr_panoptic.checkpoints import model_config_from_model
-
-    hooks: list[Hook] = [
-        LRSchedulerHook(),
-        EvalHook(evaluate, every_epochs=tc.eval_every_epochs),
-        CheckpointHook(ckpt_dir, every_steps=tc.checkpoint_every_steps, model_config=model_config_from_model(model),
-                       category_map=category_map.to_json(),
-                       on_saved=wandb.log_checkpoint if wandb is not None else None,
-                       input_size={"min_size": config.data.min_size, "max_size": config.data.max_size}),
-        LoggingHook(out, every_steps=config.logging.log_every_steps, jsonl=config.logging.jsonl,
-                    tensorboard=config.logging.tensorboard, wandb=wandb, main=ctx.is_main),
-        ProgressHook(enabled=config.logging.progress),
-    ]
-    trainer = Trainer(model=train_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
-                      batches=batches, state=state, device=ctx.device, hooks=hooks, clip_max_norm=tc.clip_max_norm,
-                      amp=tc.amp, matched_masks_only=tc.matched_masks_only, name=config.name)
+        evaluate = make_validator(val_set, category_map, min_size=config.data.min_size,
+                                  max_size=config.data.max_size, threshold=tc.eval_threshold,
+                                  batch_size=tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                  device=ctx.device)
+    hooks = build_hooks(config, model, category_map, ctx, evaluate, wandb)
+    trainer = Trainer(model=train_model, criterion=parts.criterion, optimizer=parts.optimizer,
+                      scheduler=parts.scheduler, batches=parts.batches, state=parts.state, device=ctx.device,
+                      hooks=hooks, clip_max_norm=tc.clip_max_norm, amp=tc.amp,
+                      matched_masks_only=tc.matched_masks_only, name=config.name)
     if resume is not None:
         if trainer.scaler is not None and "grad_scaler" in resume:
             trainer.scaler.load_state_dict(resume["grad_scaler"])
@@ -327,7 +359,7 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
         else:
             where = "no checkpoint was written before it (set train.checkpoint_every_steps to keep some)"
         raise TrainingDiverged(f"{exc}; {where}", step=exc.step) from None
-    return dataclasses.replace(result, best_pq=state.best_pq)
+    return dataclasses.replace(result, best_pq=parts.state.best_pq)
 
 
 def train(config: Config, *, evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,

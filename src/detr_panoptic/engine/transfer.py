@@ -128,18 +128,17 @@ def same_classes(a: CategoryMap | None, b: CategoryMap | None) -> bool:
     return all(names_a.get(i) == names_b.get(i) for i in a.class_ids if i >= 0)
 
 
-def adapt_to_classes(model: nn.Module, target_map: CategoryMap, *, warm_start: bool = False,
-                     table_path: str | Path | None = None) -> WarmStartReport | None:
+def adapt_to_classes(model: nn.Module, target_map: CategoryMap, *, source_map: CategoryMap | None,
+                     warm_start: bool = False, table_path: str | Path | None = None) -> WarmStartReport | None:
     """Give ``model`` (a ``PanopticDETR`` loaded from another dataset) a class head for ``target_map``.
 
     Keeps the head when the classes are the same; otherwise re-initialises it (optionally warm-started).
-    Sets ``model.num_classes`` and ``model.category_map``.
+    ``source_map``: the checkpoint's categories (None: unknown, the head is re-initialised). Sets
+    ``model.num_classes`` (and ``model.config["num_classes"]``); the categories live with the caller.
     """
-    source_map = getattr(model, "category_map", None)
     detr = model.detr  # type: ignore[attr-defined]
     if same_classes(source_map, target_map) and detr.class_embed.out_features == target_map.num_classes + 1:
         log.info("the checkpoint has the dataset's %d classes: class head kept", target_map.num_classes)
-        model.category_map = target_map
         return None
     table = load_class_table(table_path) if warm_start else None
     head, report = new_class_head(detr.class_embed, target_map.num_classes, source_map=source_map,
@@ -148,7 +147,6 @@ def adapt_to_classes(model: nn.Module, target_map: CategoryMap, *, warm_start: b
     model.num_classes = target_map.num_classes
     if hasattr(model, "config") and isinstance(model.config, dict):
         model.config["num_classes"] = target_map.num_classes
-    model.category_map = target_map
     log.info("class head re-initialised for %d classes%s", target_map.num_classes,
              f"; {report.format()}" if report else "")
     return report

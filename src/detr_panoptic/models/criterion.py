@@ -276,15 +276,17 @@ def build_criterion(num_classes: int, *, aux_loss: bool = False, num_decoder_lay
                     eos_coef: float = 0.1, ce_loss_coef: float = 1.0, bbox_loss_coef: float = 5.0,
                     giou_loss_coef: float = 2.0, mask_loss_coef: float = 1.0, dice_loss_coef: float = 1.0,
                     set_cost_class: float = 1.0, set_cost_bbox: float = 5.0, set_cost_giou: float = 2.0,
-                    masks: bool = True) -> SetCriterion:
+                    masks: bool = True, raise_on_nonfinite: bool = True) -> SetCriterion:
     """The reference panoptic criterion (NOTES.md defaults) with its own Hungarian matcher.
 
     ``num_classes`` excludes "no object". With ``aux_loss`` the weight dict also covers the
-    ``num_decoder_layers - 1`` auxiliary outputs (``loss_ce_0`` ...).
+    ``num_decoder_layers - 1`` auxiliary outputs (``loss_ce_0`` ...). ``raise_on_nonfinite=False``: a
+    NaN prediction gives a non-finite loss (which every DDP process sees) instead of an error in matching.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    matcher = build_matcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou)
+    matcher = build_matcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou,
+                            raise_on_nonfinite=raise_on_nonfinite)
     weights = default_weight_dict(ce=ce_loss_coef, bbox=bbox_loss_coef, giou=giou_loss_coef,
                                   mask=mask_loss_coef, dice=dice_loss_coef,
                                   aux_layers=num_decoder_layers - 1 if aux_loss else 0)

@@ -5,6 +5,7 @@ Module names follow the official checkpoint (``detr.backbone.0.body...``, ``detr
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -12,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone
+from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone, thaw_batch_norms
 from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
 from detr_panoptic.models.position import PositionEmbeddingSine
-from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
+from detr_panoptic.models.postprocess import DEFAULT_THRESHOLD, MIN_AREA, kept_queries, panoptic_postprocess
 from detr_panoptic.models.transformer import Transformer
 from detr_panoptic.utils.batching import pad_images
 
@@ -76,8 +77,6 @@ class PanopticDETR(nn.Module):
                        "num_queries": num_queries, "aux_loss": aux_loss}
         self.num_classes = num_classes
         self.aux_loss = aux_loss
-        self.category_map = None  # set by checkpoints.load_pretrained (data.categories.CategoryMap)
-        self.input_size = None  # set by checkpoints.load_pretrained: (min_size, max_size) of its training
         resnet = ResNetBackbone(backbone, dilation)
         self.detr = DETR(num_classes, BackboneWithPosition(resnet, PositionEmbeddingSine(hidden_dim // 2)),
                          Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout),
@@ -85,6 +84,14 @@ class PanopticDETR(nn.Module):
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         channels = resnet.num_channels
         self.mask_head = MaskHeadSmallConv(hidden_dim, nheads, [channels[2], channels[1], channels[0]])
+
+    def set_channels_last(self, backbone: bool = True, mask_head: bool = False) -> PanopticDETR:
+        """Memory format of the convolutional parts: the ResNet (channels-last by default, faster oneDNN
+        convolutions) and the mask head (NCHW by default, faster with its GroupNorms); see
+        bench/bench_channels_last.py. Outputs are equal to float rounding either way. Returns the model."""
+        self.detr.backbone[0].channels_last = backbone
+        self.mask_head.channels_last = mask_head
+        return self
 
     # -- the shared trunk -------------------------------------------------------------------------
     @staticmethod
@@ -148,6 +155,14 @@ class PanopticDETR(nn.Module):
         return torch.cat(masks)
 
     # -- public API -----------------------------------------------------------------------------------
+    def thaw_backbone_batch_norms(self, *, stem: bool = False) -> int:
+        """Let the backbone's batch norms train with batch statistics (for a backbone trained from
+        scratch; ``models.backbone.thaw_batch_norms``); the stem's (conv1, layer1) only with ``stem``.
+        Returns how many norms were thawed. Checkpoints keep the official frozen-norm keys."""
+        body = self.detr.backbone[0].body
+        parts = [body] if stem else [body.layer2, body.layer3, body.layer4]
+        return sum(thaw_batch_norms(part) for part in parts)
+
     def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
                 mask_queries: MaskQueries | None = None, return_attention: bool = False) -> DETROutput:
         """Run the model.
@@ -185,39 +200,41 @@ class PanopticDETR(nn.Module):
 
     @torch.inference_mode()
     def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
-                threshold: float = 0.85, is_thing: torch.Tensor | None = None,
+                threshold: float = DEFAULT_THRESHOLD, is_thing: torch.Tensor | None = None,
                 target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
                 class_to_category: torch.Tensor | None = None,
-                merge_stuff: str = "reference") -> list[PanopticResult]:
-        """Panoptic results, computing masks only for the queries that pass ``threshold``.
+                merge_stuff: str = "reference", min_area: int = MIN_AREA,
+                autocast_dtype: torch.dtype | None = None) -> list[PanopticResult]:
+        """Panoptic results, computing masks only for the kept queries (``postprocess.kept_queries``).
 
         Same result as ``panoptic_postprocess(self(images), sizes, target_sizes, ...)`` where ``sizes`` are
-        the unpadded image sizes. ``is_thing`` (Bool [C]) and ``class_to_category`` (Long [C]) default to
-        ``self.category_map``'s when it is set (else: no class is a thing; category id = class index).
+        the unpadded image sizes. ``is_thing`` (Bool [C]) defaults to "no class is a thing" and
+        ``class_to_category`` (Long [C], -1: unused index) to "category id = class index"; the
+        ``inference.PanopticPredictor`` passes its checkpoint's categories. ``autocast_dtype``
+        (``torch.bfloat16``/``torch.float16``): the network runs under autocast; the kept-query decision
+        and post-processing run in float32 on its outputs.
         """
         batch, pad_mask = self._batch(images, mask)
         processed_sizes = image_sizes(pad_mask)
-        trunk = self._trunk(batch, pad_mask)
-        output = DETROutput(pred_logits=trunk["logits"][-1], pred_boxes=trunk["boxes"][-1],
+        precision = torch.autocast(batch.device.type, dtype=autocast_dtype) if autocast_dtype is not None \
+            else contextlib.nullcontext()
+        with precision:
+            trunk = self._trunk(batch, pad_mask)
+        output = DETROutput(pred_logits=trunk["logits"][-1].float(), pred_boxes=trunk["boxes"][-1].float(),
                             input_size=tuple(batch.shape[-2:]))
-        keep = kept_queries(output.pred_logits, threshold)
+        if class_to_category is not None:
+            class_to_category = class_to_category.to(output.pred_logits.device)
+        keep = kept_queries(output.pred_logits, threshold, class_to_category)
         selected = [k.nonzero().squeeze(1) for k in keep]
-        output.pred_masks = self._masks(trunk, selected)
+        with precision:
+            masks = self._masks(trunk, selected)
+        output.pred_masks = masks.float()
         output.mask_queries = selected
-        is_thing, class_to_category = self._category_defaults(is_thing, class_to_category)
-        return panoptic_postprocess(output, processed_sizes, target_sizes, is_thing=is_thing, threshold=threshold,
-                                    class_to_category=class_to_category, merge_stuff=merge_stuff)
-
-    def _category_defaults(self, is_thing: torch.Tensor | None, class_to_category: torch.Tensor | None
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.category_map is not None:
-            if is_thing is None:
-                is_thing = self.category_map.is_thing()
-            if class_to_category is None:
-                class_to_category = self.category_map.class_to_category_tensor()
         if is_thing is None:
             is_thing = torch.zeros(self.num_classes, dtype=torch.bool)
-        return is_thing, class_to_category
+        return panoptic_postprocess(output, processed_sizes, target_sizes, is_thing=is_thing, threshold=threshold,
+                                    class_to_category=class_to_category, merge_stuff=merge_stuff,
+                                    min_area=min_area)
 
 
 def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -103,5 +103,7 @@ class QuerySelector:
         return [query_idx.to(device) for query_idx, _ in self.indices]
 
 
-def build_matcher(*, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> HungarianMatcher:
-    return HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou)
+def build_matcher(*, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
+                  raise_on_nonfinite: bool = True) -> HungarianMatcher:
+    return HungarianMatcher(cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
+                            raise_on_nonfinite=raise_on_nonfinite)

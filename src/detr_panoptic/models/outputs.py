@@ -35,13 +35,43 @@ class DETROutput:
 
 
 @dataclass
+class KeptQueries:
+    """The queries of one image that passed the kept-query rule (``postprocess.kept_queries``), before
+    segments are merged or dropped.
+
+    indices: Long [K] query indices; labels: Long [K] class indices; category_ids: Long [K];
+    scores: Float [K] best-class probabilities; boxes: Float [K, 4] xyxy in pixels of the result's
+    id map (the original image).
+    """
+
+    indices: torch.Tensor
+    labels: torch.Tensor
+    category_ids: torch.Tensor
+    scores: torch.Tensor
+    boxes: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def to(self, device: torch.device | str) -> KeptQueries:
+        return KeptQueries(*(t.to(device) for t in (self.indices, self.labels, self.category_ids, self.scores,
+                                                     self.boxes)))
+
+
+@dataclass
 class PanopticResult:
     """One image's panoptic prediction.
 
     id_map: LongTensor [H, W] of segment ids; 0 is void; ids are 1..len(segments_info).
     segments_info: one dict per segment: ``id``, ``category_id``, ``isthing``, ``area``, ``score``
     (and ``query``: the index of the decoder query that produced it).
+    kept: the kept queries (``KeptQueries``), when the post-processor was given their boxes.
     """
 
     id_map: torch.Tensor
     segments_info: list[dict[str, Any]]
+    kept: KeptQueries | None = None
+
+    def cpu(self) -> PanopticResult:
+        return PanopticResult(self.id_map.cpu(), self.segments_info,
+                              self.kept.to("cpu") if self.kept is not None else None)

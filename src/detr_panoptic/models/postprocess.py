@@ -1,29 +1,52 @@
 """Panoptic post-processing: DETR predictions -> per-image segment id maps and segment lists.
 
-Reproduces the reference algorithm (NOTES.md, "Panoptic post-processing"), quirks included, with three
-fixes: segment ids start at 1 (0 is void), nothing kept gives no segments and an all-void map, and in a
-padded batch each image's masks are cropped to its valid region before resizing. Pure torch, per image,
-on whatever device the predictions are on.
+Reproduces the reference algorithm (NOTES.md, "Panoptic post-processing"), quirks included, with four
+fixes: segment ids start at 1 (0 is void), nothing kept gives no segments and an all-void map, in a
+padded batch each image's masks are cropped to its valid region before resizing, and a query whose best
+class is an index the category map does not use (117 of the official checkpoint's 250) is "no object".
+Pure torch, per image, on whatever device the predictions are on.
+
+``kept_queries`` is the one kept-query rule: post-processing, the predictor (which computes masks only
+for kept queries), the attention figures and the mask grid all call it.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detr_panoptic.models.outputs import DETROutput, PanopticResult
+from detr_panoptic.models.outputs import DETROutput, KeptQueries, PanopticResult
 
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.85  # keep threshold of the reference's panoptic post-processing (and our default)
 MIN_AREA = 4  # segments with area <= MIN_AREA pixels (at the target size) are dropped, as in the reference
 MERGE_MODES = ("reference", "merge")
 
 
-def kept_queries(pred_logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Bool [B, Q]: the best class (softmax over C+1) is not "no object" and its probability > threshold."""
+def kept_queries(pred_logits: torch.Tensor, threshold: float,
+                 class_to_category: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [B, Q]: the best class (softmax over C+1) is not "no object", its probability > threshold, and
+    (with ``class_to_category``, Long [C], -1 for unused class indices) the class has a category.
+
+    A query whose best class is unused (the official checkpoint's 250 indices hold COCO's 133 categories)
+    is treated as "no object", as if it had not been kept.
+    """
     scores, labels = pred_logits.softmax(-1).max(-1)
-    return (labels != pred_logits.shape[-1] - 1) & (scores > threshold)
+    no_object = pred_logits.shape[-1] - 1
+    keep = (labels != no_object) & (scores > threshold)
+    if class_to_category is not None:
+        used = class_to_category.to(labels.device)[labels.clamp(max=no_object - 1)] >= 0
+        if log.isEnabledFor(logging.DEBUG) and bool((keep & ~used).any()):
+            log.debug("%d quer(ies) above the threshold predict class indices without a category %s: "
+                      "treated as no object", int((keep & ~used).sum()), sorted(set(labels[keep & ~used].tolist())))
+        keep &= used
+    return keep
 
 
 def _as_sizes(sizes: Sequence[Sequence[int]] | torch.Tensor, batch: int, what: str) -> list[tuple[int, int]]:
@@ -35,15 +58,29 @@ def _as_sizes(sizes: Sequence[Sequence[int]] | torch.Tensor, batch: int, what: s
     return out
 
 
+def pillow_nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output pixel under Pillow's NEAREST resize, bit-exact.
+
+    Pillow starts at half a step (``step = size_in / size_out`` in double precision) and adds the step
+    once per output pixel, truncating each sum. The accumulated rounding differs from the closed form
+    ``floor((i + 0.5) * step)`` where a sample lands on a pixel border (128 -> 250 rows: 1,250 pixels of a
+    128x192 -> 250x390 map). ``np.cumsum`` adds sequentially in float64, as Pillow's loop does.
+    """
+    step = size_in / size_out
+    steps = np.full(size_out, step, dtype=np.float64)
+    steps[0] = step * 0.5
+    return np.minimum(np.cumsum(steps).astype(np.int64), size_in - 1)
+
+
 def nearest_resize_ids(id_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize an integer map [h, w] with PIL's NEAREST rule (sample the source at pixel centres)."""
+    """Resize an integer map [h, w] exactly as Pillow's ``Image.resize(..., NEAREST)`` would."""
     h, w = id_map.shape
     out_h, out_w = size
     if (h, w) == (out_h, out_w):
         return id_map
-    rows = ((torch.arange(out_h, device=id_map.device, dtype=torch.float64) + 0.5) * (h / out_h)).floor().long()
-    cols = ((torch.arange(out_w, device=id_map.device, dtype=torch.float64) + 0.5) * (w / out_w)).floor().long()
-    return id_map[rows.clamp_(max=h - 1)][:, cols.clamp_(max=w - 1)]
+    rows = torch.from_numpy(pillow_nearest_indices(h, out_h)).to(id_map.device)
+    cols = torch.from_numpy(pillow_nearest_indices(w, out_w)).to(id_map.device)
+    return id_map.index_select(0, rows).index_select(1, cols)
 
 
 def _valid_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int],
@@ -79,8 +116,9 @@ def _image_masks(outputs: DETROutput, b: int, queries: torch.Tensor) -> torch.Te
 
 def panoptic_postprocess(outputs: DETROutput, processed_sizes: Sequence[Sequence[int]] | torch.Tensor,
                          target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None, *,
-                         is_thing: torch.Tensor, threshold: float = 0.85, merge_stuff: str = "reference",
-                         class_to_category: torch.Tensor | None = None) -> list[PanopticResult]:
+                         is_thing: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, merge_stuff: str = "reference",
+                         class_to_category: torch.Tensor | None = None, min_area: int = MIN_AREA
+                         ) -> list[PanopticResult]:
     """One ``PanopticResult`` per image.
 
     outputs: ``DETROutput`` with pred_logits [B, Q, C+1] and pred_masks (all queries [B, Q, h4, w4], or
@@ -91,6 +129,8 @@ def panoptic_postprocess(outputs: DETROutput, processed_sizes: Sequence[Sequence
         class index (default: the class index itself).
     merge_stuff: "reference" (several kept queries of one stuff class: only the first survives, its
         pixels re-assigned by argmax among the survivors) or "merge" (their pixels form one segment).
+    min_area: segments of at most this many pixels (at the target size) are dropped (reference: 4).
+    Each result's ``kept`` lists the kept queries with their boxes in target-size pixels.
     """
     if merge_stuff not in MERGE_MODES:
         raise ValueError(f"merge_stuff must be one of {MERGE_MODES}, got {merge_stuff!r}")
@@ -100,21 +140,37 @@ def panoptic_postprocess(outputs: DETROutput, processed_sizes: Sequence[Sequence
         raise ValueError(f"is_thing has {is_thing.numel()} entries for {num_classes_plus_one - 1} classes")
     processed = _as_sizes(processed_sizes, batch, "processed_sizes")
     targets = processed if target_sizes is None else _as_sizes(target_sizes, batch, "target_sizes")
+    if min_area < 0:
+        raise ValueError(f"min_area must be >= 0, got {min_area}")
     scores, labels = logits.softmax(-1).max(-1)
-    keep = kept_queries(logits, threshold)
+    keep = kept_queries(logits, threshold, class_to_category)
     is_thing_list = is_thing.bool().tolist()
     categories = None if class_to_category is None else class_to_category.tolist()
     results = []
     for b in range(batch):
         queries = keep[b].nonzero().squeeze(1)
-        results.append(_one_image(outputs, b, queries, scores[b, queries], labels[b, queries], processed[b],
-                                  targets[b], is_thing_list, categories, merge_stuff))
+        result = _one_image(outputs, b, queries, scores[b, queries], labels[b, queries], processed[b],
+                            targets[b], is_thing_list, categories, merge_stuff, min_area)
+        result.kept = _kept(outputs.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
+                            class_to_category, targets[b])
+        results.append(result)
     return results
+
+
+def _kept(boxes: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+          class_to_category: torch.Tensor | None, target_size: tuple[int, int]) -> KeptQueries:
+    height, width = target_size
+    cx, cy, w, h = boxes.float().unbind(-1)
+    xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+    xyxy = xyxy * torch.tensor([width, height, width, height], dtype=xyxy.dtype, device=xyxy.device)
+    category_ids = labels if class_to_category is None else class_to_category.to(labels.device)[labels]
+    return KeptQueries(indices=queries, labels=labels, category_ids=category_ids, scores=scores.float(),
+                       boxes=xyxy)
 
 
 def _one_image(outputs: DETROutput, b: int, queries: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
                processed_size: tuple[int, int], target_size: tuple[int, int], is_thing: list[bool],
-               categories: list[int] | None, merge_stuff: str) -> PanopticResult:
+               categories: list[int] | None, merge_stuff: str, min_area: int) -> PanopticResult:
     device = outputs.pred_logits.device
     if queries.numel() == 0:
         return PanopticResult(id_map=torch.zeros(target_size, dtype=torch.long, device=device), segments_info=[])
@@ -146,9 +202,9 @@ def _one_image(outputs: DETROutput, b: int, queries: torch.Tensor, scores: torch
         id_map = nearest_resize_ids(winner, target_size)
         area = torch.bincount(id_map.flatten(), minlength=len(label_list))
         if merge_stuff == "merge":
-            small = alive & (area[group_tensor] <= MIN_AREA)
+            small = alive & (area[group_tensor] <= min_area)
         else:
-            small = alive & (area <= MIN_AREA)
+            small = alive & (area <= min_area)
         first_pass = False
         if not bool(small.any()):
             break

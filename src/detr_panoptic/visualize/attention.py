@@ -2,7 +2,7 @@
 and mask; encoder self-attention at reference points; a grid of the kept queries' masks.
 
 Pure drawing: every function takes tensors and returns a matplotlib ``Figure`` (Agg canvas, no
-pyplot state), so it runs headless and in threads. ``engine.inference.compute_attention`` gathers
+pyplot state), so it runs headless and in threads. ``inference.PanopticPredictor.attention`` gathers
 the tensors from a model.
 """
 from __future__ import annotations
@@ -228,7 +228,7 @@ def write_attention_figures(
 ) -> list:
     """Write the attention figures of one image into ``out_dir``; return the paths written.
 
-    ``maps`` is an ``engine.inference.AttentionMaps`` (image, queries, scores, category_ids, boxes,
+    ``maps`` is an ``inference.AttentionMaps`` (image, queries, scores, category_ids, boxes,
     masks, decoder, encoder, result). Files: ``queries_01.png``... (``queries_per_page`` kept queries
     each, by query index), ``encoder.png`` (when the encoder attention is there) and ``masks.png``.
     """

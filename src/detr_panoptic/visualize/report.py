@@ -190,8 +190,10 @@ def _is_attention(path: Path) -> bool:
 
 # -- the page ---------------------------------------------------------------------------------------------
 def build_report(folder: str | Path, out: str | Path | None = None, *, max_images: int = 12,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, lead_sections: Sequence[tuple[str, str, str]] = ()) -> Path:
     """Write the HTML report of ``folder`` to ``out`` (default ``<folder>/report.html``); return its path.
+
+    ``lead_sections``: ``(title, HTML body, anchor)`` sections placed first (an application's own summary).
 
     Raises ``FileNotFoundError`` if the folder does not exist and ``UserInputError`` if it holds
     nothing to report (no metrics, no figures).
@@ -204,7 +206,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     out = Path(out) if out is not None else folder / "report.html"
     categories = curves.run_categories(folder)
     names = {str(c["id"]): c["name"] for c in categories or []}
-    sections: list[tuple[str, str, str]] = []
+    sections: list[tuple[str, str, str]] = list(lead_sections)
     drawn: set[str] = set()  # stems of charts drawn fresh here: their PNG copies in the folder are skipped
     per_class = None
 

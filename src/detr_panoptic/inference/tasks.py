@@ -1,0 +1,249 @@
+"""The commands' library functions, each one ``run_inference`` with a loader and evaluators.
+
+* ``predict_to_folder(predictor, inputs, out)``: image files -> COCO panoptic PNGs + JSON + overlays
+  (``detr-panoptic predict``); restartable.
+* ``evaluate_dataset(predictor, dataset, out)``: a COCO-panoptic split -> predictions in COCO panoptic
+  format + PQ (``detr-panoptic evaluate``, the demo); restartable.
+* ``evaluate_checkpoint(...)``: the ``evaluate`` command's glue (checkpoint, config, flags -> the two above).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.inference.evaluators import OverlayWriter, PanopticWriter, PQEvaluator
+from detr_panoptic.inference.predictor import PanopticPredictor
+from detr_panoptic.inference.runner import make_loader, run_inference
+from detr_panoptic.inference.samples import DatasetSamples, ImageFiles, expand_inputs
+from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_JSON = "predictions.json"
+METRICS_JSON = "metrics.json"
+CHART_PNG = "per_class_pq.png"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) over every parameter and buffer: which weights made a folder of predictions."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
+    s = predictor.settings
+    return {"weights": weights_digest(predictor.model), "input_size": [s.min_size, s.max_size],
+            "postprocess": s.postprocess_metadata(), "dtype": str(predictor.dtype), **extra}
+
+
+def _default_workers(count: int) -> int:
+    """Loader workers: one decodes ahead of the model when there is more than one image (0: in-process)."""
+    return 1 if count > 1 and (os.cpu_count() or 1) > 1 else 0
+
+
+@dataclass
+class PredictSummary:
+    out_dir: Path
+    predictions_json: Path | None
+    processed: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    resumed: int = 0
+
+
+def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                      *, batch_size: int = 1, skip_bad: bool = False, overlays: bool = True,
+                      progress: bool = True, num_workers: int | None = None) -> PredictSummary:
+    """Predict every input image (files, folders, globs) and write, under ``out_dir``:
+
+    * ``predictions/<name>.png``: COCO panoptic PNG at the original image size (id = R + 256 G + 256^2 B);
+    * ``overlays/<name>.png``: the prediction drawn over the image;
+    * ``predictions.json``: COCO panoptic ``images``, ``annotations`` and ``categories``.
+
+    ``<name>`` is the input's stem (made unique). Killed and started again with the same weights and
+    settings, it keeps the images already written and predicts the rest. Raises ``UserInputError`` if
+    no image could be processed (every input bad, under ``skip_bad``).
+    """
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be at least 1, got {batch_size}")
+    settings = predictor.settings
+    paths = expand_inputs(inputs, skip_bad=skip_bad)
+    out_dir = Path(out_dir)
+    files = ImageFiles(paths, min_size=settings.min_size, max_size=settings.max_size, skip_bad=skip_bad,
+                       keep_original=overlays)
+    writer = PanopticWriter(out_dir / PREDICTIONS_JSON, out_dir / "predictions", categories=settings.category_map,
+                            resume=True, fingerprint=_fingerprint(predictor, overlays=overlays))
+    todo = [i for i, name in enumerate(files.names) if f"{name}.png" not in writer.done]
+    evaluators: list[Any] = [writer]
+    if overlays:  # before the writer: an image is journalled as done only once its overlay exists too
+        evaluators.insert(0, OverlayWriter(out_dir / "overlays", settings.category_map))
+    loader = make_loader(torch.utils.data.Subset(files, todo), batch_size=batch_size,
+                         num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
+    run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="predict",
+                        reset=False)
+    summary = PredictSummary(out_dir=out_dir, predictions_json=None, skipped=run.skipped,
+                             resumed=len(paths) - len(todo))
+    skipped = {str(path) for path, _ in run.skipped}
+    summary.processed = [p for p in paths if str(p) not in skipped]
+    if not summary.processed:
+        raise UserInputError(f"no image could be processed ({len(summary.skipped)} skipped)")
+    summary.predictions_json = run.outputs["predictions"]["json"]
+    return summary
+
+
+# -- evaluation -------------------------------------------------------------------------------------------
+def check_categories(category_map: CategoryMap, gt_categories: Sequence[Mapping[str, Any]], *, source: str) -> None:
+    """The model must predict only category ids that the ground truth knows (else PQ cannot count them)."""
+    known = {int(c["id"]) for c in gt_categories}
+    predicted = {c.id for c in category_map.categories if c.id in set(category_map.class_ids)}
+    unknown = sorted(predicted - known)
+    if unknown:
+        names = {c.id: c.name for c in category_map.categories}
+        listed = ", ".join(f"{i} ({names[i]})" for i in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise UserInputError(f"the model predicts category ids that {source} does not have: {listed}. "
+                             "Evaluate on data with the model's categories (Cityscapes: check --use-train-id)")
+
+
+def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | os.PathLike, *,
+                     batch_size: int = 1, workers: int | None = None, num_workers: int | None = None,
+                     limit: int | None = None, progress: bool = True, chart: bool = True, write: bool = True,
+                     extra_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Predict every image of ``dataset`` (a ``CocoPanopticDataset`` or a ``Subset`` of one) and measure PQ.
+
+    Writes into ``out_dir``: ``predictions.json`` + ``predictions/`` (COCO panoptic, PNGs named like the
+    ground truth's; restartable), ``metrics.json`` (percentages, per class, the settings) and
+    ``per_class_pq.png``. PQ is computed with ``evaluation.pq_compute`` on the written files against
+    the dataset's ground truth (``workers`` processes), at the original resolution; ``write=False``
+    measures it in memory instead (``PQEvaluator``, the same numbers) and writes only ``metrics.json``.
+    Returns ``{"results" (pq_compute's dict), "metrics", "table", "predictions_json", "metrics_json",
+    "chart", "num_images", "seconds"}``.
+    """
+    from detr_panoptic.evaluation import format_results, load_panoptic_json, pq_compute, results_to_metrics
+
+    start = time.perf_counter()
+    samples = DatasetSamples(dataset, min_size=predictor.settings.min_size, max_size=predictor.settings.max_size)
+    base = samples.dataset
+    count = len(samples) if limit is None else min(len(samples), max(0, limit))
+    if count == 0:
+        raise UserInputError(f"{base.json_path}: no image to evaluate")
+    gt = load_panoptic_json(base.json_path, what="ground-truth JSON")
+    check_categories(predictor.settings.category_map, gt.get("categories", []), source=str(base.json_path))
+    annotations = [samples.annotation(i) for i in range(count)]
+    out_dir = Path(out_dir)
+    json_path = out_dir / PREDICTIONS_JSON
+    if write:
+        writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
+                                fingerprint=_fingerprint(predictor, gt_json=str(base.json_path)))
+        todo = [i for i in range(count) if annotations[i]["file_name"] not in writer.done]
+        evaluators: list[Any] = [writer]
+    else:
+        todo, evaluators = list(range(count)), [PQEvaluator(gt["categories"])]
+    loader = make_loader(torch.utils.data.Subset(samples, todo), batch_size=batch_size,
+                         num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
+    run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="evaluate",
+                        reset=False)
+    predict_seconds = time.perf_counter() - start
+    if write:
+        gt_source: Any = base.json_path
+        if count != len(gt["annotations"]):
+            gt_source = dict(gt, annotations=annotations)  # only the evaluated images count
+        results = pq_compute(gt_source, json_path, base.panoptic_dir, out_dir / "predictions", workers=workers)
+    else:
+        results = run.outputs["pq"]
+    s = predictor.settings
+    metrics = results_to_metrics(results, gt["categories"])
+    metrics.update({"num_images": count, "threshold": s.threshold, "merge_stuff": s.merge_stuff,
+                    "min_area": s.min_area, "input_size": [s.min_size, s.max_size],
+                    "gt_json": str(base.json_path), "predictions_json": str(json_path) if write else None,
+                    "predict_seconds": round(predict_seconds, 3),
+                    "pq_seconds": round(time.perf_counter() - start - predict_seconds, 3)})
+    metrics.update(extra_metrics or {})
+    metrics_json = out_dir / METRICS_JSON
+    atomic_write_json(metrics_json, metrics)
+    chart_path = None
+    if chart:
+        from detr_panoptic.visualize.charts import per_class_bar_chart
+
+        chart_path = per_class_bar_chart(results, gt["categories"], out_dir / CHART_PNG)
+    log.info("PQ %.2f  SQ %.2f  RQ %.2f over %d images -> %s", metrics["pq"], metrics["sq"], metrics["rq"],
+             count, out_dir)
+    return {"results": results, "metrics": metrics, "table": format_results(results, gt["categories"]),
+            "predictions_json": json_path if write else None, "metrics_json": metrics_json, "chart": chart_path,
+            "num_images": count, "seconds": time.perf_counter() - start}
+
+
+def default_out_dir(checkpoint: str | os.PathLike) -> Path:
+    """``<run>/eval`` for a checkpoint at ``<run>/checkpoints/<name>.pth``, else ``./eval``."""
+    path = Path(str(checkpoint))
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent / "eval"
+    return Path("eval")
+
+
+def build_eval_dataset(*, config: Any = None, cityscapes_root: str | None = None, split: str | None = None,
+                       use_train_id: bool = False, gt_json: str | None = None, gt_folder: str | None = None,
+                       image_dir: str | None = None) -> Any:
+    """The dataset to evaluate on: from the flags when given, else from ``config.data`` (its val split)."""
+    from detr_panoptic.data.coco_panoptic import CocoPanopticDataset, cityscapes_panoptic_dataset
+
+    data = config.data if config is not None else None
+    if cityscapes_root and gt_json:
+        raise UserInputError("give either --cityscapes ROOT or --gt-json/--gt-folder/--image-dir, not both")
+    if cityscapes_root or (not gt_json and data is not None and data.dataset == "cityscapes"):
+        root = cityscapes_root or (data.root if data is not None else "")
+        if not root:
+            raise UserInputError("no Cityscapes root: pass --cityscapes ROOT or set data.root in the config")
+        split = split or (data.val_split if data is not None else "val")
+        train_id = use_train_id or (data is not None and data.use_train_id)
+        return cityscapes_panoptic_dataset(root, split, train_id)
+    if gt_json or (data is not None and data.dataset == "coco"):
+        json_path = gt_json or data.val_json
+        folder = gt_folder or (data.val_panoptic_dir if data is not None and not gt_json else None)
+        folder = folder or str(Path(json_path).with_suffix(""))
+        images = image_dir or (data.val_image_dir if data is not None and not gt_json else None)
+        if not images:
+            raise UserInputError("--gt-json needs --image-dir (the folder of the input images)")
+        return CocoPanopticDataset(json_path, folder, images)
+    raise UserInputError("no data to evaluate on: pass --cityscapes ROOT [--split val], or --gt-json F "
+                         "--image-dir D [--gt-folder D], or a --config with a data section")
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = None, overrides: Sequence[str] = (),
+                        cityscapes_root: str | None = None, split: str | None = None, use_train_id: bool = False,
+                        gt_json: str | None = None, gt_folder: str | None = None, image_dir: str | None = None,
+                        out_dir: str | os.PathLike | None = None, batch_size: int = 1, threshold: float | None = None,
+                        device: str | None = "auto", dtype: str | None = None, workers: int | None = None,
+                        limit: int | None = None, size: int | None = None, max_size: int | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """The ``evaluate`` command: a predictor from ``checkpoint`` (its settings, then the config's
+    ``data.min_size``/``max_size`` and ``train.eval_threshold``, then the flags), the data from the flags or
+    the config's val split, then ``evaluate_dataset``; ``out_dir`` defaults to the run's ``eval/``."""
+    from detr_panoptic.config import load_config
+
+    loaded_config = load_config(config, overrides) if config or overrides else None
+    dataset = build_eval_dataset(config=loaded_config, cityscapes_root=cityscapes_root, split=split,
+                                 use_train_id=use_train_id, gt_json=gt_json, gt_folder=gt_folder,
+                                 image_dir=image_dir)
+    if loaded_config is not None:  # the config says how its model was trained and validated
+        size = size if size is not None else loaded_config.data.min_size
+        max_size = max_size if max_size is not None else loaded_config.data.max_size
+        threshold = threshold if threshold is not None else loaded_config.train.eval_threshold
+        if loaded_config.data.max_val_images is not None and limit is None:
+            limit = loaded_config.data.max_val_images
+    predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, dtype=dtype, threshold=threshold,
+                                                  size=size, max_size=max_size)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
+    return evaluate_dataset(predictor, dataset, out, batch_size=batch_size, workers=workers, limit=limit,
+                            progress=progress, extra_metrics={"checkpoint": str(checkpoint)})
