@@ -296,9 +296,8 @@ def test_error_names_missing_png_file(make_case):
 
 
 @pytest.mark.parametrize("image_index", [0, 3])
-def test_errors_raised_in_worker_processes_reach_the_caller(make_case, image_index):
-    # 4 images, 2 processes: one chunk per image; the pool is sent the first two chunks before this
-    # process takes any, so image 0 fails in the pool worker; image 3 in either process.
+def test_errors_raised_in_worker_threads_reach_the_caller(make_case, image_index):
+    # 4 images, 2 threads, one image per task: the first and the last image fail.
     case = make_case(2, num_images=4)
     file_name = case.gt_json["annotations"][image_index]["file_name"]
     (case.gt_folder / file_name).unlink()
@@ -306,16 +305,25 @@ def test_errors_raised_in_worker_processes_reach_the_caller(make_case, image_ind
         ours(case, workers=2)
 
 
-def test_this_process_shares_the_work_with_the_pool(make_case, monkeypatch):
+def test_worker_threads_share_the_work(make_case, monkeypatch):
+    import threading
+    import time
+
     from detr_panoptic.evaluation import pq
 
     case = make_case(21, num_images=8)
-    done_here = []
-    pairs_stats = pq._pairs_stats
-    monkeypatch.setattr(pq, "_pairs_stats", lambda pairs, *args: done_here.append(len(pairs))
-                        or pairs_stats(pairs, *args))
+    threads = []
+    pair_stats = pq._pair_stats
+
+    def recorded(*args):
+        threads.append(threading.get_ident())
+        time.sleep(0.01)  # releases the GIL, as the PNG decoding does: the other thread takes the next image
+        return pair_stats(*args)
+
+    monkeypatch.setattr(pq, "_pair_stats", recorded)
     assert_same_results(ours(case, workers=2), reference_pq(case))
-    assert 0 < sum(done_here) < 8  # the pool (which does not see the patch) did the rest
+    assert len(threads) == 8
+    assert len(set(threads)) == 2 and threading.get_ident() not in threads
 
 
 def test_error_on_size_mismatch_duplicate_prediction_and_missing_inputs(make_case, tmp_path):

@@ -26,17 +26,17 @@ id in a JSON, and a prediction for an image that has two predictions, are errors
 Per image, the two id maps are cut into runs of equal (ground truth, prediction) pixels in raster
 order (panoptic maps are piecewise constant: a few runs per row); only the run values are relabelled to
 compact indices, and one weighted ``np.bincount`` gives every overlap. Matching is then a few
-operations on a small [G, P] matrix. Images are spread over this process and a pool of workers.
+operations on a small [G, P] matrix. Images are spread over a pool of threads (the PNG decoding,
+most of the time, releases the GIL).
 """
 from __future__ import annotations
 
-import collections
-import ctypes
-import ctypes.util
 import logging
 import os
+import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from detr_panoptic.evaluation.panoptic_format import (
     read_id_png,
 )
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.parallel import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -359,31 +359,6 @@ class PQAccumulator:
 # --------------------------------------------------------------------------------------------
 # File API
 # --------------------------------------------------------------------------------------------
-_worker: dict[str, Any] = {}
-
-
-def _init_worker(gt_folder: str, pred_folder: str, categories: _Categories) -> None:
-    _keep_freed_memory()
-    _worker.update(gt_folder=gt_folder, pred_folder=pred_folder, categories=categories)
-
-
-def _keep_freed_memory() -> None:
-    """Make glibc keep freed memory in this process (a pool worker, which ends with the pool).
-
-    A fresh process starts with glibc's 128 KiB mmap and trim thresholds, which only grow with use:
-    the ~20 MB of buffers an image needs went back to the system after each image and were
-    page-faulted in again for the next (5000 faults, +40% time per image in a new worker). Other C
-    libraries: nothing to do.
-    """
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
-
-
 def _read_png(folder: str, annotation: Mapping[str, Any], what: str, out: np.ndarray | None = None
               ) -> tuple[np.ndarray, str]:
     image_id = annotation.get("image_id")
@@ -397,88 +372,104 @@ def _read_png(folder: str, annotation: Mapping[str, Any], what: str, out: np.nda
         raise FileNotFoundError(f"image {image_id!r}: {what} PNG {path} not found") from None
 
 
+class _Buffers(threading.local):
+    """Per thread: the arrays the previous image was decoded into (see ``decode_rgb_png``'s ``out``).
+
+    Reusing them spares allocating and page-faulting 2 x 8 MB per 2048x1024 image."""
+
+    gt: np.ndarray | None = None
+    pred: np.ndarray | None = None
+
+
+def _pair_stats(pair: tuple[Mapping[str, Any], Mapping[str, Any]], gt_folder: str, pred_folder: str,
+                categories: _Categories, buffers: _Buffers) -> np.ndarray:
+    gt_annotation, pred_annotation = pair
+    gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth", out=buffers.gt)
+    pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted", out=buffers.pred)
+    if gt_map.flags.writeable:  # decoded into a buffer of ours (not a read-only view of Pillow's memory)
+        buffers.gt = gt_map
+    if pred_map.flags.writeable:
+        buffers.pred = pred_map
+    return image_pq_stats(
+        gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
+        pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
+        categories, image_id=gt_annotation["image_id"],
+        gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})", low_24_bits=True)
+
+
 def _pairs_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], gt_folder: str,
                  pred_folder: str, categories: _Categories) -> np.ndarray:
+    """Statistics of all ``pairs``, one after the other in this thread."""
     total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
-    gt_map = pred_map = None  # each image decodes into the previous one's arrays (see decode_rgb_png)
-    for gt_annotation, pred_annotation in pairs:
-        image_id = gt_annotation["image_id"]
-        gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth", out=gt_map)
-        pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted", out=pred_map)
-        total += image_pq_stats(
-            gt_map, [dict(s) for s in gt_annotation.get("segments_info", [])],
-            pred_map, [dict(s) for s in pred_annotation.get("segments_info", [])],
-            categories, image_id=image_id,
-            gt_source=f"ground truth ({gt_path})", pred_source=f"prediction ({pred_path})", low_24_bits=True)
+    buffers = _Buffers()
+    for pair in pairs:
+        total += _pair_stats(pair, gt_folder, pred_folder, categories, buffers)
     return total
 
 
-def _file_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> np.ndarray:
-    """``_pairs_stats`` in a pool worker, with the folders and categories given to ``_init_worker``."""
-    return _pairs_stats(pairs, _worker["gt_folder"], _worker["pred_folder"], _worker["categories"])
-
-
-def _parallel_stats(chunks: Sequence[Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]], workers: int,
+def _threaded_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], workers: int,
                     gt_folder: str, pred_folder: str, categories: _Categories) -> np.ndarray:
-    """Statistics of all ``chunks`` in ``workers`` processes: this one and a pool of ``workers - 1``.
+    """Statistics of all ``pairs`` by a pool of ``workers`` threads, one image per task.
 
-    This process works too rather than wait (one process less to start), taking chunks from the
-    same queue as the pool so that neither side waits for the other: each pool worker is sent its
-    next chunk as soon as one comes back (a chunk queued at a worker could leave this process idle
-    at the end). The first error raises.
+    Threads, not processes: the PNG reading, inflating (zlib-ng) and unfiltering (our C extension)
+    release the GIL, which is most of an image's time, so threads scale about as processes do while
+    nothing has to start, import or pickle anything (bench/bench_pq.py). Nothing can hang either: a
+    task that raises completes its future with the error, which is raised here at once; the tasks not
+    yet started are cancelled, and the running ones finish their one image. The statistics are summed
+    in the order of ``pairs`` (the same float sums whatever the threads' timing).
     """
-    queue = collections.deque(chunks)
-    results: list[np.ndarray] = []
-    errors: list[BaseException] = []
-    lock = threading.Condition()  # guards queue, in_flight, stopped; notified when a chunk comes back
-    in_flight = 0
-    stopped = False
+    buffers = _Buffers()
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pq")
+    try:
+        futures = [executor.submit(_pair_stats, pair, gt_folder, pred_folder, categories, buffers)
+                   for pair in pairs]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            if future in done and future.exception() is not None:
+                raise future.exception()
+        total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
+        for future in futures:
+            total += future.result()
+        return total
+    finally:
+        # On an error or Ctrl-C (KeyboardInterrupt in wait), the queued images are dropped; the
+        # threads are joined after their current image (milliseconds).
+        executor.shutdown(wait=True, cancel_futures=True)
 
-    with process_context().Pool(workers - 1, initializer=_init_worker,
-                                initargs=(gt_folder, pred_folder, categories)) as pool:
 
-        def send_next() -> None:  # holding the lock
-            nonlocal in_flight
-            if queue and not stopped:
-                pool.apply_async(_file_stats, (queue.popleft(),), callback=returned, error_callback=failed)
-                in_flight += 1
+# Pixels (ground truth + prediction, ~5 ms of work) below which a thread more does not pay: on tiny
+# images the threads would mostly wait for each other's GIL-holding numpy calls.
+MIN_PIXELS_PER_THREAD = 1 << 20
 
-        def returned(stats: np.ndarray) -> None:  # these two run in the pool's result thread
-            nonlocal in_flight
-            with lock:
-                results.append(stats)
-                in_flight -= 1
-                send_next()
-                lock.notify()
 
-        def failed(error: BaseException) -> None:
-            nonlocal in_flight, stopped
-            with lock:
-                errors.append(error)
-                in_flight -= 1
-                stopped = True
-                lock.notify()
+def choose_workers(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], gt_folder: str,
+                   workers: int | None = None) -> int:
+    """Threads for ``pairs``: ``workers`` if given (at most one per image), else one per
+    ``MIN_PIXELS_PER_THREAD`` of work, at most the cores this process may use and at least 1.
 
-        try:
-            with lock:
-                for _ in range(workers - 1):
-                    send_next()
-            while True:
-                with lock:
-                    chunk = queue.popleft() if queue and not stopped else None
-                if chunk is None:
-                    break
-                stats = _pairs_stats(chunk, gt_folder, pred_folder, categories)
-                with lock:
-                    results.append(stats)
-            with lock:
-                lock.wait_for(lambda: in_flight == 0 or stopped)
-        finally:
-            with lock:
-                stopped = True  # nothing more is sent; leaving the block terminates the pool
-        if errors:
-            raise errors[0]
-    return np.sum(results, axis=0)
+    The images' size comes from the first ground-truth PNG's header (24 bytes read); a file that
+    cannot be read counts as a large image (the evaluation names the file when it gets to it).
+    """
+    if not pairs:
+        return 1
+    if workers is not None:
+        return max(1, min(int(workers), len(pairs)))
+    pixels_per_image = 2 * _png_pixels(os.path.join(gt_folder, str(pairs[0][0].get("file_name", ""))))
+    by_work = max(1, (pixels_per_image * len(pairs)) // MIN_PIXELS_PER_THREAD)
+    return max(1, min(available_cores(), len(pairs), by_work))
+
+
+def _png_pixels(path: str) -> int:
+    """Width x height from a PNG's IHDR; ``MIN_PIXELS_PER_THREAD`` when the file does not tell."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(24)
+    except OSError:
+        return MIN_PIXELS_PER_THREAD
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        return MIN_PIXELS_PER_THREAD
+    width, height = struct.unpack(">II", head[16:24])
+    return width * height
 
 
 def match_annotations(gt_json: Mapping[str, Any], pred_json: Mapping[str, Any], *,
@@ -514,7 +505,9 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
     ``gt_json``/``pred_json``: paths or loaded dicts (``{"annotations": [...]}``; the ground truth
     also needs ``categories``). Folders default to the JSON path without ``.json`` (panopticapi's
     convention). Images are paired by ``image_id`` (int or str, compared as given) and spread over
-    ``workers`` processes, this one included (default: all cores; 1 or 0: this process only).
+    ``workers`` threads (default: chosen from the amount of work, see ``choose_workers``; 1 or 0:
+    this thread only). No processes are started, so a script may call this at module level (without
+    ``if __name__ == "__main__":``).
     Returns fractions; see the module doc.
     """
     gt = load_panoptic_json(gt_json, what="ground-truth JSON")
@@ -526,18 +519,12 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
     pred_dir = _folder(pred_folder, pred_json, "prediction")
     pairs = match_annotations(gt, pred, pred_source=f"prediction JSON {_describe(pred_json)}")
 
-    if workers is None:
-        workers = os.cpu_count() or 1
-    workers = max(1, min(workers, len(pairs)))
+    workers = choose_workers(pairs, gt_dir, workers)
     if workers == 1:
         stats = _pairs_stats(pairs, gt_dir, pred_dir, categories)
     else:
-        # Small chunks (an image is tens of ms of work, sending one ~1 ms) keep every process busy to
-        # the end; a few workers * 4 big chunks left one process alone with the last chunk.
-        size = max(1, min(4, len(pairs) // (8 * workers)))
-        chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
-        stats = _parallel_stats(chunks, workers, gt_dir, pred_dir, categories)
-    log.debug("PQ over %d images with %d processes", len(pairs), workers)
+        stats = _threaded_stats(pairs, workers, gt_dir, pred_dir, categories)
+    log.debug("PQ over %d images with %d threads", len(pairs), workers)
     return _average(stats, categories)
 
 
