@@ -10,7 +10,13 @@ from PIL import Image
 
 from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.data.transforms import detr_resize_size
-from detr_panoptic.inference import PanopticPredictor, PredictorSettings, expand_inputs, load_image, predict_to_folder
+from detr_panoptic.inference import (
+    PanopticPredictor,
+    PredictorSettings,
+    expand_inputs,
+    load_image,
+    predict_to_folder,
+)
 from detr_panoptic.inference.samples import unique_names
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.devices import resolve_device
