@@ -97,3 +97,19 @@ def test_plot_run_draws_per_class_bars_of_the_last_validation(tmp_path):
     ax = per_class_figure(val[-1], categories=run_categories(run)).axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["car", "road"]
     assert sorted(round(p.get_height(), 1) for p in ax.patches)[:2] == [10.0, 15.0]
+
+
+def test_plot_run_draws_the_image_dependence_of_validations_that_carry_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "val", "step": s, "epoch": 0, "pq": 10.0, "diag_memory_image_var": v,
+                "diag_decoder_image_var": v / 10, "diag_box_centre_spread": v / 100}
+               for s, v in ((10, 0.3), (20, 1e-3), (30, 1e-4))]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    written = plot_run(run)
+    assert [p.name for p in written] == ["losses.png", "pq.png", "diagnostics.png"]
+    from detr_panoptic.visualize.curves import plot_diagnostics
+    ax = plot_diagnostics(records).axes[0]
+    assert ax.get_yscale() == "log"
+    assert list(ax.get_lines()[0].get_ydata()) == [0.3, 1e-3, 1e-4]
+    assert len(ax.get_lines()) == 3

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 AUX_SUFFIX = re.compile(r"_\d+$")
 PQ_KEYS = ("pq", "sq", "rq", "pq_things", "pq_stuff")
+# Image-dependence of the model's outputs, added to validation records by engine.diagnostics.
+DIAG_KEYS = ("diag_memory_image_var", "diag_decoder_image_var", "diag_box_centre_spread")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -151,6 +153,34 @@ def plot_pq(val: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def has_diagnostics(val: Sequence[Mapping[str, Any]]) -> bool:
+    return any(key in record for record in val for key in DIAG_KEYS)
+
+
+def plot_diagnostics(val: Sequence[Mapping[str, Any]]) -> Figure:
+    """The ``diag_*`` image-dependence values of each validation (``engine.diagnostics``) against the
+    step, on a log scale: a curve falling by decades is the encoder collapsing onto an image-independent
+    output (every thing query then predicts the same box in every image)."""
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    plotted = False
+    for key, style in zip(DIAG_KEYS, ("o-", "s--", "^:")):
+        steps, values = _series(val, key)
+        keep = values > 0
+        if keep.any():
+            ax.plot(steps[keep], values[keep], style, label=key.removeprefix("diag_").replace("_", " "))
+            plotted = True
+    if plotted:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no diagnostics logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_title("image-dependence (variance across images / total)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def last_per_class(val: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """``per_class`` of the last validation that has one."""
     for record in reversed(val):
@@ -160,7 +190,7 @@ def last_per_class(val: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int = 100) -> list[Path]:
-    """Write ``losses.png``, ``pq.png`` and (after a validation with per-class results)
+    """Write ``losses.png``, ``pq.png``, ``diagnostics.png`` (when validations carry ``diag_*`` keys) and (after a validation with per-class results)
     ``per_class.png`` into ``out_dir`` (default ``<run_dir>/plots``); return the paths written."""
     from detr_panoptic.visualize.attention import save_figure
 
@@ -168,7 +198,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     train, val = split_records(read_metrics(run_dir))
     written = []
-    for name, fig in (("losses", plot_losses(train, val)), ("pq", plot_pq(val))):
+    figures = [("losses", plot_losses(train, val)), ("pq", plot_pq(val))]
+    if has_diagnostics(val):
+        figures.append(("diagnostics", plot_diagnostics(val)))
+    for name, fig in figures:
         save_figure(fig, out_dir / f"{name}.png", dpi=dpi)
         written.append(out_dir / f"{name}.png")
     last = next((r for r in reversed(val) if r.get("per_class")), None)

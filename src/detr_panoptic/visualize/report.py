@@ -235,6 +235,9 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
         sections.append(("Training run", "".join(body) or '<p class="empty">metrics.jsonl is empty</p>', "run"))
         plots = [html_figure(figure_data_uri(curves.plot_losses(train, val)), "losses"),
                  html_figure(figure_data_uri(curves.plot_pq(val)), "panoptic quality")]
+        if curves.has_diagnostics(val):
+            plots.append(html_figure(figure_data_uri(curves.plot_diagnostics(val)),
+                                     "image-dependence of the encoder memory, decoder output and box centres"))
         sections.append(("Curves", "".join(plots), "curves"))
 
     evaluation = _eval_metrics(folder)
@@ -256,7 +259,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
 
     pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
     if (folder / "metrics.jsonl").is_file():
-        drawn.update({"losses", "pq"})
+        drawn.update({"losses", "pq", "diagnostics"})
     pngs = [p for p in pngs if p.stem not in drawn or p.parent.name == "overlays"]
     overlays = [p for p in pngs if p.parent.name == "overlays"]
     attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
