@@ -93,6 +93,14 @@ class PanopticDETR(nn.Module):
         self.mask_head.channels_last = mask_head
         return self
 
+    def set_channels_last(self, backbone: bool = True, mask_head: bool = True) -> PanopticDETR:
+        """Memory format of the convolutional parts, the ResNet and the mask head: channels-last (the
+        default; faster oneDNN convolutions on CPU, see bench/bench_channels_last.py) or NCHW. Outputs are
+        equal to float rounding either way. Returns the model."""
+        self.detr.backbone[0].channels_last = backbone
+        self.mask_head.channels_last = mask_head
+        return self
+
     # -- the shared trunk -------------------------------------------------------------------------
     @staticmethod
     def _batch(images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None

@@ -104,6 +104,11 @@ class MaskHeadSmallConv(nn.Module):
             raise ValueError(f"the mask head needs hidden_dim divisible by 16, got {context_dim}")
         dim = context_dim + num_heads
         self.context_dim = context_dim
+        # Memory format of the head's maps: channels-last (default) or NCHW. Either way one format all
+        # through (the inputs are converted once per image): channels-last measured fastest on CPU, 1.1-1.5x
+        # over NCHW and 1.6-1.8x over the backbone's channels-last features mixed with NCHW attention maps
+        # (bench/bench_channels_last.py).
+        self.channels_last = True
         widths = [dim, dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
         for i in range(1, 6):
             self.add_module(f"lay{i}", nn.Conv2d(widths[i - 1], widths[i], 3, padding=1))
@@ -127,6 +132,9 @@ class MaskHeadSmallConv(nn.Module):
         lay1(concat(projected, attention)) == conv(projected, W_context) + b + conv(attention, W_attention):
         the context part is the same for every query, so it runs once per image.
         """
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        projected = projected.contiguous(memory_format=memory_format)
+        fpns = [fpn.contiguous(memory_format=memory_format) for fpn in fpns]
         w_context = self.lay1.weight[:, : self.context_dim]
         context = F.conv2d(projected, w_context, self.lay1.bias, padding=1)
         laterals = [getattr(self, f"adapter{i}")(fpn) for i, fpn in enumerate(fpns, start=1)]
@@ -138,6 +146,8 @@ class MaskHeadSmallConv(nn.Module):
         -> mask logits [N, H/4, W/4]."""
         w_attention = self.lay1.weight[:, self.context_dim:]
         x = context.index_select(0, image_index) + F.conv2d(attention, w_attention, padding=1)
+        if self.channels_last:  # index_select returns NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
         x = F.relu(self.gn1(x))
         x = self._block(2, x)
         for i, lateral in enumerate(laterals, start=1):
