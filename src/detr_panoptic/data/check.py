@@ -7,6 +7,7 @@ duplicate segment ids, and a category id that is not in ``categories``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from detr_panoptic.data.cityscapes import available_cores, find_gtfine, panoptic_output_name
 from detr_panoptic.data.coco_panoptic import CityscapesImagePath, load_coco_json
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.parallel import map_in_processes
 from detr_panoptic.utils.png import read_id_png
 
 
@@ -107,17 +108,13 @@ def check_dataset(
         jobs.append((str(png), json_ids, record_size, json_path.name))
 
     workers = available_cores() if workers is None else max(1, int(workers))
-    bar = tqdm(total=len(jobs), desc="check", unit="img", disable=not progress)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            problems += _check_png(job)
+    # The pool starts before the progress bar's monitor thread, so that it may fork (utils.parallel).
+    found = (map_in_processes(_check_png, jobs, workers) if workers > 1 and len(jobs) > 1
+             else (_check_png(job) for job in jobs))
+    with contextlib.closing(found), tqdm(total=len(jobs), desc="check", unit="img", disable=not progress) as bar:
+        for problems_of_png in found:
+            problems += problems_of_png
             bar.update(1)
-    else:
-        with process_context().Pool(workers) as pool:
-            for found in pool.imap(_check_png, jobs, chunksize=4):
-                problems += found
-                bar.update(1)
-    bar.close()
     return problems
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
-from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.parallel import available_cores, map_in_processes
 from detr_panoptic.utils.png import decode_grey16_png, encode_id_png
 
 log = logging.getLogger(__name__)
@@ -330,26 +329,13 @@ def _remove_stale_temporaries(folder: Path) -> None:
 
 
 def _map_jobs(jobs: list[tuple[str, str, str, bool]], workers: int) -> Iterator[dict[str, Any]]:
+    """The jobs' records in order. A pool (``utils.parallel.map_in_processes``) starts here, at the
+    call: before the caller's progress bar starts its monitor thread, so that the pool may fork. On an
+    error or an interrupt the queued images are dropped: their records are simply missing and a rerun
+    converts them."""
     if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _convert_and_record(job)
-        return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context())
-    try:
-        futures = [pool.submit(_convert_and_record, job) for job in jobs]
-        for future in futures:
-            yield future.result()
-    finally:
-        # On an error or an interrupt, drop the queued images: their records are simply missing and a
-        # rerun converts them.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the CPU affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        return (_convert_and_record(job) for job in jobs)
+    return map_in_processes(_convert_and_record, jobs, workers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,9 +416,10 @@ def _convert_split(split: str, files: list[str], output_dir: Path, categories: l
 
     from tqdm import tqdm
 
-    with tqdm(total=len(files), initial=len(records), desc=f"convert {split}", unit="img",
-              disable=not progress, dynamic_ncols=True) as bar:
-        for job, record in zip(todo, _map_jobs(todo, min(workers, max(len(todo), 1)))):
+    results = _map_jobs(todo, min(workers, max(len(todo), 1)))
+    with contextlib.closing(results), tqdm(total=len(files), initial=len(records), desc=f"convert {split}",
+                                           unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for job, record in zip(todo, results):
             records[job[0]] = record
             bar.update(1)
 

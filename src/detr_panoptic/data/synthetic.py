@@ -24,6 +24,7 @@ parts in order (one object per part, as Cityscapes lists one per polygon); the P
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from PIL import Image, ImageDraw
 from detr_panoptic.data.cityscapes import FILE_MODE
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path
-from detr_panoptic.utils.parallel import process_context
+from detr_panoptic.utils.parallel import map_in_processes
 
 TRAIN_CITIES: tuple[str, ...] = ("aachen", "bochum", "bremen")
 VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau", "munster")
@@ -548,14 +549,10 @@ def make_synthetic_cityscapes(
         raise UserInputError("nothing to generate: train, val and test are all 0")
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="synthesise", unit="img", disable=not progress, dynamic_ncols=True)
-    if workers <= 1:
-        for job in jobs:
-            _write_one(job)
+    # The pool starts before the progress bar's monitor thread, so that it may fork (utils.parallel).
+    written = map_in_processes(_write_one, jobs, workers) if workers > 1 else (_write_one(job) for job in jobs)
+    with contextlib.closing(written), tqdm(total=len(jobs), desc="synthesise", unit="img", disable=not progress,
+                                           dynamic_ncols=True) as bar:
+        for _ in written:
             bar.update(1)
-    else:
-        with process_context().Pool(workers) as pool:
-            for _ in pool.imap_unordered(_write_one, jobs):
-                bar.update(1)
-    bar.close()
     return root

@@ -59,7 +59,8 @@ def start_method() -> str:
 
     The jobs of this package's pools use numpy, Pillow, zlib-ng, libvips and our C code, never torch:
     forking is safe for them unless another Python thread may hold a lock the child needs (logging,
-    stdout, a queue; TensorBoard's writer and tqdm's monitor are such threads). The C libraries'
+    stdout, a queue; TensorBoard's writer is such a thread; tqdm's monitor is not, see
+    ``_HARMLESS_THREADS``). The C libraries'
     own threads are no hazard to these jobs: OpenBLAS and glibc's malloc re-arm their locks at fork,
     ``utils.png`` stops using libvips in a child forked after libvips started its threads, and
     torch's thread pool is never entered by a job.
@@ -67,9 +68,19 @@ def start_method() -> str:
     import multiprocessing
 
     methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
+    if sys.platform.startswith("linux") and "fork" in methods and not _other_python_threads():
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+# Threads that hold no lock a pool job needs: tqdm's monitor sleeps on an event and, awake, touches
+# only tqdm's own bars (jobs never use tqdm); it outlives the bars that started it.
+_HARMLESS_THREADS = ("tqdm_monitor",)
+
+
+def _other_python_threads() -> list[threading.Thread]:
+    current = threading.current_thread()
+    return [t for t in threading.enumerate() if t is not current and t.name not in _HARMLESS_THREADS]
 
 
 def process_context() -> BaseContext:
