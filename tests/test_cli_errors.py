@@ -329,9 +329,7 @@ def test_predict_refuses_unreadable_images(checkpoint, tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", [
-    pytest.param("resnet_state_dict", marks=pytest.mark.xfail(
-        strict=True, reason="checkpoints.py (the inference path, not ours to edit now): the 'not a DETR panoptic "
-        "state dict' error names the missing key but not the file")),
+    "resnet_state_dict",
     "truncated_pth",
 ])
 def test_predict_refuses_a_checkpoint_that_is_not_one(checkpoint, tmp_path, capsys, kind):

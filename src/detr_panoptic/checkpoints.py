@@ -371,7 +371,10 @@ def load_checkpoint(source: str | os.PathLike, **model_overrides: Any) -> Pretra
     loaded = _read_source(source)
     state = _normalise_keys(loaded.state)
     config = {k: v for k, v in PanopticDETR_DEFAULTS.items()}
-    config.update(infer_model_config(state))
+    try:
+        config.update(infer_model_config(state))
+    except UserInputError as exc:
+        raise UserInputError(f"{loaded.description}: {exc}") from None
     saved_config = {k: v for k, v in loaded.metadata.get("model_config", {}).items() if k in MODEL_KWARGS}
     config.update({k: v for k, v in loaded.config.items() if k in MODEL_KWARGS})
     config.update(saved_config)
