@@ -1,5 +1,5 @@
-"""PQ evaluation speed: detr_panoptic.pq_compute vs cityscapesscripts' evaluatePanoptic (panopticapi's
-algorithm) on generated 2048x1024 Cityscapes-like scenes, both with 2 worker processes.
+"""PQ evaluation speed: detr_panoptic.pq_compute vs hotcoco (Rust) vs cityscapesscripts' evaluatePanoptic
+(panopticapi's algorithm) on generated 2048x1024 Cityscapes-like scenes, each with 2 workers.
 
 Ground truth: stuff regions with ragged boundaries (sky, building, vegetation, sidewalk, road), 30-50
 thing instances (cars, persons, ...) with ids ``class * 1000 + k``, crowd regions, void on the ego
@@ -7,23 +7,31 @@ vehicle and along some boundaries. Predictions: the ground truth seen through a 
 (blocky, shifted boundaries), some instances missed, merged or mislabelled, a few false positives,
 ids 1..N. Both PNG sets are written with Pillow, as cityscapesscripts' converter does.
 
-Besides the two evaluators, each repetition times the PNG decoding alone with each decoder (a Pool of
-as many processes that only reads and decodes): Pillow, which cityscapesscripts uses, and ours
-(zlib-ng + our compiled unfilter when built, else libvips). Repetitions alternate which evaluator runs first; the 1-minute load average is recorded
-with each, as the machine may be shared.
+Every evaluator runs in a fresh Python process per repetition (``python -c``): "cold" is the wall time
+from starting that process to the end of its first evaluation (interpreter start, imports, first call:
+what a user's script pays), "warm" the median of further calls in the same process. The processes
+import from a bytecode cache (``PYTHONPYCACHEPREFIX``, filled by one untimed run of each evaluator), as
+an installed package does, also where ``PYTHONDONTWRITEBYTECODE`` is set. Workers: ours
+``pq_compute(workers=2)`` (threads), hotcoco with ``RAYON_NUM_THREADS=2``, cityscapesscripts a Pool of
+``multiprocessing.cpu_count()`` processes as shipped (2 on the machine this is meant for). hotcoco
+takes integer image ids only, so it reads copies of the two JSONs with the ids renumbered 1..N (same
+PNGs). All three must give the same PQ, SQ, RQ per class and averages to 1e-9. Repetitions rotate
+the evaluators' order; the 1-minute load average is recorded, as the machine may be shared.
 
-Usage: python bench/bench_pq.py [--images 16] [--reps 15] [--workers 2] [--keep DIR]
+``--profile`` also times ours stage by stage in one thread (file reading, PNG decoding, counting).
+
+Usage: python bench/bench_pq.py [--images 16] [--reps 7] [--warm-calls 5] [--workers 2] [--keep DIR] [--profile]
 Prints the figures and writes bench/results/bench_pq.json.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from detr_panoptic.evaluation import id_map_to_rgb, pq_compute
-from detr_panoptic.utils.parallel import process_context
-from detr_panoptic.utils.png import decode_rgb_png, png_decoder
+from detr_panoptic.evaluation import id_map_to_rgb
+from detr_panoptic.utils.png import png_decoder
 
 HEIGHT, WIDTH = 1024, 2048
 # Cityscapes label ids: stuff 7 road, 8 sidewalk, 11 building, 21 vegetation, 23 sky;
@@ -151,126 +158,222 @@ def make_dataset(root: Path, num_images: int, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def run_reference(paths: dict[str, Path], results_file: Path) -> dict:
-    """cityscapesscripts' evaluatePanoptic: a Pool of multiprocessing.cpu_count() processes."""
-    from cityscapesscripts.evaluation.evalPanopticSemanticLabeling import evaluatePanoptic
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return evaluatePanoptic(str(paths["gt_json"]), str(paths["gt_folder"]), str(paths["pred_json"]),
-                                str(paths["pred_folder"]), str(results_file))
-
-
-def _decode_pair_pillow(files: tuple[str, str]) -> int:
-    total = 0
-    for path in files:
-        with Image.open(path) as image:
-            image.load()
-            total += image.width
-    return total
+def integer_id_copies(paths: dict[str, Path]) -> dict[str, Path]:
+    """The two JSONs with image ids renumbered 1..N (hotcoco rejects string ids); same PNG folders."""
+    copies = dict(paths)
+    numbers: dict[str, int] = {}
+    for key in ("gt_json", "pred_json"):
+        document = json.loads(paths[key].read_text())
+        for annotation in document["annotations"]:
+            annotation["image_id"] = numbers.setdefault(annotation["image_id"], len(numbers) + 1)
+        for image in document.get("images", []):
+            image["id"] = numbers.setdefault(image["id"], len(numbers) + 1)
+        copies[key] = paths[key].with_name(paths[key].stem + "_int_ids.json")
+        copies[key].write_text(json.dumps(document))
+    return copies
 
 
-def _decode_pair_ours(files: tuple[str, str]) -> int:
-    total = 0
-    for path in files:
-        with open(path, "rb") as file:
-            total += decode_rgb_png(file.read(), path).shape[1]
-    return total
+# What each fresh process runs: {setup} imports the evaluator, {call} evaluates once (an expression).
+CHILD = """
+import json, os, sys, time
+start = time.perf_counter()
+{setup}
+imported = time.perf_counter()
+calls, ends = [], []
+for _ in range({calls}):
+    begin = time.perf_counter()
+    result = {call}
+    calls.append(time.perf_counter() - begin)
+    ends.append(time.time())
+    if len(calls) == 1:
+        cpu = sum(os.times()[:2])  # this process's user + system CPU since it started, all threads
+json.dump({{"import_s": imported - start, "calls_s": calls, "first_end": ends[0], "cold_cpu_s": cpu,
+           "result": result}},
+          open({out!r}, "w"))
+"""
+
+EVALUATORS = {
+    "ours": ("from detr_panoptic import pq_compute",
+             "pq_compute({gt_json!r}, {pred_json!r}, {gt_folder!r}, {pred_folder!r}, workers={workers})"),
+    "hotcoco": ("from hotcoco.panoptic import pq_compute",
+                "pq_compute({gt_json_int!r}, {pred_json_int!r}, {gt_folder!r}, {pred_folder!r})"),
+    "cityscapesscripts": ("from cityscapesscripts.evaluation.evalPanopticSemanticLabeling import evaluatePanoptic",
+                          ("evaluatePanoptic({gt_json!r}, {gt_folder!r}, {pred_json!r}, {pred_folder!r}, "
+                           "{results!r})")),
+}
 
 
-def decode_only(paths: dict[str, Path], workers: int, decoder: str) -> None:
-    """The PNG decoding alone with Pillow (what cityscapesscripts does) or our decoder, in a Pool of
-    the same number of processes. The Pool starts from our fork server: a process forked from this
-    one after libvips has decoded would fall back to Pillow for the PNGs that need libvips
-    (detr_panoptic.utils.png)."""
-    annotations = json.loads(paths["gt_json"].read_text())["annotations"]
-    pairs = [(str(paths["gt_folder"] / a["file_name"]), str(paths["pred_folder"] / a["file_name"]))
-             for a in annotations]
-    decode = _decode_pair_pillow if decoder == "pillow" else _decode_pair_ours
-    with process_context().Pool(workers) as pool:
-        pool.map(decode, pairs, chunksize=max(1, len(pairs) // (4 * workers)))
+def run_fresh(name: str, paths: dict[str, Path], int_paths: dict[str, Path], workers: int, calls: int,
+              tmp: Path) -> dict:
+    """One fresh process of evaluator ``name``: import, then ``calls`` evaluations. Returns the child's
+    figures plus ``cold_s`` (process start to the end of the first evaluation) and ``process_s``."""
+    setup, call = EVALUATORS[name]
+    out = tmp / f"{name}.json"
+    call = call.format(gt_json=str(paths["gt_json"]), pred_json=str(paths["pred_json"]),
+                       gt_folder=str(paths["gt_folder"]), pred_folder=str(paths["pred_folder"]),
+                       gt_json_int=str(int_paths["gt_json"]), pred_json_int=str(int_paths["pred_json"]),
+                       workers=workers, results=str(tmp / "cityscapesscripts_results.json"))
+    code = CHILD.format(setup=setup, call=call, calls=calls, out=str(out))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(workers), PYTHONPYCACHEPREFIX=str(tmp / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # imports read compiled bytecode, as from an installed package
+    launched = time.time()
+    begin = time.perf_counter()
+    completed = subprocess.run([sys.executable, "-c", code], check=False, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, timeout=600)
+    process_s = time.perf_counter() - begin
+    if completed.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {completed.returncode}):\n{completed.stderr}")
+    figures = json.loads(out.read_text())
+    figures["cold_s"] = figures["first_end"] - launched
+    figures["process_s"] = process_s
+    return figures
 
 
-def same(ours: dict, theirs: dict) -> float:
+def largest_difference(ours: dict, theirs: dict) -> float:
+    """Largest difference of PQ, SQ, RQ (averages and per class; fractions); counts must be equal."""
     worst = 0.0
     for name in ("All", "Things", "Stuff"):
-        assert ours[name]["n"] == theirs[name]["n"]
+        assert ours[name]["n"] == theirs[name]["n"], (name, ours[name]["n"], theirs[name]["n"])
         worst = max([worst] + [abs(ours[name][m] - theirs[name][m]) for m in ("pq", "sq", "rq")])
-    for cid, values in theirs["per_class"].items():
-        worst = max([worst] + [abs(ours["per_class"][cid][m] - values[m]) for m in ("pq", "sq", "rq")])
+    theirs_per_class = {str(k): v for k, v in theirs["per_class"].items()}
+    ours_per_class = {str(k): v for k, v in ours["per_class"].items()}
+    assert set(theirs_per_class) <= set(ours_per_class), (sorted(theirs_per_class), sorted(ours_per_class))
+    for cid, values in theirs_per_class.items():
+        worst = max([worst] + [abs(ours_per_class[cid][m] - values[m]) for m in ("pq", "sq", "rq")])
     return worst
+
+
+def profile_stages(paths: dict[str, Path], reps: int = 5) -> dict:
+    """Ours in one thread, stage by stage, median over reps (seconds for all images)."""
+    from detr_panoptic.evaluation import pq
+    from detr_panoptic.evaluation.panoptic_format import load_panoptic_json
+    from detr_panoptic.utils.png import decode_rgb_png
+
+    gt = load_panoptic_json(paths["gt_json"])
+    pred = load_panoptic_json(paths["pred_json"])
+    categories = pq._Categories(gt["categories"])
+    pairs = pq.match_annotations(gt, pred)
+    files = [(str(paths["gt_folder"] / g["file_name"]), str(paths["pred_folder"] / p["file_name"])) for g, p in pairs]
+    stages: dict[str, list[float]] = {"read_files": [], "decode": [], "count": [], "whole_one_thread": []}
+    for _ in range(reps):
+        begin = time.perf_counter()
+        data = [(Path(a).read_bytes(), Path(b).read_bytes()) for a, b in files]
+        stages["read_files"].append(time.perf_counter() - begin)
+        buffers = [None, None]
+        maps = []
+        decoding = 0.0
+        for pair in data:
+            begin = time.perf_counter()
+            for i in range(2):
+                buffers[i] = decode_rgb_png(pair[i], out=buffers[i])
+            decoding += time.perf_counter() - begin
+            maps.append((buffers[0].copy(), buffers[1].copy()))
+        stages["decode"].append(decoding)
+        begin = time.perf_counter()
+        for (gt_map, pred_map), (g, p) in zip(maps, pairs):
+            pq.image_pq_stats(gt_map, [dict(s) for s in g["segments_info"]], pred_map,
+                              [dict(s) for s in p["segments_info"]], categories, low_24_bits=True)
+        stages["count"].append(time.perf_counter() - begin)
+        begin = time.perf_counter()
+        pq._pairs_stats(pairs, str(paths["gt_folder"]), str(paths["pred_folder"]), categories)
+        stages["whole_one_thread"].append(time.perf_counter() - begin)
+    return {f"profile_{name}_s": round(statistics.median(values), 4) for name, values in stages.items()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=7, help="fresh processes per evaluator")
+    parser.add_argument("--warm-calls", type=int, default=5, help="evaluations after the first in each process")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", help="generate into (and reuse) this folder instead of a temporary one")
+    parser.add_argument("--only", nargs="+", choices=list(EVALUATORS), default=list(EVALUATORS))
+    parser.add_argument("--profile", action="store_true", help="also time our stages in one thread")
     args = parser.parse_args()
     import multiprocessing
 
+    import torch
+
     if multiprocessing.cpu_count() != args.workers:
         print(f"note: cityscapesscripts uses multiprocessing.cpu_count() = {multiprocessing.cpu_count()} "
-              f"processes; ours uses --workers {args.workers}")
+              f"processes; the others use --workers {args.workers}")
     decoder = png_decoder()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); mkldnn bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print(f"our PNG decoder: {decoder}")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
-        if args.keep and (root / "pred.json").is_file():
-            paths = {"gt_json": root / "gt.json", "gt_folder": root / "gt", "pred_json": root / "pred.json",
-                     "pred_folder": root / "pred"}
-        else:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = Path(args.keep) if args.keep else tmp / "data"
+        paths = {"gt_json": root / "gt.json", "gt_folder": root / "gt", "pred_json": root / "pred.json",
+                 "pred_folder": root / "pred"}
+        if not (args.keep and paths["pred_json"].is_file()):
             paths = make_dataset(root, args.images)
+        int_paths = integer_id_copies(paths)
         num_images = len(json.loads(paths["gt_json"].read_text())["annotations"])
-        times: dict[str, list[float]] = {"reference": [], "ours": [], "pillow": [], "decoder": []}
+        runs: dict[str, list[dict]] = {name: [] for name in args.only}
         loads = []
-        results = {}
-
-        def timed(name: str, run) -> None:
-            start = time.perf_counter()
-            value = run()
-            times[name].append(time.perf_counter() - start)
-            results[name] = value
-
+        for name in args.only:  # untimed: compiles every imported module into the bytecode cache
+            run_fresh(name, paths, int_paths, args.workers, 1, tmp)
         for rep in range(args.reps):
             loads.append(os.getloadavg()[0])
-            evaluators = [
-                ("reference", lambda: run_reference(paths, Path(tmp) / "reference.json")),
-                ("ours", lambda: pq_compute(paths["gt_json"], paths["pred_json"], paths["gt_folder"],
-                                            paths["pred_folder"], workers=args.workers)),
-            ]
-            for name, run in evaluators if rep % 2 == 0 else evaluators[::-1]:  # noise hits both alike
-                timed(name, run)
-            timed("pillow", lambda: decode_only(paths, args.workers, "pillow"))
-            timed("decoder", lambda: decode_only(paths, args.workers, "ours"))
-            print(f"rep {rep}: cityscapesscripts {times['reference'][-1]:.3f} s, ours {times['ours'][-1]:.3f} s, "
-                  f"decoding alone: Pillow {times['pillow'][-1]:.3f} s, ours {times['decoder'][-1]:.3f} s "
-                  f"(load average {loads[-1]:.2f})")
-        difference = same(results["ours"], results["reference"])
-        assert difference <= 1e-12, difference
-    median = {name: statistics.median(values) for name, values in times.items()}
-    ours_s, reference_s = median["ours"], median["reference"]
-    figures = {
-        "images": num_images,
-        "image_size": f"{WIDTH}x{HEIGHT}",
-        "processes": args.workers,
-        "reps": args.reps,
-        "ours_s": round(ours_s, 4),
-        "cityscapesscripts_s": round(reference_s, 4),
-        "ours_ms_per_image": round(1000 * ours_s / num_images, 2),
-        "cityscapesscripts_ms_per_image": round(1000 * reference_s / num_images, 2),
-        "speedup": round(reference_s / ours_s, 2),
+            order = args.only[rep % len(args.only):] + args.only[:rep % len(args.only)]
+            line = []
+            for name in order:
+                figures = run_fresh(name, paths, int_paths, args.workers, 1 + args.warm_calls, tmp)
+                runs[name].append(figures)
+                warm = statistics.median(figures["calls_s"][1:]) if args.warm_calls else float("nan")
+                line.append(f"{name} cold {figures['cold_s']:.3f} s (import {figures['import_s']:.3f}, "
+                            f"first call {figures['calls_s'][0]:.3f}), warm {warm:.3f} s")
+            print(f"rep {rep} (load {loads[-1]:.2f}): " + "; ".join(line))
+        results = {name: values[-1]["result"] for name, values in runs.items()}
+        differences = {name: largest_difference(results["ours"], result) for name, result in results.items()
+                       if name != "ours"} if "ours" in results else {}
+        for name, difference in differences.items():
+            assert difference <= 1e-9, (name, difference)
+        profile = profile_stages(paths) if args.profile else {}
+
+    def median(name: str, key: str) -> float:
+        if key == "warm_s":
+            return statistics.median(statistics.median(r["calls_s"][1:]) for r in runs[name])
+        if key == "first_call_s":
+            return statistics.median(r["calls_s"][0] for r in runs[name])
+        return statistics.median(r[key] for r in runs[name])
+
+    figures: dict = {"images": num_images, "image_size": f"{WIDTH}x{HEIGHT}", "workers": args.workers,
+                     "reps": args.reps, "warm_calls": args.warm_calls}
+    for name in args.only:
+        for key in ("cold_s", "import_s", "first_call_s", "warm_s", "cold_cpu_s"):
+            figures[f"{name}_{key}"] = round(median(name, key), 4)
+    if "ours" in runs and "hotcoco" in runs:
+        # Per rep, the two processes ran one after the other: the ratio within a rep sees similar load.
+        paired = [h["cold_s"] / o["cold_s"] for h, o in zip(runs["hotcoco"], runs["ours"])]
+        figures["hotcoco_over_ours_cold_paired_median"] = round(statistics.median(paired), 2)
+        figures["ours_faster_cold_reps"] = f"{sum(r > 1 for r in paired)} of {len(paired)}"
+        figures["hotcoco_over_ours_cold"] = round(figures["hotcoco_cold_s"] / figures["ours_cold_s"], 2)
+        figures["hotcoco_over_ours_warm"] = round(figures["hotcoco_warm_s"] / figures["ours_warm_s"], 2)
+    if "ours" in runs and "cityscapesscripts" in runs:
+        figures["cityscapesscripts_over_ours_cold"] = round(figures["cityscapesscripts_cold_s"] / figures["ours_cold_s"], 2)
+        figures["cityscapesscripts_over_ours_warm"] = round(figures["cityscapesscripts_warm_s"] / figures["ours_warm_s"], 2)
+    figures.update(profile)
+    figures.update({f"max_abs_difference_{name}": difference for name, difference in differences.items()})
+    figures.update({
         "ours_decoder": decoder,
-        "decode_floor_pillow_s": round(median["pillow"], 4),
-        "decode_floor_ours_s": round(median["decoder"], 4),
-        "ours_beyond_decode_floor_s": round(ours_s - median["decoder"], 4),
-        "cityscapesscripts_beyond_decode_floor_s": round(reference_s - median["pillow"], 4),
+        "cpu": f"{cpu_model()} ({os.cpu_count()} cores)",
         "load_average_1min_median": round(statistics.median(loads), 2),
         "load_average_1min_min": round(min(loads), 2),
         "load_average_1min_max": round(max(loads), 2),
-        "max_abs_difference": difference,
-        "pq": round(100 * results["ours"]["All"]["pq"], 3),
-    }
+    })
+    if "ours" in results:
+        figures["pq"] = round(100 * results["ours"]["All"]["pq"], 3)
     for key, value in figures.items():
         print(f"{key}: {value}")
     result = {
@@ -278,14 +381,17 @@ def main() -> int:
         "figures": figures,
         "command": "python bench/bench_pq.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "notes": "median wall time over reps of pq_compute(workers=2) vs cityscapesscripts evaluatePanoptic "
-                 "as shipped (Pool of cpu_count()=2), same files, results equal to 1e-12. cityscapesscripts "
-                 "decodes the PNGs with Pillow, ours with ours_decoder; decode_floor_*_s is the time a Pool of "
-                 "the same size takes to only read and decode all the PNGs with that decoder, and *_beyond_"
-                 "decode_floor_s what each evaluator spends on top of its own floor (it can be negative for ours: "
-                 "pq_compute works in this process beside workers-1 pool processes, which costs less than "
-                 "starting a Pool of workers processes). The machine has 2 cores "
-                 "and may be shared: load_average_1min_* is os.getloadavg()[0] at the start of each rep.",
+        "notes": "each evaluator in a fresh process per rep (python -c): cold_s = process start to the end of "
+                 "its first evaluation (interpreter, imports, first call), import_s and first_call_s its parts, "
+                 "cold_cpu_s the CPU time (user + system, all threads) the process had used by then; imports from a "
+                 "bytecode cache (PYTHONPYCACHEPREFIX, filled by one untimed run each), as an installed package; "
+                 "warm_s the median of further calls in that process; medians over reps; *_paired_median: the median "
+                 "over reps of the ratio within a rep (the processes ran one after the other). ours = pq_compute"
+                 "(workers=2, threads), hotcoco pq_compute with RAYON_NUM_THREADS=2 (on copies of the JSONs "
+                 "with integer image ids), cityscapesscripts evaluatePanoptic as shipped (Pool of cpu_count() "
+                 "processes); results equal to max_abs_difference_* (<= 1e-9 asserted). profile_* (with "
+                 "--profile): ours stage by stage in one thread. The machine has 2 cores and may be shared: "
+                 "load_average_1min_* is os.getloadavg()[0] at the start of each rep.",
     }
     out = Path(__file__).resolve().parent / "results" / "bench_pq.json"
     out.parent.mkdir(parents=True, exist_ok=True)
