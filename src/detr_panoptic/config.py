@@ -123,6 +123,10 @@ class TrainConfig:
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
     matched_masks_only: bool = True
+    # Group-DETR training (faster convergence): K groups of model.num_queries queries during training only,
+    # each matched one-to-one on its own, self-attention within each group, losses averaged over groups.
+    # The first group is the model's own queries; inference and checkpoints are unchanged. 1: off.
+    query_groups: int = 1
     # Continue from <output_dir>/checkpoints/last.pth when it exists (model, optimizer, scheduler, step,
     # epoch, RNG states, data position); false starts over in the same folder.
     resume: bool = True
@@ -305,6 +309,9 @@ def _section_from_dict(cls: type, values: Any, prefix: str, source: str) -> Any:
             f"{source}: unknown key {prefix}.{unknown[0]} (known keys in {prefix}: {', '.join(sorted(known))})"
         )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}", source) for k, v in values.items()}
+    if cls is TrainConfig and kwargs.get("query_groups", 1) < 1:
+        raise UserInputError(f"{source}: {prefix}.query_groups must be >= 1 (1: no extra query groups), "
+                             f"got {kwargs['query_groups']}")
     return cls(**kwargs)
 
 

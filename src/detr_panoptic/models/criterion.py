@@ -142,8 +142,10 @@ class SetCriterion(nn.Module):
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     # -- the individual losses --------------------------------------------------------------------
-    def class_loss(self, class_logits: torch.Tensor, targets: Targets, indices: MatchIndices) -> torch.Tensor:
-        """Weighted cross-entropy over all queries; ``class_logits`` [B, Q, C+1]."""
+    def class_loss(self, class_logits: torch.Tensor, targets: Targets, indices: MatchIndices,
+                   query_groups: int = 1) -> torch.Tensor:
+        """Weighted cross-entropy over all queries; ``class_logits`` [B, Q, C+1]. With ``query_groups`` K
+        > 1: the mean over the K groups (consecutive Q / K queries) of each group's weighted mean."""
         if class_logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"criterion built for {self.num_classes} classes (+1 no-object) but the model "
                              f"predicts {class_logits.shape[-1]} logits per query")
@@ -152,8 +154,13 @@ class SetCriterion(nn.Module):
         for b, (query_idx, target_idx) in enumerate(indices):
             target_classes[b, query_idx.to(class_logits.device)] = \
                 targets[b]["labels"].to(class_logits.device)[target_idx.to(class_logits.device)]
-        return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes,
-                               weight=self.class_weight.to(class_logits.device))
+        weight = self.class_weight.to(class_logits.device)
+        if query_groups > 1:
+            logits = class_logits.float().transpose(1, 2)
+            return torch.stack([F.cross_entropy(lg, tc, weight=weight) for lg, tc in
+                                zip(logits.chunk(query_groups, dim=2), target_classes.chunk(query_groups, dim=1))]
+                               ).mean()
+        return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, weight=weight)
 
     def box_losses(self, boxes: torch.Tensor, targets: Targets, indices: MatchIndices,
                    num_boxes: float) -> dict[str, torch.Tensor]:
@@ -207,14 +214,18 @@ class SetCriterion(nn.Module):
         if indices is None:
             indices = self.matcher(outputs, targets)
         num_boxes = average_num_boxes(targets, outputs.pred_logits.device)
-        losses: dict[str, torch.Tensor] = {"loss_ce": self.class_loss(outputs.pred_logits, targets, indices)}
-        losses.update(self.box_losses(outputs.pred_boxes, targets, indices, num_boxes))
+        # Query groups (Group-DETR training): every target is matched once per group, so the matched
+        # sums are divided by groups x num_boxes -- the mean over groups of each group's loss.
+        groups = outputs.query_groups
+        per_group = num_boxes * groups
+        losses: dict[str, torch.Tensor] = {"loss_ce": self.class_loss(outputs.pred_logits, targets, indices, groups)}
+        losses.update(self.box_losses(outputs.pred_boxes, targets, indices, per_group))
         if self.masks:
-            losses.update(self.mask_losses(outputs, targets, indices, num_boxes))
+            losses.update(self.mask_losses(outputs, targets, indices, per_group))
         for i, aux in enumerate(outputs.aux_outputs):
             aux_indices = self.matcher(aux, targets)
-            aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices)}
-            aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_indices, num_boxes))
+            aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices, aux.query_groups)}
+            aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_indices, num_boxes * aux.query_groups))
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses
 

@@ -22,6 +22,7 @@ from detr_panoptic.models.transformer import Transformer
 from detr_panoptic.utils.batching import pad_images
 
 MaskQueries = Callable[[DETROutput], Sequence[torch.Tensor]]
+QUERY_GROUPS_SEED = 20_230_715  # the extra query groups' initialisation (enable_query_groups)
 
 
 class MLP(nn.Module):
@@ -84,6 +85,44 @@ class PanopticDETR(nn.Module):
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         channels = resnet.num_channels
         self.mask_head = MaskHeadSmallConv(hidden_dim, nheads, [channels[2], channels[1], channels[0]])
+        self.query_groups = 1
+        self.group_query_embed: nn.Parameter | None = None
+        self.register_state_dict_post_hook(_drop_group_queries)
+        self.register_load_state_dict_post_hook(_group_queries_not_missing)
+
+    def enable_query_groups(self, groups: int) -> PanopticDETR:
+        """Group-DETR training (``train.query_groups``): ``groups - 1`` extra groups of ``num_queries``
+        queries, used in ``train()`` mode only, each group matched one-to-one on its own with the
+        decoder's self-attention restricted to the group. The first group is the official
+        ``detr.query_embed``; the extra queries (``group_query_embed``, initialised like it) are training
+        state only: ``state_dict()`` leaves them out, so checkpoints keep the official keys, and
+        ``eval()`` mode (inference, validation) runs the official queries alone, as without groups.
+        1 removes the extra groups. Returns the model."""
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"query groups must be an integer >= 1, got {groups!r}")
+        if groups == self.query_groups:
+            return self
+        self.query_groups = groups
+        if groups == 1:
+            self.group_query_embed = None
+            return self
+        official = self.detr.query_embed.weight
+        # nn.Embedding's initialisation, from a fixed generator: every process of a distributed run starts
+        # with the same extra queries (state_dict() leaves them out, so DDP does not broadcast them), and
+        # the global random stream is left as it was.
+        generator = torch.Generator().manual_seed(QUERY_GROUPS_SEED)
+        extra = torch.randn((groups - 1) * official.shape[0], official.shape[1], generator=generator)
+        # Frozen with the official queries (freeze.transformer): call this after the freeze policies.
+        self.group_query_embed = nn.Parameter(extra.to(device=official.device, dtype=official.dtype),
+                                              requires_grad=official.requires_grad)
+        return self
+
+    def _query_embeddings(self, groups: int) -> torch.Tensor:
+        official = self.detr.query_embed.weight
+        if groups == 1:
+            return official
+        assert self.group_query_embed is not None and groups == self.query_groups
+        return torch.cat([official, self.group_query_embed])
 
     def set_channels_last(self, backbone: bool = True, mask_head: bool = False) -> PanopticDETR:
         """Memory format of the convolutional parts: the ResNet (channels-last by default, faster oneDNN
@@ -118,12 +157,13 @@ class PanopticDETR(nn.Module):
             raise ValueError("mask is only accepted with a padded batch tensor [B, 3, H, W]")
         return pad_images(list(images))
 
-    def _trunk(self, batch: torch.Tensor, mask: torch.Tensor, need_weights: bool = False) -> dict:
+    def _trunk(self, batch: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
+               query_groups: int = 1) -> dict:
         levels, position = self.detr.backbone(batch, mask)
         feature, level_mask = levels[-1]
         projected = self.detr.input_proj(feature)
-        hs, memory, attentions = self.detr.transformer(projected, level_mask, self.detr.query_embed.weight,
-                                                       position, need_weights)
+        hs, memory, attentions = self.detr.transformer(projected, level_mask, self._query_embeddings(query_groups),
+                                                       position, need_weights, query_groups)
         logits = self.detr.class_embed(hs)
         boxes = self.detr.bbox_embed(hs).sigmoid()
         return {"levels": levels, "mask": level_mask, "projected": projected, "memory": memory, "hs": hs,
@@ -182,15 +222,17 @@ class PanopticDETR(nn.Module):
         return_attention: fill ``attentions`` with ``decoder_cross`` (per layer [B, heads, Q, h*w]),
         ``encoder_self`` (last encoder layer, [B, heads, h*w, h*w]) and ``feature_size`` (h, w).
         Returns ``DETROutput`` with pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (normalised cxcywh)
-        and pred_masks [B, Q, H/4, W/4] by default.
+        and pred_masks [B, Q, H/4, W/4] by default; in ``train()`` mode with query groups
+        (``enable_query_groups``) Q is ``groups * num_queries`` and ``output.query_groups`` says so.
         """
         batch, pad_mask = self._batch(images, mask)
-        trunk = self._trunk(batch, pad_mask, return_attention)
+        groups = self.query_groups if self.training else 1
+        trunk = self._trunk(batch, pad_mask, return_attention, groups)
         logits, boxes = trunk["logits"], trunk["boxes"]
-        aux = [DETROutput(pred_logits=lg, pred_boxes=bx) for lg, bx in zip(logits[:-1], boxes[:-1])] \
+        aux = [DETROutput(pred_logits=lg, pred_boxes=bx, query_groups=groups) for lg, bx in zip(logits[:-1], boxes[:-1])] \
             if self.aux_loss else []
         output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux,
-                            input_size=tuple(batch.shape[-2:]))
+                            input_size=tuple(batch.shape[-2:]), query_groups=groups)
         b, q = logits.shape[1], logits.shape[2]
         if mask_queries is None:
             all_queries = [torch.arange(q, device=batch.device)] * b
@@ -243,6 +285,16 @@ class PanopticDETR(nn.Module):
         return panoptic_postprocess(output, processed_sizes, target_sizes, is_thing=is_thing, threshold=threshold,
                                     class_to_category=class_to_category, merge_stuff=merge_stuff,
                                     min_area=min_area)
+
+
+def _drop_group_queries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: the extra query groups are training state, not model weights."""
+    state_dict.pop(prefix + "group_query_embed", None)
+
+
+def _group_queries_not_missing(module: nn.Module, incompatible: nn.modules.module._IncompatibleKeys) -> None:
+    """Loading the (official) weights into a model with query groups keeps the groups as they are."""
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.endswith("group_query_embed")]
 
 
 def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -59,6 +59,11 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: DETROutput, targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
+        """With ``outputs.query_groups`` K > 1 (Group-DETR training) each of the K groups of queries is
+        matched one-to-one on its own: every target gets one query per group; query indices count over
+        all groups."""
+        if outputs.query_groups > 1:
+            return self._match_groups(outputs, targets)
         batch_size = outputs.pred_logits.shape[0]
         if len(targets) != batch_size:
             raise ValueError(f"HungarianMatcher: {batch_size} images of predictions but {len(targets)} targets")
@@ -80,6 +85,20 @@ class HungarianMatcher(nn.Module):
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
+
+
+    def _match_groups(self, outputs: DETROutput, targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
+        groups, total = outputs.query_groups, outputs.pred_logits.shape[1]
+        if total % groups:
+            raise ValueError(f"{total} queries cannot form {groups} equal query groups")
+        per_group = total // groups
+        matched: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        for g in range(groups):
+            part = slice(g * per_group, (g + 1) * per_group)
+            group_output = DETROutput(pred_logits=outputs.pred_logits[:, part], pred_boxes=outputs.pred_boxes[:, part])
+            matched.append([(rows + g * per_group, cols) for rows, cols in self(group_output, targets)])
+        return [(torch.cat([m[b][0] for m in matched]), torch.cat([m[b][1] for m in matched]))
+                for b in range(len(targets))]
 
 
 class QuerySelector:

@@ -23,6 +23,8 @@ class DETROutput:
     attentions:  optional attention weights, filled only when asked for (visualisation).
     input_size:  (H, W) of the padded batch the model saw (set by ``PanopticDETR``); lets the
                  post-processor crop each image's valid part of the masks. None: masks are unpadded.
+    query_groups: K > 1 only in training with query groups (``PanopticDETR.enable_query_groups``): the
+                 Q queries are K groups of Q / K, one after the other, each matched on its own.
     """
 
     pred_logits: torch.Tensor
@@ -32,6 +34,7 @@ class DETROutput:
     aux_outputs: list[DETROutput] = field(default_factory=list)
     attentions: dict[str, Any] | None = None
     input_size: tuple[int, int] | None = None
+    query_groups: int = 1
 
 
 @dataclass

@@ -36,9 +36,10 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """query [B, Lq, D], key/value [B, Lk, D], key_padding_mask [B, Lk] (True = ignore)."""
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query [B, Lq, D], key/value [B, Lk, D], key_padding_mask [B, Lk] (True = ignore), attn_mask
+        Bool [Lq, Lk] (True = may attend; the training-only query groups of ``Transformer``)."""
         b, lq, d = query.shape
         lk = key.shape[1]
         h = self.num_heads
@@ -53,11 +54,15 @@ class MultiheadAttention(nn.Module):
             logits = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
             if key_padding_mask is not None:
                 logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
             weights = logits.softmax(-1)
             out = F.dropout(weights, dropout, self.training) @ v
         else:
-            attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            if attn_mask is not None:
+                allowed = attn_mask if allowed is None else allowed & attn_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
         return out, weights
 
@@ -99,9 +104,10 @@ class TransformerDecoderLayer(nn.Module):
 
     def forward(self, target: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor | None,
                 position: torch.Tensor | None, query_position: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                need_weights: bool = False, self_attn_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         qk = target + query_position
-        attended, _ = self.self_attn(qk, qk, target)
+        attended, _ = self.self_attn(qk, qk, target, attn_mask=self_attn_mask)
         target = self.norm1(target + self.dropout(attended))
         attended, weights = self.multihead_attn(target + query_position, _with_position(memory, position), memory,
                                                 padding_mask, need_weights)
@@ -132,12 +138,13 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, target: torch.Tensor, memory: torch.Tensor, padding_mask: torch.Tensor | None,
                 position: torch.Tensor | None, query_position: torch.Tensor,
-                need_weights: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                need_weights: bool = False, self_attn_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns every layer's output through the shared final norm, [L, B, Q, D], and the
         cross-attention weights per layer (empty unless ``need_weights``)."""
         outputs, weights = [], []
         for layer in self.layers:
-            target, w = layer(target, memory, padding_mask, position, query_position, need_weights)
+            target, w = layer(target, memory, padding_mask, position, query_position, need_weights, self_attn_mask)
             outputs.append(self.norm(target))
             if w is not None:
                 weights.append(w)
@@ -161,9 +168,13 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: torch.Tensor, padding_mask: torch.Tensor, query_embed: torch.Tensor,
-                position: torch.Tensor, need_weights: bool = False
+                position: torch.Tensor, need_weights: bool = False, query_groups: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
         """src [B, D, h, w], padding_mask [B, h, w], query_embed [Q, D], position [B, D, h, w].
+
+        ``query_groups`` K > 1 (training only, Group-DETR): ``query_embed`` holds K groups of Q / K queries
+        one after the other, and the decoder's self-attention stays within each group (the groups then
+        never see each other; cross-attention and every weight are shared).
 
         Returns (decoder outputs [L, B, Q, D], memory [B, D, h, w], attentions dict: with
         ``need_weights``, ``decoder_cross`` list of [B, heads, Q, h*w] and ``encoder_self`` [B, heads, hw, hw]).
@@ -175,8 +186,20 @@ class Transformer(nn.Module):
         query_position = query_embed.unsqueeze(0).expand(b, -1, -1)
         memory, encoder_weights = self.encoder(src_seq, mask_seq, pos_seq, need_weights)
         target = torch.zeros_like(query_position)
-        outputs, decoder_weights = self.decoder(target, memory, mask_seq, pos_seq, query_position, need_weights)
+        self_attn_mask = group_attention_mask(query_embed.shape[0], query_groups, query_embed.device) \
+            if query_groups > 1 else None
+        outputs, decoder_weights = self.decoder(target, memory, mask_seq, pos_seq, query_position, need_weights,
+                                                self_attn_mask)
         attentions: dict[str, object] = {}
         if need_weights:
             attentions = {"decoder_cross": decoder_weights, "encoder_self": encoder_weights}
         return outputs, memory.transpose(1, 2).reshape(b, d, h, w), attentions
+
+
+def group_attention_mask(num_queries: int, groups: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Bool [Q, Q], True where query i may attend to query j: both in the same of ``groups`` equal,
+    consecutive groups (block diagonal)."""
+    if groups < 1 or num_queries % groups:
+        raise ValueError(f"{num_queries} queries cannot form {groups} equal groups")
+    group = torch.arange(num_queries, device=device) // (num_queries // groups)
+    return group[:, None] == group[None, :]
