@@ -12,8 +12,8 @@ from PIL import Image
 
 from detr_panoptic.cli import main
 from detr_panoptic.data.categories import CategoryMap
-from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
 from detr_panoptic.evaluation import pq_compute, read_id_png
+from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
 from detr_panoptic.models.outputs import PanopticResult
 from detr_panoptic.utils.errors import UserInputError
 from tests.evaluation.pq_cases import CATEGORIES, reference_pq

@@ -50,7 +50,7 @@ def images(tmp_path):
 
 
 def test_predict_resizes_to_the_checkpoints_training_size(checkpoint, images, tmp_path, monkeypatch):
-    import detr_panoptic.inference as inference
+    from detr_panoptic import inference
     from detr_panoptic.checkpoints import load_pretrained, save_checkpoint
 
     model = load_pretrained(checkpoint)
