@@ -383,7 +383,8 @@ def main() -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "notes": "each evaluator in a fresh process per rep (python -c): cold_s = process start to the end of "
                  "its first evaluation (interpreter, imports, first call), import_s and first_call_s its parts, "
-                 "cold_cpu_s the CPU time (user + system, all threads) the process had used by then; imports from a "
+                 "cold_cpu_s the CPU time (user + system, all threads, not child processes: not cityscapesscripts' Pool "
+                 "workers) the process had used by then; imports from a "
                  "bytecode cache (PYTHONPYCACHEPREFIX, filled by one untimed run each), as an installed package; "
                  "warm_s the median of further calls in that process; medians over reps; *_paired_median: the median "
                  "over reps of the ratio within a rep (the processes ran one after the other). ours = pq_compute"
