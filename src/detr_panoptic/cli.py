@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluate",
     "visualize",
     "demo",
+    "export",
 )
 
 log = logging.getLogger("detr_panoptic")
