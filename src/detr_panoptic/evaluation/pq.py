@@ -437,8 +437,10 @@ def _threaded_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-# Pixels (ground truth + prediction, ~5 ms of work) below which a thread more does not pay: on tiny
-# images the threads would mostly wait for each other's GIL-holding numpy calls.
+# Pixels (ground truth + prediction, ~5 ms of work) below which a thread more does not pay: on small
+# sets the threads mostly wait for each other's GIL-holding numpy calls. Measured (2 cores, shared):
+# 4 images of 256x512 (1 M pixels) took 12.8 ms in one thread, 18.1 ms in two; 16 of them (4 M
+# pixels) 47 ms vs 40 ms; 40 images of 48x64: 37 ms vs 42 ms.
 MIN_PIXELS_PER_THREAD = 1 << 20
 
 
