@@ -57,6 +57,9 @@ def test_train_command_runs_both_stages_on_synthetic_cityscapes(tmp_path, capsys
         assert (out / "checkpoints" / "best.pth").is_file() and (out / "config.yaml").is_file()
         val = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "val"]
         assert len(val) == 1 and 0.0 <= val[0]["pq"] <= 100.0 and "per_class" in val[0]
+        # the collapse diagnostics and the detection figures of things ride along in every validation
+        assert 0.0 <= val[0]["diag_memory_image_var"] <= 1.0 and "diag_box_centre_spread" in val[0]
+        assert "things_recall" in val[0] and "detection_per_class" in val[0]
         assert load_config(out / "config.yaml").train.seed == 5
     stage2 = load_config(tmp_path / "runs" / "stage2" / "config.yaml")
     assert stage2.model.init == str(tmp_path / "runs" / "stage1" / "checkpoints" / "best.pth")

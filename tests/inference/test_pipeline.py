@@ -28,7 +28,7 @@ from detr_panoptic.inference import (
     preprocess,
 )
 from detr_panoptic.models.detr import PanopticDETR
-from detr_panoptic.models.outputs import PanopticResult
+from detr_panoptic.models.outputs import KeptQueries, PanopticResult
 from detr_panoptic.models.postprocess import kept_queries, nearest_resize_ids
 from detr_panoptic.utils.errors import UserInputError
 
@@ -85,7 +85,9 @@ class DegradedOracle(torch.nn.Module):
                 renumbered[ids == segment["id"]] = k
                 kept.append({"id": k, "category_id": segment["category_id"], "isthing": False,
                              "area": int((ids == segment["id"]).sum()), "score": 1.0})
-            self.truth[self._key(sample.image)] = PanopticResult(renumbered, kept)
+            nothing = torch.zeros(0, dtype=torch.long)
+            self.truth[self._key(sample.image)] = PanopticResult(
+                renumbered, kept, KeptQueries(nothing, nothing, nothing, torch.zeros(0), torch.zeros(0, 4)))
 
     @staticmethod
     def _key(image: torch.Tensor) -> tuple:
@@ -107,6 +109,8 @@ def test_training_validation_pq_equals_evaluate_pq(cityscapes, tmp_path):
     in_memory = evaluate_dataset(predictor, dataset, tmp_path / "mem", write=False, progress=False, chart=False)
     assert files["num_images"] == 4
     assert 0 < files["metrics"]["pq"] < 100 and files["metrics"]["sq"] < 100
+    assert files["metrics"]["things_kept_ratio"] == 0.0  # the oracle keeps no queries: nothing found
+    assert during_training["things_recall"] == 0.0 and during_training["detection_per_class"]
     for key in ("pq", "sq", "rq", "pq_things", "pq_stuff"):
         assert during_training[key] == pytest.approx(files["metrics"][key], abs=1e-9), key
         assert in_memory["metrics"][key] == pytest.approx(files["metrics"][key], abs=1e-9), key

@@ -135,18 +135,26 @@ def _model_from_resume(checkpoint: dict[str, Any], category_map: CategoryMap) ->
 # -- validation --------------------------------------------------------------------------------------
 def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int, max_size: int | None,
                    threshold: float, batch_size: int, rank: int, world_size: int, device: torch.device,
-                   num_workers: int = 0) -> Callable[[nn.Module], dict[str, Any]]:
+                   num_workers: int = 0, diagnostic_images: int = 8) -> Callable[[nn.Module], dict[str, Any]]:
     """``validate(model) -> metrics`` (percentages, ``per_class`` by category id): ``run_inference`` with a
     ``PQEvaluator``, the very path of ``detr-panoptic evaluate`` (same preprocessing, same predictor, PQ at
     the original resolution), so a checkpoint gets one PQ figure. Each process takes every
     ``world_size``-th image and the statistics are summed across processes.
+
+    The record also holds the detection figures of things (``things_recall`` ...; ``DetectionEvaluator``)
+    and, on the first ``diagnostic_images`` val images, how much the encoder memory, the decoder output
+    and the boxes depend on the image (``diag_*``; ``engine.diagnostics``): a detector that collapses to
+    image-independent queries shows on the curve as it happens.
     """
+    from detr_panoptic.engine.diagnostics import image_dependence
     from detr_panoptic.evaluation.pq import results_to_percentages
     from detr_panoptic.inference import (
         DatasetSamples,
+        DetectionEvaluator,
         PanopticPredictor,
         PQEvaluator,
         PredictorSettings,
+        detection_metrics,
         make_loader,
         run_inference,
     )
@@ -154,12 +162,17 @@ def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int
     samples = DatasetSamples(dataset, min_size=min_size, max_size=max_size)
     shard = Subset(samples, range(rank, len(samples), world_size))
     settings = PredictorSettings(category_map, min_size=min_size, max_size=max_size, threshold=threshold)
+    probe = [samples[i].image for i in range(min(diagnostic_images, len(samples)))]
 
     def validate(model: nn.Module) -> dict[str, Any]:
         predictor = PanopticPredictor(model, settings, device=device)  # type: ignore[arg-type]
         run = run_inference(predictor, make_loader(shard, batch_size=batch_size, num_workers=num_workers),
-                            [PQEvaluator(category_map)])
-        return results_to_percentages(run.outputs["pq"])
+                            [PQEvaluator(category_map), DetectionEvaluator(category_map)])
+        metrics = results_to_percentages(run.outputs["pq"])
+        metrics.update(detection_metrics(run.outputs["detection"]))
+        if len(probe) >= 2 and isinstance(model, PanopticDETR):
+            metrics.update(image_dependence(model, probe))
+        return metrics
 
     return validate
 

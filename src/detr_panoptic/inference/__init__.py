@@ -9,7 +9,14 @@
 ``predict`` is ``predict_to_folder``, ``evaluate`` (and the demo) ``evaluate_dataset``, training
 validation ``run_inference`` with a ``PQEvaluator`` from a hook, ``attention`` ``PanopticPredictor.attention``.
 """
-from detr_panoptic.inference.evaluators import Evaluator, OverlayWriter, PanopticWriter, PQEvaluator
+from detr_panoptic.inference.evaluators import (
+    DetectionEvaluator,
+    Evaluator,
+    OverlayWriter,
+    PanopticWriter,
+    PQEvaluator,
+    detection_metrics,
+)
 from detr_panoptic.inference.predictor import AttentionMaps, PanopticPredictor
 from detr_panoptic.inference.runner import InferenceRun, make_loader, run_inference
 from detr_panoptic.inference.samples import (
@@ -25,8 +32,26 @@ from detr_panoptic.inference.settings import PredictorSettings
 from detr_panoptic.inference.tasks import evaluate_checkpoint, evaluate_dataset, predict_to_folder
 
 __all__ = [
-    "AttentionMaps", "DatasetSamples", "Evaluator", "ImageFiles", "InferenceRun", "InferenceSample",
-    "OverlayWriter", "PQEvaluator", "PanopticPredictor", "PanopticWriter", "PredictorSettings", "Skipped",
-    "evaluate_checkpoint", "evaluate_dataset", "expand_inputs", "load_image", "make_loader", "predict_to_folder",
-    "preprocess", "run_inference",
+    "AttentionMaps",
+    "DatasetSamples",
+    "DetectionEvaluator",
+    "Evaluator",
+    "ImageFiles",
+    "InferenceRun",
+    "InferenceSample",
+    "OverlayWriter",
+    "PQEvaluator",
+    "PanopticPredictor",
+    "PanopticWriter",
+    "PredictorSettings",
+    "Skipped",
+    "detection_metrics",
+    "evaluate_checkpoint",
+    "evaluate_dataset",
+    "expand_inputs",
+    "load_image",
+    "make_loader",
+    "predict_to_folder",
+    "preprocess",
+    "run_inference",
 ]

@@ -8,7 +8,9 @@ its result in ``InferenceRun.outputs``. Here:
 * ``PanopticWriter``: COCO panoptic PNG per image + one JSON (``images``, ``annotations``,
   ``categories``); restartable: every finished image is journalled, and a run started again with the
   same settings skips them (``done``);
-* ``OverlayWriter``: the panoptic result drawn over each image.
+* ``OverlayWriter``: the panoptic result drawn over each image;
+* ``DetectionEvaluator``: do the kept queries *find* the things (recall at box IoU >= 0.5, kept queries
+  per ground-truth thing, mask IoU; ``evaluation.detection``), apart from how well they segment them.
 """
 from __future__ import annotations
 
@@ -75,6 +77,48 @@ class PQEvaluator:
             torch.distributed.all_reduce(total)
             self.accumulator.load_tensor(total.cpu())
         return self.accumulator.compute()
+
+
+class DetectionEvaluator:
+    """Detection figures of things (``evaluation.detection.DetectionAccumulator``) from each result's kept
+    queries against the sample's ground truth; gathered across processes under DDP."""
+
+    name = "detection"
+
+    def __init__(self, category_map: CategoryMap, *, iou_threshold: float = 0.5) -> None:
+        self.thing_ids = [c.id for c in category_map.categories if c.isthing]
+        self.iou_threshold = iou_threshold
+        self.reset()
+
+    def reset(self) -> None:
+        from detr_panoptic.evaluation.detection import DetectionAccumulator
+
+        self.accumulator = DetectionAccumulator(self.iou_threshold)
+
+    def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
+        from detr_panoptic.evaluation.detection import panoptic_detection_inputs
+
+        for sample, result in zip(samples, results):
+            if sample.target is None:
+                raise UserInputError(f"image {sample.image_id!r}: detection figures need ground truth")
+            self.accumulator.add(**panoptic_detection_inputs(sample.target["gt_id_map"], sample.target["gt_segments"],
+                                                             result, self.thing_ids))
+
+    def evaluate(self) -> dict[str, Any]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.accumulator)
+            total = gathered[0]
+            for other in gathered[1:]:
+                total.merge(other)
+            return total.compute()
+        return self.accumulator.compute()
+
+
+def detection_metrics(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat ``things_*`` keys of a ``DetectionEvaluator`` result, for metrics records (plus the per-class dict)."""
+    keys = ("recall", "kept_per_gt", "duplicates_per_gt", "kept_ratio", "mask_iou")
+    return {**{f"things_{k}": figures.get(k) for k in keys}, "detection_per_class": figures.get("per_class", {})}
 
 
 class OverlayWriter:

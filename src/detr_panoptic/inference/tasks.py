@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from detr_panoptic.data.categories import CategoryMap
-from detr_panoptic.inference.evaluators import OverlayWriter, PanopticWriter, PQEvaluator
+from detr_panoptic.inference.evaluators import (
+    DetectionEvaluator,
+    OverlayWriter,
+    PanopticWriter,
+    PQEvaluator,
+    detection_metrics,
+)
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader, run_inference
 from detr_panoptic.inference.samples import DatasetSamples, ImageFiles, expand_inputs
@@ -127,6 +133,9 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     ``per_class_pq.png``. PQ is computed with ``evaluation.pq_compute`` on the written files against
     the dataset's ground truth (``workers`` processes), at the original resolution; ``write=False``
     measures it in memory instead (``PQEvaluator``, the same numbers) and writes only ``metrics.json``.
+    ``metrics.json`` also holds the detection figures of things (``things_recall``, ``things_kept_per_gt``,
+    ``things_duplicates_per_gt``, ``things_kept_ratio``, ``things_mask_iou``, ``detection_per_class``;
+    ``DetectionEvaluator``), except after a resumed run.
     Returns ``{"results" (pq_compute's dict), "metrics", "table", "predictions_json", "metrics_json",
     "chart", "num_images", "seconds"}``.
     """
@@ -143,13 +152,16 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     annotations = [samples.annotation(i) for i in range(count)]
     out_dir = Path(out_dir)
     json_path = out_dir / PREDICTIONS_JSON
+    detection = DetectionEvaluator(predictor.settings.category_map)
     if write:
         writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
                                 fingerprint=_fingerprint(predictor, gt_json=str(base.json_path)))
         todo = [i for i in range(count) if annotations[i]["file_name"] not in writer.done]
         evaluators: list[Any] = [writer]
+        if len(todo) == count:  # detection figures need every image's kept queries (not kept on resume)
+            evaluators.append(detection)
     else:
-        todo, evaluators = list(range(count)), [PQEvaluator(gt["categories"])]
+        todo, evaluators = list(range(count)), [PQEvaluator(gt["categories"]), detection]
     loader = make_loader(torch.utils.data.Subset(samples, todo), batch_size=batch_size,
                          num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="evaluate",
@@ -169,6 +181,8 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
                     "gt_json": str(base.json_path), "predictions_json": str(json_path) if write else None,
                     "predict_seconds": round(predict_seconds, 3),
                     "pq_seconds": round(time.perf_counter() - start - predict_seconds, 3)})
+    if "detection" in run.outputs:
+        metrics.update(detection_metrics(run.outputs["detection"]))
     metrics.update(extra_metrics or {})
     metrics_json = out_dir / METRICS_JSON
     atomic_write_json(metrics_json, metrics)
