@@ -389,7 +389,8 @@ def export_source_model(checkpoint: Path, path: Path) -> Path:
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("pq", "sq", "rq", "n", "pq_things", "sq_things", "rq_things", "n_things", "pq_stuff", "sq_stuff",
-            "rq_stuff", "n_stuff")
+            "rq_stuff", "n_stuff", "things_recall", "things_kept_per_gt", "things_duplicates_per_gt",
+            "things_kept_ratio", "things_mask_iou")
     return {k: (round(float(metrics[k]), 3) if isinstance(metrics[k], float) else metrics[k])
             for k in keys if k in metrics}
 
@@ -594,11 +595,13 @@ def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
     figures: dict[str, Any] = {"total_seconds": summary["seconds"]["total"], "cpu_seconds": summary.get("cpu_seconds")}
     figures.update({f"{k}_seconds": v for k, v in summary["seconds"].items() if k != "total"})
     for name in PHASES:
-        for key in ("pq", "sq", "rq", "pq_things", "pq_stuff"):
+        for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt",
+                    "things_kept_ratio", "things_mask_iou"):
             figures[f"{name}_{key}"] = summary["stages"][name].get(key)
     if summary.get("source_domain"):
         figures["source_domain_pq"] = summary["source_domain"].get("pq")
     figures["goal_pq_50"] = summary["pq"] >= 50.0
+    figures["goal_things_30"] = (summary.get("pq_things") or 0.0) >= 30.0
     figures["goal_600_seconds"] = summary["seconds"]["total"] <= 600
     figures["goal_ordered"] = summary["goal"]["ordered"]
     machine = summary.get("machine", {})
@@ -616,15 +619,19 @@ def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
 def pq_table(summary: Mapping[str, Any]) -> str:
     """The start point / stage 1 / stage 2 PQ table as text."""
-    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff")]
+    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "things found %", "kept per thing")]
     labels = {"start": "start point", "stage1": "stage 1 (transformer frozen)",
               "stage2": "stage 2 (attention frozen)"}
+    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt")
     for name in PHASES:
         m = summary["stages"][name]
-        rows.append((labels[name], *(f"{m.get(k, float('nan')):.1f}" for k in ("pq", "sq", "rq", "pq_things",
-                                                                                 "pq_stuff"))))
+        rows.append((labels[name], *(f"{_number(m.get(k)):.1f}" for k in keys)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
@@ -636,9 +643,10 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
 
     labels = {"start": "start point (before fine-tuning)", "stage1": "stage 1: transformer frozen",
               "stage2": "stage 2: attention frozen"}
-    rows = [[labels[name], *(summary["stages"][name].get(k, "") for k in ("pq", "sq", "rq", "pq_things", "pq_stuff"))]
-            for name in PHASES]
-    body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff"], rows)
+    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt", "things_kept_ratio")
+    rows = [[labels[name], *(summary["stages"][name].get(k, "") for k in keys)] for name in PHASES]
+    body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "things found (%, box IoU >= 0.5)",
+                              "kept queries per thing found", "kept / ground-truth things"], rows)
     source = summary.get("source_domain")
     if source:
         body += (f"<p>The source-domain model (the COCO stand-in, its own label set) reaches PQ "
