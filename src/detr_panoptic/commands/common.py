@@ -21,10 +21,11 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
 
 
-def add_workers(parser: argparse.ArgumentParser, *, default: int | None = None) -> None:
+def add_workers(parser: argparse.ArgumentParser, *, default: int | None = None, threads: bool = False) -> None:
+    what = "PQ threads" if threads else "worker processes"
+    auto = "chosen from the amount of work, at most one per core" if threads else "all cores"
     parser.add_argument("--workers", "-j", type=int, default=default,
-                        help="worker processes (default: all cores)" if default is None
-                        else f"worker processes (default: {default})")
+                        help=f"{what} (default: {auto})" if default is None else f"{what} (default: {default})")
 
 
 CONFIG_HELP = "a YAML config file, or a shipped config's name such as cityscapes/recipe_two_stages " \

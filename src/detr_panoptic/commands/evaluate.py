@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pq.add_argument("--pred-json", required=True, help="predictions JSON ({'annotations': [...]})")
     pq.add_argument("--pred-folder", help="prediction PNG folder (default: the JSON path without .json)")
     add_out(pq, help="write metrics (percentages, plus panopticapi's fractions) to this JSON file")
-    add_workers(pq)
+    add_workers(pq, threads=True)
     pq.set_defaults(func=run_pq)
 
     evaluate = subparsers.add_parser(
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "(default: the config's data.max_size, else the checkpoint's, else 1333)")
     evaluate.add_argument("--limit", type=int, help="only the first N images (a quick look)")
     add_device(evaluate)
-    add_workers(evaluate)
+    add_workers(evaluate, threads=True)
     evaluate.set_defaults(func=run_evaluate)
 
 
