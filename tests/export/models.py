@@ -73,14 +73,18 @@ def design_class_head(model: PanopticDETR, images: list[torch.Tensor], classes: 
         head.bias.copy_(bias)
 
 
-def threshold_keeping(model: PanopticDETR, images: list[torch.Tensor], count: int, min_gap: float = 2e-3) -> float:
+def threshold_keeping(model: PanopticDETR, images: list[torch.Tensor], count: int, min_gap: float = 2e-3,
+                      class_to_category: torch.Tensor | None = None) -> float:
     """A keep threshold under which exactly ``count`` queries of ``images`` are kept, halfway between the
     count-th and the next best score of queries whose best class is not "no object"; their scores must be
     at least ``min_gap`` apart (so that float rounding cannot change which queries are kept)."""
     with torch.no_grad():
         batch, mask = pad_images(images)
         scores, labels = model._trunk(batch, mask)["logits"][-1].softmax(-1).max(-1)
-    candidates = scores[labels != model.num_classes].sort(descending=True).values
+    candidate = labels != model.num_classes
+    if class_to_category is not None:  # unused class indices count as "no object"
+        candidate &= class_to_category[labels.clamp(max=model.num_classes - 1)] >= 0
+    candidates = scores[candidate].sort(descending=True).values
     if len(candidates) <= count:
         raise AssertionError(f"only {len(candidates)} queries have an object class; {count} wanted")
     above, below = float(candidates[count - 1]), float(candidates[count])
@@ -106,3 +110,12 @@ def design_mask_head(model: PanopticDETR) -> None:
                 parameter.zero_()
             elif name.startswith("gn") and name.endswith("weight"):
                 parameter.fill_(1.0)
+
+
+
+def spread_queries(model: PanopticDETR, factor: float = 30.0) -> None:
+    """Scale the learnt query positions by ``factor``: a random R50 decoder's outputs then differ between
+    queries by ~10% of their size instead of ~0.5%, so a class head tells them apart with small weights
+    (large ones would magnify float rounding)."""
+    with torch.no_grad():
+        model.detr.query_embed.weight.mul_(factor)

@@ -134,6 +134,7 @@ class OnnxPredictor(PanopticPredictor):
         """The export folder ``source`` with its settings; explicit arguments win over ``metadata.json``'s."""
         if dtype not in (None, "fp32", "float32", torch.float32):
             raise UserInputError(f"the ONNX graphs are float32; dtype {dtype!r} is not available")
+        require("onnxruntime")  # the install hint before anything else
         meta = read_onnx_metadata(source)
         category_map = None
         if meta.get("category_map"):
