@@ -7,6 +7,8 @@ opened from anywhere. What the page shows depends on what the folder holds:
   per-class PQ/SQ/RQ (table and bars) of the last validation;
 * ``metrics.json`` (``evaluate``; also looked for in ``eval/``): PQ/SQ/RQ for All/Things/Stuff and
   per class;
+* ``calibration.json`` / ``calibration.png`` (``calibrate``): the chosen post-processing, the PQ-vs-threshold
+  chart and the best settings;
 * ``overlays/*.png`` anywhere below (``predict``): example overlays;
 * attention figures (``attention`` output: ``queries_*.png``, ``encoder.png``, ``masks.png``);
 * other figures (``plots/``, charts next to the metrics), and ``config.yaml``.
@@ -188,6 +190,33 @@ def _is_attention(path: Path) -> bool:
     return path.name.startswith(ATTENTION_NAMES) or any("attention" in p for p in path.parts[-3:-1])
 
 
+def _calibration_section(folder: Path) -> tuple[str, str, str] | None:
+    """``calibrate``'s ``calibration.json`` (the chosen setting, the best rows) and ``calibration.png``."""
+    path = folder / "calibration.json"
+    if not path.is_file():
+        return None
+    from detr_panoptic.inference.calibrate import CalibrationTable
+
+    try:
+        table = CalibrationTable.from_json(json.loads(path.read_text()), source=str(path))
+    except ValueError as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    if not len(table):
+        return None
+    best = table.best
+    body = [(f"<p>Chosen: <b>{_e(best.setting)}</b>: PQ {_number(best.pq)} (things {_number(best.pq_things)}, "
+             f"stuff {_number(best.pq_stuff)}) over {table.num_images} image(s), {len(table)} settings.</p>")]
+    if (folder / "calibration.png").is_file():
+        uri = file_data_uri(folder / "calibration.png")
+        if uri:
+            body.append(html_figure(uri, "PQ against the keep threshold"))
+    top = sorted(table, key=lambda r: -r.pq)[:10]
+    body.append(html_table(["threshold", "merge", "min area", "PQ", "SQ", "RQ", "PQ things", "PQ stuff"],
+                           [(f"{r.setting.threshold:.2f}", r.setting.merge_stuff, r.setting.min_area, r.pq, r.sq,
+                             r.rq, r.pq_things, r.pq_stuff) for r in top], name_columns=3))
+    return "Post-processing calibration", "".join(body), "calibration"
+
+
 # -- the page ---------------------------------------------------------------------------------------------
 def build_report(folder: str | Path, out: str | Path | None = None, *, max_images: int = 12,
                  title: str | None = None, lead_sections: Sequence[tuple[str, str, str]] = ()) -> Path:
@@ -246,6 +275,11 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
         table, eval_per_class = _summary_from_eval(metrics)
         sections.append((f"Evaluation ({path.relative_to(folder)})", table, "evaluation"))
         per_class = eval_per_class or per_class
+
+    calibration = _calibration_section(folder)
+    if calibration is not None:
+        sections.append(calibration)
+        drawn.add("calibration")
 
     if per_class:
         body = per_class_table(per_class, names)

@@ -1,0 +1,491 @@
+"""``calibrate``: the post-processing (keep threshold, stuff merge mode, minimum segment area) that maximises PQ
+on a validation split, measured for a whole grid of settings at little more than the cost of one evaluation.
+
+How it stays cheap (per batch of images, one pass over the split):
+
+1. the trunk runs once (``PanopticDETR.forward`` with ``mask_queries=``) and mask logits are computed,
+   at 1/4 of the input, only for the queries kept at the **lowest** threshold of the grid. Every
+   higher threshold keeps a subset of them (``postprocess.kept_queries``: best class not "no object",
+   has a category, score > threshold), and in inference mode each query's mask is computed on its own,
+   so it is bit-for-bit the mask ``PanopticDETR.predict`` computes at that threshold;
+2. for every setting only ``panoptic_postprocess`` (which accepts packed masks covering at least the
+   kept queries) and the PQ statistics of the image (``evaluation.PQAccumulator``, panopticapi-exact)
+   run, against the ground truth already in memory. Settings that give the same post-processing input
+   for an image share one run: thresholds that keep the same queries, and the two merge modes when no
+   stuff class is kept twice (``merge`` and ``reference`` differ only then).
+
+The loop is image-major: what post-processing needs (logits, packed masks, sizes) and the image's
+ground truth are held for the batch in flight only, and one ``PQAccumulator`` per setting sums the
+statistics. Memory is therefore bounded by one batch (as in ``evaluate``) whatever the split's size or the
+grid; nothing has to be cached across images or spilled to disk.
+
+The result is a ``CalibrationTable``: one row per setting (PQ, SQ, RQ, PQ things, PQ stuff, as
+percentages, plus TP/FP/FN totals) and ``best``. ``write_calibrated_checkpoint`` stores the best setting as
+the checkpoint's ``detr_panoptic.postprocess`` record, which ``PredictorSettings.from_checkpoint`` reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detr_panoptic.inference.evaluators import with_pixels
+from detr_panoptic.inference.predictor import PanopticPredictor
+from detr_panoptic.inference.runner import make_loader
+from detr_panoptic.inference.samples import DatasetSamples, InferenceSample
+from detr_panoptic.models.outputs import DETROutput
+from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, kept_queries, panoptic_postprocess
+from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3 .. 0.95
+DEFAULT_MERGE_MODES: tuple[str, ...] = ("reference", "merge")
+DEFAULT_MIN_AREAS: tuple[int, ...] = (MIN_AREA,)
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_PNG = "calibration.png"
+CALIBRATED_CHECKPOINT = "calibrated.pth"
+
+
+@dataclass(frozen=True, order=True)
+class Setting:
+    """One post-processing setting (the keys of a checkpoint's ``detr_panoptic.postprocess`` record)."""
+
+    threshold: float
+    merge_stuff: str = "reference"
+    min_area: int = MIN_AREA
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area)}
+
+    def __str__(self) -> str:
+        return f"threshold {self.threshold:.2f}, merge_stuff {self.merge_stuff}, min_area {self.min_area}"
+
+
+@dataclass
+class CalibrationRow:
+    """PQ of one setting over the split: percentages (0..100), ``n``: categories seen; TP/FP/FN totals."""
+
+    setting: Setting
+    pq: float
+    sq: float
+    rq: float
+    pq_things: float
+    pq_stuff: float
+    n: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    results: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # pq_compute's dict
+    counts: dict[int, dict[str, float]] | None = field(default=None, repr=False, compare=False)  # per category
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.setting.as_dict(), "pq": self.pq, "sq": self.sq, "rq": self.rq, "pq_things": self.pq_things,
+                "pq_stuff": self.pq_stuff, "n": self.n, "tp": self.tp, "fp": self.fp, "fn": self.fn}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> CalibrationRow:
+        setting = Setting(float(record["threshold"]), str(record["merge_stuff"]), int(record["min_area"]))
+        return cls(setting, *(float(record[k]) for k in ("pq", "sq", "rq", "pq_things", "pq_stuff")),
+                   **{k: int(record.get(k, 0)) for k in ("n", "tp", "fp", "fn")})
+
+
+@dataclass
+class CalibrationTable:
+    """The sweep's rows (in grid order: threshold, then merge mode, then minimum area) and how it ran.
+
+    ``best``: the row with the highest PQ; ties go to the higher threshold (fewer segments), then the
+    grid order. Iterating, ``len`` and indexing go over the rows.
+    """
+
+    rows: list[CalibrationRow]
+    num_images: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    postprocess_seconds: float = 0.0
+    postprocess_runs: int = 0
+    lowest_threshold: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[CalibrationRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> CalibrationRow:
+        return self.rows[index]
+
+    @property
+    def best(self) -> CalibrationRow:
+        if not self.rows:
+            raise UserInputError("the calibration table is empty")
+        order = {id(r): i for i, r in enumerate(self.rows)}
+        return max(self.rows, key=lambda r: (r.pq, r.setting.threshold, -order[id(r)]))
+
+    def row(self, threshold: float, merge_stuff: str = "reference", min_area: int = MIN_AREA) -> CalibrationRow:
+        """The row of one setting (``KeyError`` when it is not on the grid)."""
+        for r in self.rows:
+            s = r.setting
+            if math.isclose(s.threshold, threshold, abs_tol=1e-9) and s.merge_stuff == merge_stuff \
+                    and s.min_area == min_area:
+                return r
+        raise KeyError(f"no row for threshold {threshold}, merge_stuff {merge_stuff}, min_area {min_area}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best.to_json(), "rows": [r.to_json() for r in self.rows], "num_images": self.num_images,
+                "seconds": round(self.seconds, 3), "forward_seconds": round(self.forward_seconds, 3),
+                "postprocess_seconds": round(self.postprocess_seconds, 3),
+                "postprocess_runs": self.postprocess_runs, "lowest_threshold": self.lowest_threshold, **self.info}
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any], *, source: str = "calibration table") -> CalibrationTable:
+        try:
+            rows = [CalibrationRow.from_json(r) for r in record["rows"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserInputError(f"{source}: not a calibration table ({exc!r})") from None
+        known = {"best", "rows", "num_images", "seconds", "forward_seconds", "postprocess_seconds",
+                 "postprocess_runs", "lowest_threshold"}
+        return cls(rows, num_images=int(record.get("num_images", 0)), seconds=float(record.get("seconds", 0.0)),
+                   forward_seconds=float(record.get("forward_seconds", 0.0)),
+                   postprocess_seconds=float(record.get("postprocess_seconds", 0.0)),
+                   postprocess_runs=int(record.get("postprocess_runs", 0)),
+                   lowest_threshold=float(record.get("lowest_threshold", 0.0)),
+                   info={k: v for k, v in record.items() if k not in known})
+
+    def format(self) -> str:
+        """The table as text, the best row marked with ``*``."""
+        best = self.best
+        lines = [(f"{'':1} {'threshold':>9} {'merge':>9} {'min_area':>8} {'PQ':>6} {'SQ':>6} {'RQ':>6} "
+                  f"{'PQ_th':>6} {'PQ_st':>6} {'TP':>5} {'FP':>5} {'FN':>5}")]
+        for r in self.rows:
+            s = r.setting
+            lines.append(f"{'*' if r is best else ' ':1} {s.threshold:>9.2f} {s.merge_stuff:>9} {s.min_area:>8d} "
+                         f"{r.pq:>6.2f} {r.sq:>6.2f} {r.rq:>6.2f} {r.pq_things:>6.2f} {r.pq_stuff:>6.2f} "
+                         f"{r.tp:>5d} {r.fp:>5d} {r.fn:>5d}")
+        return "\n".join(lines)
+
+
+# -- the grid --------------------------------------------------------------------------------------------
+def make_grid(thresholds: Sequence[float] = DEFAULT_THRESHOLDS, merge_modes: Sequence[str] = DEFAULT_MERGE_MODES,
+              min_areas: Sequence[int] = DEFAULT_MIN_AREAS) -> list[Setting]:
+    """Every combination, in order (threshold, merge mode, minimum area); duplicates dropped; checked."""
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds or not merge_modes or not min_areas:
+        raise UserInputError("the calibration grid is empty: give at least one threshold, merge mode and minimum area")
+    for t in thresholds:
+        if not 0.0 <= t < 1.0:
+            raise UserInputError(f"calibration threshold {t} is outside [0, 1)")
+    for mode in merge_modes:
+        if mode not in MERGE_MODES:
+            raise UserInputError(f"merge mode {mode!r} is not one of {', '.join(MERGE_MODES)}")
+    areas = []
+    for area in min_areas:
+        if int(area) != area or int(area) < 0:
+            raise UserInputError(f"minimum segment area {area} must be an integer >= 0")
+        areas.append(int(area))
+    grid: list[Setting] = []
+    for t in sorted(set(thresholds)):
+        for mode in dict.fromkeys(merge_modes):
+            for area in dict.fromkeys(areas):
+                grid.append(Setting(t, mode, area))
+    return grid
+
+
+# -- the sweep -------------------------------------------------------------------------------------------
+def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+              merge_modes: Sequence[str] = DEFAULT_MERGE_MODES, min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+              batch_size: int = 1, num_workers: int | None = None, limit: int | None = None,
+              progress: bool = False) -> CalibrationTable:
+    """PQ of every post-processing setting of the grid on ``dataset`` (a ``CocoPanopticDataset`` or a
+    ``Subset`` of one), each equal to ``evaluate_dataset`` with that setting (see the module docstring).
+
+    The predictor's input size, device and precision are used; its post-processing settings are not.
+    ``batch_size``: images per forward pass (padding changes the masks slightly: compare with an
+    evaluation run at the same batch size). Returns a ``CalibrationTable``.
+    """
+    from detr_panoptic.evaluation import PQAccumulator, load_panoptic_json
+    from detr_panoptic.inference.tasks import _default_workers, check_categories
+
+    start = time.perf_counter()
+    grid = make_grid(thresholds, merge_modes, min_areas)
+    lowest = min(s.threshold for s in grid)
+    samples = DatasetSamples(dataset, min_size=predictor.settings.min_size, max_size=predictor.settings.max_size)
+    base = samples.dataset
+    count = len(samples) if limit is None else min(len(samples), max(0, limit))
+    if count == 0:
+        raise UserInputError(f"{base.json_path}: no image to calibrate on")
+    gt = load_panoptic_json(base.json_path, what="ground-truth JSON")
+    check_categories(predictor.settings.category_map, gt.get("categories", []), source=str(base.json_path))
+    accumulators = {s: PQAccumulator(gt["categories"]) for s in grid}
+    categories = next(iter(accumulators.values())).categories  # parsed once, shared by the per-image runs
+    loader = make_loader(torch.utils.data.Subset(samples, list(range(count))), batch_size=batch_size,
+                         num_workers=_default_workers(count) if num_workers is None else num_workers)
+    sweep = _Sweep(predictor, grid, lowest)
+    from tqdm import tqdm
+
+    with tqdm(total=count, unit="image", desc="calibrate", disable=not progress) as bar:
+        for batch in loader:
+            for sample, results in sweep.run(batch):
+                for group, result in results:
+                    one = PQAccumulator(categories)
+                    one.add(sample.target["gt_id_map"], sample.target["gt_segments"], result.id_map,
+                            with_pixels(result), image_id=sample.image_id)
+                    for setting in group:
+                        accumulators[setting].merge(one)
+            bar.update(len(batch))
+    rows = [_row(setting, accumulators[setting]) for setting in grid]
+    table = CalibrationTable(rows, num_images=count, seconds=time.perf_counter() - start,
+                             forward_seconds=sweep.forward_seconds, postprocess_seconds=sweep.postprocess_seconds,
+                             postprocess_runs=sweep.runs, lowest_threshold=lowest,
+                             info={"gt_json": str(base.json_path), "batch_size": batch_size,
+                                   "input_size": [predictor.settings.min_size, predictor.settings.max_size],
+                                   "dtype": str(predictor.dtype), "num_settings": len(grid)})
+    log.info("calibrated %d settings on %d images in %.1f s (forward %.1f s, %d post-processing runs %.1f s): "
+             "best PQ %.2f at %s", len(grid), count, table.seconds, table.forward_seconds, table.postprocess_runs,
+             table.postprocess_seconds, table.best.pq, table.best.setting)
+    return table
+
+
+def _row(setting: Setting, accumulator: Any) -> CalibrationRow:
+    results = accumulator.compute()
+    totals = {k: 0.0 for k in ("tp", "fp", "fn")}
+    per_category = accumulator.counts()
+    for counts in per_category.values():
+        for k in totals:
+            totals[k] += counts[k]
+    return CalibrationRow(setting, pq=100.0 * results["All"]["pq"], sq=100.0 * results["All"]["sq"],
+                          rq=100.0 * results["All"]["rq"], pq_things=100.0 * results["Things"]["pq"],
+                          pq_stuff=100.0 * results["Stuff"]["pq"], n=int(results["All"]["n"]),
+                          **{k: round(v) for k, v in totals.items()}, results=results, counts=per_category)
+
+
+class _Sweep:
+    """One forward pass per batch, then every distinct post-processing of each image."""
+
+    def __init__(self, predictor: PanopticPredictor, grid: Sequence[Setting], lowest: float) -> None:
+        self.predictor = predictor
+        self.grid = list(grid)
+        self.lowest = lowest
+        device = predictor.device
+        category_map = predictor.settings.category_map
+        self.is_thing = category_map.is_thing().to(device)
+        self.is_thing_list = self.is_thing.bool().tolist()
+        self.class_to_category = category_map.class_to_category_tensor().to(device)
+        self.forward_seconds = 0.0
+        self.postprocess_seconds = 0.0
+        self.runs = 0
+
+    def _forward(self, images: list[torch.Tensor]) -> DETROutput:
+        """The model's outputs with masks for the queries kept at the lowest threshold, as ``predict`` has them."""
+        p = self.predictor
+
+        def kept(output: DETROutput) -> list[torch.Tensor]:
+            keep = kept_queries(output.pred_logits.float(), self.lowest, self.class_to_category)
+            return [k.nonzero().squeeze(1) for k in keep]
+
+        precision = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            output = p.model(images, mask_queries=kept)
+        output.pred_logits = output.pred_logits.float()
+        output.pred_boxes = output.pred_boxes.float()
+        output.pred_masks = output.pred_masks.float()
+        return output
+
+    def run(self, batch: Sequence[Any]) -> Iterator[tuple[InferenceSample, list[tuple[list[Setting], Any]]]]:
+        samples = [s for s in batch if isinstance(s, InferenceSample)]
+        if len(samples) != len(batch):
+            raise UserInputError("calibration needs every image of the split to be readable")
+        if not samples:
+            return
+        tick = time.perf_counter()
+        images = [s.image.to(self.predictor.device) for s in samples]
+        output = self._forward(images)
+        self.forward_seconds += time.perf_counter() - tick
+        scores, labels = output.pred_logits.softmax(-1).max(-1)
+        offset = 0
+        for b, sample in enumerate(samples):
+            tick = time.perf_counter()
+            selected = output.mask_queries[b]
+            one = DETROutput(pred_logits=output.pred_logits[b:b + 1], pred_boxes=output.pred_boxes[b:b + 1],
+                             pred_masks=output.pred_masks[offset:offset + len(selected)], mask_queries=[selected],
+                             input_size=output.input_size)
+            offset += len(selected)
+            processed = tuple(int(v) for v in images[b].shape[-2:])
+            groups: dict[tuple, list[Setting]] = {}
+            for setting in self.grid:
+                kept = selected[scores[b, selected] > setting.threshold]
+                mode = setting.merge_stuff
+                if mode == "merge" and not self._repeats_stuff(labels[b, kept]):
+                    mode = "reference"  # without a stuff class kept twice the two modes give the same result
+                groups.setdefault((tuple(kept.tolist()), mode, setting.min_area), []).append(setting)
+            results = []
+            for (_, mode, min_area), group in groups.items():
+                result = panoptic_postprocess(one, [processed], [sample.orig_size], is_thing=self.is_thing,
+                                              threshold=group[0].threshold, merge_stuff=mode,
+                                              class_to_category=self.class_to_category, min_area=min_area)[0]
+                results.append((group, result.cpu()))
+            self.runs += len(groups)
+            self.postprocess_seconds += time.perf_counter() - tick
+            yield sample, results
+
+    def _repeats_stuff(self, labels: torch.Tensor) -> bool:
+        stuff = [label for label in labels.tolist() if not self.is_thing_list[label]]
+        return len(stuff) != len(set(stuff))
+
+
+# -- writing the result ----------------------------------------------------------------------------------
+def write_table(table: CalibrationTable, out_dir: str | os.PathLike, *, chart: bool = True) -> dict[str, Path]:
+    """``<out_dir>/calibration.json`` (atomically) and, with ``chart``, ``<out_dir>/calibration.png``."""
+    out_dir = Path(out_dir)
+    written = {"json": out_dir / CALIBRATION_JSON}
+    atomic_write_json(written["json"], table.to_json())
+    if chart:
+        written["chart"] = plot_calibration(table, out_dir / CALIBRATION_PNG)
+    return written
+
+
+def plot_calibration(table: CalibrationTable, path: str | os.PathLike) -> Path:
+    """PQ against the threshold: All, things and stuff for the best row's merge mode and minimum area, the
+    other (merge mode, minimum area) pairs' PQ thin and dashed, the chosen setting marked."""
+    from matplotlib.figure import Figure
+
+    best = table.best
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    pairs = list(dict.fromkeys((r.setting.merge_stuff, r.setting.min_area) for r in table.rows))
+    chosen = (best.setting.merge_stuff, best.setting.min_area)
+    for pair in pairs:
+        rows = sorted((r for r in table.rows if (r.setting.merge_stuff, r.setting.min_area) == pair),
+                      key=lambda r: r.setting.threshold)
+        x = [r.setting.threshold for r in rows]
+        if pair == chosen:
+            ax.plot(x, [r.pq for r in rows], "-o", color="#1f3b5a", lw=2.2, ms=4, label=f"PQ ({pair[0]}, min area {pair[1]})")
+            ax.plot(x, [r.pq_things for r in rows], "-s", color="#e8a33d", lw=1.6, ms=3, label="PQ things")
+            ax.plot(x, [r.pq_stuff for r in rows], "-^", color="#3a8f5c", lw=1.6, ms=3, label="PQ stuff")
+        else:
+            ax.plot(x, [r.pq for r in rows], "--", lw=0.9, alpha=0.7, label=f"PQ ({pair[0]}, min area {pair[1]})")
+    ax.plot([best.setting.threshold], [best.pq], "*", color="#c0392b", ms=16, zorder=5,
+            label=f"chosen: {best.setting.threshold:.2f} / {best.setting.merge_stuff} / {best.setting.min_area}")
+    ax.annotate(f"PQ {best.pq:.2f}", (best.setting.threshold, best.pq), textcoords="offset points", xytext=(8, 8))
+    ax.set_xlabel("keep threshold")
+    ax.set_ylabel("PQ (%)")
+    ax.set_title(f"post-processing calibration over {table.num_images} image(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def write_calibrated_checkpoint(source: str | os.PathLike, postprocess: Mapping[str, Any], *,
+                                out: str | os.PathLike | None = None, in_place: bool = False) -> Path:
+    """Store ``postprocess`` (``{"threshold", "merge_stuff", "min_area"}``) as the checkpoint's
+    ``detr_panoptic.postprocess`` record.
+
+    ``in_place``: rewrite ``source`` atomically (our ``.pth`` checkpoints: everything else in the file is
+    kept; ``.safetensors``: its JSON sidecar). Otherwise write a copy to ``out``: our ``.pth`` with
+    everything else kept, any other source (official file, ``.safetensors``, Hugging Face folder, URL,
+    alias) as our checkpoint format (weights, categories, model config, input size). Returns the path written.
+    """
+    from detr_panoptic import checkpoints
+
+    record = Setting(float(postprocess["threshold"]), str(postprocess["merge_stuff"]),
+                     int(postprocess["min_area"])).as_dict()
+    path = Path(str(source)).expanduser()
+    local = path.is_file()
+    if in_place and not local:
+        raise UserInputError(f"{source}: --in-place needs a checkpoint file (.pth or .safetensors); "
+                             "write a calibrated copy with --out instead")
+    if not in_place and out is None:
+        raise UserInputError("write_calibrated_checkpoint: give out= or in_place=True")
+    target = path if in_place else Path(out)
+    if local and path.suffix != ".safetensors":
+        obj = checkpoints._torch_load(path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) \
+                and isinstance(obj.get("detr_panoptic"), Mapping):
+            payload = dict(obj)
+            payload["detr_panoptic"] = dict(obj["detr_panoptic"], postprocess=record)
+            with atomic_path(target) as tmp:
+                torch.save(payload, tmp)
+            return target
+        if in_place:
+            raise UserInputError(f"{path}: not a detr-panoptic checkpoint (no 'detr_panoptic' metadata): refusing "
+                                 "to rewrite it in place; write a calibrated copy with --out instead")
+    if in_place:  # .safetensors: the metadata lives in the sidecar
+        sidecar = checkpoints.sidecar_path(path)
+        if sidecar.is_file():
+            meta = checkpoints._read_json(sidecar)
+        else:
+            pretrained = checkpoints.load_checkpoint(path)
+            meta = checkpoints._metadata(pretrained.model, pretrained.category_map, None,
+                                         _size_record(pretrained.input_size))
+        atomic_write_json(sidecar, dict(meta, postprocess=record))
+        return sidecar
+    pretrained = checkpoints.load_checkpoint(source)
+    model_config = pretrained.metadata.get("model_config") or checkpoints.model_config_from_model(pretrained.model)
+    return checkpoints.save_checkpoint(target, pretrained.model, category_map=pretrained.category_map,
+                                       model_config=model_config, input_size=_size_record(pretrained.input_size),
+                                       postprocess=record)
+
+
+def _size_record(input_size: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if input_size is None else {"min_size": int(input_size[0]), "max_size": int(input_size[1])}
+
+
+def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, in_place: bool = False,
+                         cityscapes_root: str | None = None, split: str | None = None, use_train_id: bool = False,
+                         gt_json: str | None = None, gt_folder: str | None = None, image_dir: str | None = None,
+                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                         merge_modes: Sequence[str] = DEFAULT_MERGE_MODES,
+                         min_areas: Sequence[int] = DEFAULT_MIN_AREAS, batch_size: int = 1,
+                         device: str | None = "auto", dtype: str | None = None, size: int | None = None,
+                         max_size: int | None = None, limit: int | None = None, progress: bool = True
+                         ) -> dict[str, Any]:
+    """The ``calibrate`` command: sweep, write ``calibration.json``/``.png`` and the calibrated checkpoint
+    (``<out_dir>/calibrated.pth``, or ``checkpoint`` itself with ``in_place``). Returns
+    ``{"table", "json", "chart", "checkpoint"}``."""
+    from detr_panoptic.inference.tasks import build_eval_dataset
+
+    make_grid(thresholds, merge_modes, min_areas)  # a bad grid fails before the model is loaded
+    dataset = build_eval_dataset(cityscapes_root=cityscapes_root, split=split, use_train_id=use_train_id,
+                                 gt_json=gt_json, gt_folder=gt_folder, image_dir=image_dir)
+    predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, dtype=dtype, size=size,
+                                                  max_size=max_size)
+    table = calibrate(predictor, dataset, thresholds=thresholds, merge_modes=merge_modes, min_areas=min_areas,
+                      batch_size=batch_size, limit=limit, progress=progress)
+    table.info["checkpoint"] = str(checkpoint)
+    written = write_table(table, out_dir)
+    target = write_calibrated_checkpoint(checkpoint, table.best.setting.as_dict(), in_place=in_place,
+                                         out=Path(out_dir) / CALIBRATED_CHECKPOINT)
+    log.info("wrote %s, %s and %s", written["json"], written.get("chart"), target)
+    return {"table": table, "json": written["json"], "chart": written.get("chart"), "checkpoint": target}
+
+
+__all__ = [
+    "CALIBRATED_CHECKPOINT",
+    "CALIBRATION_JSON",
+    "CALIBRATION_PNG",
+    "DEFAULT_MERGE_MODES",
+    "DEFAULT_MIN_AREAS",
+    "DEFAULT_THRESHOLDS",
+    "CalibrationRow",
+    "CalibrationTable",
+    "Setting",
+    "calibrate",
+    "calibrate_checkpoint",
+    "make_grid",
+    "plot_calibration",
+    "write_calibrated_checkpoint",
+    "write_table",
+]
