@@ -129,3 +129,16 @@ def test_inputs_from_a_panoptic_result():
     out = acc.compute()
     assert out["recall"] == 100.0 and out["kept_per_gt"] == 2.0
     assert out["mask_iou"] == pytest.approx(50.0)  # the first best box match: query 4
+
+
+def test_a_result_without_kept_queries_counts_its_thing_segments():
+    h, w = 20, 30
+    gt_id_map = torch.ones(h, w, dtype=torch.long)
+    gt_id_map[0:10, 0:10] = 2
+    gt_segments = [{"id": 1, "category_id": 7}, {"id": 2, "category_id": CAR}]
+    result = PanopticResult(gt_id_map.clone(), [{"id": 1, "category_id": 7, "score": 1.0},
+                                                {"id": 2, "category_id": CAR, "score": 0.9}])
+    acc = DetectionAccumulator()
+    acc.add(**panoptic_detection_inputs(gt_id_map, gt_segments, result, thing_ids=[CAR]))
+    out = acc.compute()
+    assert out["recall"] == 100.0 and out["kept_ratio"] == 1.0 and out["mask_iou"] == 100.0

@@ -19,7 +19,8 @@ counts, per category and overall:
 Recall and mask IoU are percentages (0..100), as the PQ figures are. Pure accounting: torch tensors in,
 numbers out; ``add`` per image, ``merge`` to combine accumulators (processes, shards), ``compute``.
 ``panoptic_detection_inputs`` builds ``add``'s arguments from a ground-truth id map + segments and a
-``PanopticResult`` whose ``kept`` holds the kept queries (the ``inference`` interface).
+``PanopticResult`` whose ``kept`` holds the kept queries (the ``inference`` interface), or, without
+``kept``, from its thing segments.
 """
 from __future__ import annotations
 
@@ -172,15 +173,23 @@ def panoptic_detection_inputs(gt_id_map: torch.Tensor, gt_segments: Sequence[Map
     """``DetectionAccumulator.add`` keyword arguments for one image: the ground truth's non-crowd thing
     segments (``gt_id_map`` [H, W] of segment ids, COCO ``segments_info``) and the kept thing queries of
     ``result`` (a ``PanopticResult`` with ``kept``; each query's mask is its segment in ``result.id_map``,
-    empty when the merge dropped it)."""
+    empty when the merge dropped it). A result without ``kept`` (``None``: a model that returns segments
+    only) is counted by its thing segments instead, each with the box of its mask."""
     things = {int(t) for t in thing_ids}
     gt = [s for s in gt_segments if int(s["category_id"]) in things and not s.get("iscrowd", 0)]
     gt_id_map = torch.as_tensor(gt_id_map)
     gt_masks = torch.stack([gt_id_map == int(s["id"]) for s in gt]) if gt else \
         torch.zeros(0, *gt_id_map.shape, dtype=torch.bool)
     kept = getattr(result, "kept", None)
-    if kept is None:
-        raise ValueError("the result carries no kept queries (PanopticResult.kept is None)")
+    if kept is None:  # a result without its kept queries: its thing segments stand in for them
+        segments = [s for s in result.segments_info if int(s["category_id"]) in things]
+        id_map = torch.as_tensor(result.id_map).cpu()
+        masks = torch.stack([id_map == int(s["id"]) for s in segments]) if segments else \
+            torch.zeros(0, *id_map.shape, dtype=torch.bool)
+        return {"gt_categories": [int(s["category_id"]) for s in gt], "gt_boxes": mask_boxes(gt_masks),
+                "gt_masks": gt_masks, "pred_categories": [int(s["category_id"]) for s in segments],
+                "pred_boxes": mask_boxes(masks), "pred_masks": masks,
+                "pred_scores": [float(s.get("score", 1.0)) for s in segments]}
     is_thing = torch.tensor([int(c) in things for c in kept.category_ids.tolist()], dtype=torch.bool)
     chosen = is_thing.nonzero().squeeze(1)
     segment_of_query = {int(s["query"]): int(s["id"]) for s in result.segments_info if "query" in s}
