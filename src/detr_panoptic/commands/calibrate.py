@@ -25,8 +25,6 @@ def _listed(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from detr_panoptic.inference.calibrate import DEFAULT_MERGE_MODES, DEFAULT_MIN_AREAS, DEFAULT_THRESHOLDS
-
     parser = subparsers.add_parser(
         "calibrate", help="choose the post-processing (threshold, stuff merge, min area) that maximises PQ",
         description="Sweep the post-processing settings (keep threshold x stuff merge mode x minimum segment "
@@ -47,12 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--in-place", action="store_true",
                         help="store the chosen setting in CHECKPOINT itself (atomically) instead of a copy")
     grid = parser.add_argument_group("the grid")
-    grid.add_argument("--thresholds", type=_listed(float), default=DEFAULT_THRESHOLDS,
+    grid.add_argument("--thresholds", type=_listed(float), default=None,
                       help="keep thresholds, comma-separated (default: 0.3,0.35,...,0.95)")
-    grid.add_argument("--merge-modes", type=_listed(str), default=DEFAULT_MERGE_MODES,
+    grid.add_argument("--merge-modes", type=_listed(str), default=None,
                       help="stuff merge modes (default: reference,merge)")
-    grid.add_argument("--min-areas", type=_listed(int), default=DEFAULT_MIN_AREAS,
-                      help=f"minimum segment areas in pixels (default: {','.join(map(str, DEFAULT_MIN_AREAS))})")
+    grid.add_argument("--min-areas", type=_listed(int), default=None,
+                      help="minimum segment areas in pixels (default: 4)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--size", type=int, help="resize the shorter side to this (default: the checkpoint's "
                         "training size, else 800)")
@@ -65,12 +63,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from detr_panoptic.inference.calibrate import calibrate_checkpoint
+    from detr_panoptic.inference.calibrate import (
+        DEFAULT_MERGE_MODES,
+        DEFAULT_MIN_AREAS,
+        DEFAULT_THRESHOLDS,
+        calibrate_checkpoint,
+    )
 
     out = calibrate_checkpoint(
         args.checkpoint, args.out, in_place=args.in_place, cityscapes_root=args.cityscapes, split=args.split,
         use_train_id=args.use_train_id, gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir,
-        thresholds=args.thresholds, merge_modes=args.merge_modes, min_areas=args.min_areas,
+        thresholds=args.thresholds or DEFAULT_THRESHOLDS, merge_modes=args.merge_modes or DEFAULT_MERGE_MODES,
+        min_areas=args.min_areas or DEFAULT_MIN_AREAS,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, size=args.size, max_size=args.max_size,
         limit=args.limit)
     table = out["table"]
