@@ -1,14 +1,18 @@
-"""Inference speed: ``PanopticDETR.predict`` (masks for kept queries only) vs the all-queries path
+"""Inference speed: ``PanopticDETR.predict`` (masks for kept queries only) in float32 and under bf16
+autocast, each with the conv parts channels-last (the default) and NCHW, vs the all-queries path
 (forward computing all 100 masks + ``panoptic_postprocess``) vs transformers' ``DetrForSegmentation``
-(same weights) + its ``post_process_panoptic_segmentation``.
+(same weights) + its ``post_process_panoptic_segmentation`` (the reference anchor).
 
 One 1024x2048 image resized to 800x1600, DETR-R50 panoptic (250 classes, 100 queries) with random weights
-whose class head is fitted so that ~20 queries pass the 0.85 threshold (a mix of things and stuff). Each
-path runs in its own subprocess, one after the other (clean peak memory, no interference), ``--reps``
-times; the median is reported. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and
-compared with this machine's measured matrix-multiply peak.
+whose class head is fitted so that ~20 queries pass the 0.85 threshold (a mix of things and stuff). The
+predict variants run in one subprocess, alternating after one warm-up each (so a shared machine's load
+hits them alike); all-queries and transformers each in its own, one after the other (clean peak memory);
+``--reps`` times each, the median of wall and process CPU time is reported. FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` and
+compared with this machine's measured 2048^3 matrix-multiply peak (fp32, and bf16 for reference). The
+bf16 result is compared with the fp32 one: same segments, and the share of pixels whose segment comes
+from the same query. The CPU model and its bf16 support are printed with the figures.
 
-Usage: ``python bench/bench_inference.py [--reps 3] [--hf-reps 2] [--kept 20] [--no-hf]``
+Usage: ``python bench/bench_inference.py [--reps 3] [--hf-reps 2] [--kept 20] [--no-hf] [--no-nchw]``
 Writes bench/results/bench_inference.json.
 """
 from __future__ import annotations
@@ -87,8 +91,25 @@ def summarise(results) -> dict:
             "id_map_sha": [hashlib.sha256(r.id_map.cpu().numpy().tobytes()).hexdigest()[:16] for r in results]}
 
 
-def worker(path_name: str, weights: str, reps: int, queue) -> None:
-    """Run one path ``reps`` times in this (fresh) process; report times, FLOPs, peak RSS, a result digest."""
+def query_map(result) -> torch.Tensor:
+    """[H, W] int16: the query whose segment covers each pixel (-1: void), comparable across precisions."""
+    lookup = torch.full((int(result.id_map.max()) + 1,), -1, dtype=torch.int16)
+    for segment in result.segments_info:
+        lookup[segment["id"]] = segment["query"]
+    return lookup[result.id_map.cpu()]
+
+
+# predict variants: name -> (autocast dtype, channels-last conv parts)
+PREDICT_PATHS = {"predict": (None, True), "predict_nchw": (None, False),
+                 "predict_bf16": (torch.bfloat16, True), "predict_bf16_nchw": (torch.bfloat16, False)}
+
+
+def worker(path_name: str, weights: str, reps: int, queue, variants: tuple[str, ...] = ()) -> None:
+    """Run one path ``reps`` times in this (fresh) process; report times, FLOPs, peak RSS, a result digest.
+
+    ``predict_variants``: the ``PREDICT_PATHS`` named in ``variants``, in one process, one warm-up each, then
+    ``reps`` rounds alternating between them (so load on a shared machine hits them alike); one report each.
+    """
     torch.manual_seed(0)
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -101,10 +122,39 @@ def worker(path_name: str, weights: str, reps: int, queue) -> None:
     category_map = model.category_map
     is_thing, to_category = category_map.is_thing(), category_map.class_to_category_tensor()
 
-    if path_name == "predict":
+    def predictor(name: str):
+        dtype, channels_last = PREDICT_PATHS[name]
+
         def run():
-            return model.predict([image], threshold=THRESHOLD, target_sizes=[ORIGINAL_SIZE])
-    elif path_name == "all_queries":
+            model.set_channels_last(backbone=channels_last, mask_head=channels_last)
+            return model.predict([image], threshold=THRESHOLD, target_sizes=[ORIGINAL_SIZE], autocast_dtype=dtype)
+        return run
+
+    if path_name == "predict_variants":
+        runs = {name: predictor(name) for name in variants}
+        times = {name: [] for name in variants}
+        cpu_times = {name: [] for name in variants}
+        results = {}
+        for rep in range(reps + 1):
+            for name in (variants if rep % 2 else variants[::-1]):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                results[name] = runs[name]()
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+                    cpu_times[name].append(time.process_time() - start_cpu)
+        reports = []
+        for name in variants:
+            flops = None
+            if name == "predict":
+                with FlopCounterMode(display=False) as counter:
+                    runs[name]()
+                flops = counter.get_total_flops()
+            reports.append({"path": name, "times": times[name], "cpu_times": cpu_times[name], "flops": flops,
+                            "query_map": query_map(results[name][0]).numpy(), "digest": summarise(results[name]),
+                            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        queue.put(reports)
+        return
+    if path_name == "all_queries":
         def run():
             with torch.inference_mode():
                 outputs = model([image])
@@ -115,19 +165,21 @@ def worker(path_name: str, weights: str, reps: int, queue) -> None:
     else:
         raise ValueError(path_name)
 
-    times, result = [], None
+    times, cpu_times, result = [], [], None
     for _ in range(reps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = run()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
     flops = None
-    if path_name != "transformers":
+    if path_name == "all_queries":
         with FlopCounterMode(display=False) as counter:
             run()
         flops = counter.get_total_flops()
     digest = summarise(result) if path_name != "transformers" else {"segments": [len(result[0]["segments_info"])]}
-    queue.put({"path": path_name, "times": times, "flops": flops,
-               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "digest": digest})
+    # query maps travel as numpy arrays: a torch tensor would be a shared-memory handle dying with this process
+    queue.put([{"path": path_name, "times": times, "cpu_times": cpu_times, "flops": flops, "query_map": None,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "digest": digest}])
 
 
 def transformers_runner(model, image, category_map):
@@ -157,21 +209,21 @@ def transformers_runner(model, image, category_map):
     return run
 
 
-def run_path(name: str, weights: str, reps: int) -> dict:
+def run_path(name: str, weights: str, reps: int, variants: tuple[str, ...] = ()) -> dict[str, dict]:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=worker, args=(name, weights, reps, queue))
+    process = context.Process(target=worker, args=(name, weights, reps, queue, variants))
     process.start()
     while True:
         try:
-            return queue.get(timeout=5)
+            return {report["path"]: report for report in queue.get(timeout=5)}
         except queue_module.Empty:  # still running, or died
             if not process.is_alive():
                 raise RuntimeError(f"the {name} worker failed (exit code {process.exitcode})") from None
 
 
-def matmul_peak(size: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = min(timed(lambda: torch.mm(a, b)) for _ in range(reps))
     return 2 * size ** 3 / best / 1e9
@@ -189,7 +241,12 @@ def main() -> None:
     parser.add_argument("--hf-reps", type=int, default=2)
     parser.add_argument("--kept", type=int, default=20)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--no-nchw", action="store_true", help="skip the NCHW (not channels-last) variants")
     args = parser.parse_args()
+    from detr_panoptic.utils.precision import hardware_summary
+
+    hardware = hardware_summary()
+    print(json.dumps(hardware), flush=True)
 
     transformers_failure = None
     peak_before = matmul_peak()
@@ -200,12 +257,14 @@ def main() -> None:
         torch.save(model.state_dict(), weights)
         del model
         runs = {}
-        for name in ("predict", "all_queries"):
-            runs[name] = run_path(name, weights, args.reps)
-            print(f"{name}: runs {', '.join(f'{t:.2f}' for t in runs[name]['times'])} s", flush=True)
+        variants = ("predict", "predict_bf16") if args.no_nchw else tuple(PREDICT_PATHS)
+        runs.update(run_path("predict_variants", weights, args.reps, variants))
+        runs.update(run_path("all_queries", weights, args.reps))
+        for name, r in runs.items():
+            print(f"{name}: runs {', '.join(f'{t:.2f}' for t in r['times'])} s", flush=True)
         if not args.no_hf:
             try:
-                runs["transformers"] = run_path("transformers", weights, args.hf_reps)
+                runs.update(run_path("transformers", weights, args.hf_reps))
             except ImportError as exc:
                 print(f"transformers not available ({exc}); skipped")
             except RuntimeError as exc:  # e.g. killed for lack of memory on a shared machine
@@ -213,30 +272,57 @@ def main() -> None:
                 transformers_failure = str(exc)
     peak_after = matmul_peak()
     peak = max(peak_before, peak_after)
+    bf16_peak = matmul_peak(dtype=torch.bfloat16)
 
     med = {name: statistics.median(r["times"]) for name, r in runs.items()}
+    med_cpu = {name: statistics.median(r["cpu_times"]) for name, r in runs.items()}
     predict, full = runs["predict"], runs["all_queries"]
     kept = sum(len(s) for s in predict["digest"]["segments"])
+    bf16 = runs["predict_bf16"]
+    fp32_queries, bf16_queries = torch.from_numpy(predict.pop("query_map")), torch.from_numpy(bf16.pop("query_map"))
     figures = {
+        "cpu": hardware["cpu"],
+        "cpu_bf16_native": hardware["cpu_bf16_native"],
+        "mkldnn_bf16_supported": hardware["mkldnn_bf16_supported"],
+        "threads": hardware["cpu_threads"],
         "predict_s": med["predict"],
+        "predict_bf16_s": med["predict_bf16"],
+        "speedup_bf16_vs_fp32": med["predict"] / med["predict_bf16"],
+        "predict_cpu_s": med_cpu["predict"],
+        "predict_bf16_cpu_s": med_cpu["predict_bf16"],
+        "speedup_bf16_vs_fp32_cpu_time": med_cpu["predict"] / med_cpu["predict_bf16"],
         "all_queries_s": med["all_queries"],
         "speedup_predict_vs_all_queries": med["all_queries"] / med["predict"],
         "predict_gflop": predict["flops"] / 1e9,
         "all_queries_gflop": full["flops"] / 1e9,
         "flop_ratio_all_queries_vs_predict": full["flops"] / predict["flops"],
+        "all_queries_cpu_s": med_cpu["all_queries"],
         "predict_gflops_per_s": predict["flops"] / 1e9 / med["predict"],
         "all_queries_gflops_per_s": full["flops"] / 1e9 / med["all_queries"],
         "matmul_peak_gflops_per_s": peak,
+        "matmul_peak_bf16_gflops_per_s": bf16_peak,
+        "predict_bf16_fraction_of_bf16_peak": predict["flops"] / 1e9 / med["predict_bf16"] / bf16_peak,
         "predict_fraction_of_peak": predict["flops"] / 1e9 / med["predict"] / peak,
         "predict_peak_rss_mb": predict["max_rss_mb"],
         "all_queries_peak_rss_mb": full["max_rss_mb"],
         "segments": kept,
         "predict_equals_all_queries": predict["digest"] == full["digest"],
+        "bf16_same_segments": [(c, q) for c, _, q in bf16["digest"]["segments"][0]]
+        == [(c, q) for c, _, q in predict["digest"]["segments"][0]],
+        "bf16_pixels_same_segment": float((fp32_queries == bf16_queries).float().mean()),
         "reps": args.reps,
     }
+    for name in ("predict_nchw", "predict_bf16_nchw"):
+        if name in runs:
+            figures[f"{name}_s"] = med[name]
+            figures[f"{name}_cpu_s"] = med_cpu[name]
+            figures[f"speedup_channels_last_{'bf16' if 'bf16' in name else 'fp32'}"] = \
+                med[name] / med[name.removesuffix("_nchw")]
+            runs[name].pop("query_map")
     if "transformers" in runs:
         figures.update({"transformers_s": med["transformers"],
                         "speedup_predict_vs_transformers": med["transformers"] / med["predict"],
+                        "speedup_predict_bf16_vs_transformers": med["transformers"] / med["predict_bf16"],
                         "transformers_peak_rss_mb": runs["transformers"]["max_rss_mb"],
                         "transformers_segments": runs["transformers"]["digest"]["segments"][0],
                         "transformers_reps": args.hf_reps})
@@ -253,7 +339,9 @@ def main() -> None:
         "command": "python bench/bench_inference.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": (f"1024x2048 -> 800x1600, DETR-R50 panoptic random weights, class head fitted so {args.kept} "
-                  f"queries pass {THRESHOLD}; each path in its own process, median of the runs; "
+                  f"queries pass {THRESHOLD}; the predict variants in one process, alternating after one warm-up each (their peak RSS is that process's), the others each in its own process; median of the runs (wall and process CPU time); 'predict' = "
+                  "fp32, conv parts channels-last (the default); '_bf16' = network under bf16 autocast "
+                  "(post-processing fp32); '_nchw' = conv parts NCHW; "
                   "'all_queries' = forward (all 100 masks) + panoptic_postprocess; 'transformers' = "
                   "DetrForSegmentation (same weights) + post_process_panoptic_segmentation; peak = best "
                   "2048^3 torch.mm before/after. The machine is shared: absolute times are noisy."),
