@@ -212,3 +212,32 @@ def test_trainable_batch_norms_need_a_training_backbone(tmp_path):
     config = tiny_config(tmp_path, freeze={"batch_norm": False})
     with pytest.raises(UserInputError, match="batch_norm"):
         train_stage(config, datasets=toy_datasets(4), evaluate=ScriptedEval(1.0))
+
+
+def test_query_groups_train_through_train_stage_and_keep_official_checkpoints(tmp_path, monkeypatch):
+    """``train.query_groups: 2`` reaches the model (its extra queries train), checkpoints hold the official keys
+    only, and a resumed run rebuilds the groups and continues."""
+    seen = []
+    real = training.prepare_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append(model)
+        return model
+
+    monkeypatch.setattr(training, "prepare_model", spy)
+    config = tiny_config(tmp_path / "run", train={"query_groups": 2, "max_steps": 2})
+    train_stage(config, datasets=toy_datasets(), evaluate=ScriptedEval(10.0))
+    model = seen[-1]
+    assert model.query_groups == 2 and model.group_query_embed is not None
+    from detr_panoptic.models.detr import QUERY_GROUPS_SEED
+
+    initial = torch.Generator().manual_seed(QUERY_GROUPS_SEED)
+    start = torch.randn(model.group_query_embed.shape, generator=initial)
+    assert not torch.equal(model.group_query_embed.detach().cpu(), start)  # the extra queries were trained
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)
+    assert not any("group_query" in key for key in last["model"])
+    resumed = tiny_config(tmp_path / "run", train={"query_groups": 2, "max_steps": 4})
+    train_stage(resumed, datasets=toy_datasets(), evaluate=ScriptedEval(10.0))
+    assert seen[-1].query_groups == 2
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)["step"] == 4

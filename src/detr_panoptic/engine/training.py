@@ -198,7 +198,8 @@ def _check_stage(config: Config) -> None:
 def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, Any] | None,
                   device: torch.device, *, verbose: bool) -> PanopticDETR:
     """The stage's model on ``device``: from the resumed checkpoint or ``model.init``, batch norms thawed
-    when ``freeze.batch_norm`` is false, freeze policies applied (trainable parameters per part logged)."""
+    when ``freeze.batch_norm`` is false, freeze policies applied (trainable parameters per part logged),
+    ``train.query_groups`` extra query groups for training."""
     model = _model_from_resume(resume, category_map) if resume is not None \
         else build_model(config.model, category_map)
     model.to(device)
@@ -213,6 +214,11 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
     report: FreezeReport = apply_freeze(model, backbone=backbone, transformer=freeze.transformer,
                                         attention=freeze.attention, first_layers=freeze.first_layers,
                                         backbone_stem=freeze.backbone_stem)
+    if config.train.query_groups > 1:  # after freezing: the extra queries freeze with the official ones
+        model.enable_query_groups(config.train.query_groups)
+        if verbose:
+            log.info("%s: %d query groups in training (Group-DETR); checkpoints and inference keep the official "
+                     "%d queries", config.name, config.train.query_groups, model.config["num_queries"])
     if verbose:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())
     return model
