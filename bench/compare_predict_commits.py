@@ -17,10 +17,10 @@ import torch
 tree, which = sys.argv[1], sys.argv[2]
 sys.path.insert(0, tree + "/bench")
 sys.path.insert(0, tree + "/src")
-import bench_inference as b  # noqa: E402  (the tree's own bench helpers: image, class-head steering)
+import bench_inference as b
 
-from detr_panoptic.data.categories import coco_category_map  # noqa: E402
-from detr_panoptic.models.detr import PanopticDETR  # noqa: E402
+from detr_panoptic.data.categories import coco_category_map
+from detr_panoptic.models.detr import PanopticDETR
 
 torch.manual_seed(0)
 model = PanopticDETR(250).eval()

@@ -152,3 +152,22 @@ def test_cuda_without_the_gpu_provider_is_a_clear_error(exported):
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(UserInputError, match="onnxruntime-gpu"):
         OnnxPredictor.from_pretrained(exported[1], device="cuda")
+
+
+def test_predict_to_folder_with_the_onnx_predictor(exported, predictors, tmp_path):
+    """The ONNX predictor drives ``predict_to_folder`` (restartable folder fingerprinted by its graphs)."""
+    import json
+
+    from detr_panoptic.inference import predict_to_folder
+
+    _, _, pictures, _, _ = exported
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{i}.png")
+    inputs = [str(tmp_path / f"{i}.png") for i in range(len(pictures))]
+    torch_run = predict_to_folder(predictors[0], inputs, tmp_path / "torch", progress=False, overlays=False)
+    onnx_run = predict_to_folder(predictors[1], inputs, tmp_path / "onnx", progress=False, overlays=False)
+    a = json.loads(torch_run.predictions_json.read_text())["annotations"]
+    b = json.loads(onnx_run.predictions_json.read_text())["annotations"]
+    assert [[s["category_id"] for s in x["segments_info"]] for x in a] == \
+        [[s["category_id"] for s in x["segments_info"]] for x in b]
+    assert len(predictors[1].weights_fingerprint()) == 16

@@ -8,6 +8,7 @@ as ``inference.PanopticPredictor``; only the network differs: ``trunk.onnx`` for
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -148,6 +149,15 @@ class OnnxPredictor(PanopticPredictor):
             source=str(source), threshold=threshold, min_size=size, max_size=max_size, merge_stuff=merge_stuff,
             min_area=min_area)
         return cls(source, settings, device=device, threads=threads, mask_batch=mask_batch)
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of the two graphs: which weights a restartable output folder holds."""
+        digest = hashlib.sha256()
+        for name in (TRUNK_FILE, MASKS_FILE):
+            with open(self.folder / name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
 
     def with_settings(self, **changes: Any) -> OnnxPredictor:
         """The same graphs (new sessions over the same files) with some settings changed."""

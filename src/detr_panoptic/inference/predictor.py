@@ -9,6 +9,7 @@ the kept-query decision and post-processing always run in float32.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -70,6 +71,10 @@ class PanopticPredictor:
         """The same model (shared, not copied) with some settings changed (``threshold=0.5`` ...)."""
         return PanopticPredictor(self.model, self.settings.replace(**changes), device=self.device, dtype=self.dtype)
 
+    def weights_fingerprint(self) -> str:
+        """Which weights make this predictor's results (a restartable output folder checks it)."""
+        return weights_digest(self.model)
+
     # -- running ----------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         return preprocess(image, self.settings.min_size, self.settings.max_size)
@@ -126,6 +131,15 @@ class PanopticPredictor:
                                           class_to_category=self._class_to_category, merge_stuff=s.merge_stuff,
                                           min_area=s.min_area)[0].cpu()
         return _attention_maps(output, picture, tensor, result)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex digits) over every parameter and buffer of ``model``."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass

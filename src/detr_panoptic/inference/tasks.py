@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -40,18 +39,9 @@ METRICS_JSON = "metrics.json"
 CHART_PNG = "per_class_pq.png"
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 (16 hex digits) over every parameter and buffer: which weights made a folder of predictions."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
     s = predictor.settings
-    return {"weights": weights_digest(predictor.model), "input_size": [s.min_size, s.max_size],
+    return {"weights": predictor.weights_fingerprint(), "input_size": [s.min_size, s.max_size],
             "postprocess": s.postprocess_metadata(), "dtype": str(predictor.dtype), **extra}
 
 
