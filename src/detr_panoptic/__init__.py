@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "OverlayWriter": "detr_panoptic.inference",
     "predict_to_folder": "detr_panoptic.inference",
     "evaluate_dataset": "detr_panoptic.inference",
+    "calibrate": "detr_panoptic.inference.calibrate",
     # models
     "PanopticDETR": "detr_panoptic.models.detr",
     "DETROutput": "detr_panoptic.models.outputs",
