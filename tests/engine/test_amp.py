@@ -48,6 +48,7 @@ def test_fp16_on_cpu_is_refused_naming_the_key(tmp_path):
     config = tiny_config(tmp_path / "fp16", train={"amp": "fp16", "max_steps": 1})
     with pytest.raises(UserInputError, match=r"train\.amp: fp16 is not supported on the CPU"):
         train_stage(config, datasets=toy_datasets(), evaluate=lambda model: {"pq": 0.0})
+    assert not (tmp_path / "fp16").exists()  # refused at stage start, before anything is written
 
 
 def test_autocast_dtype_per_device():

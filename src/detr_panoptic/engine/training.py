@@ -36,7 +36,7 @@ from detr_panoptic.engine.hooks import (
 )
 from detr_panoptic.engine.metrics_log import WandbWriter, truncate_metrics
 from detr_panoptic.engine.optim import build_optimizer, build_scheduler
-from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, TrainingDiverged
+from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, TrainingDiverged, autocast_dtype
 from detr_panoptic.engine.transfer import adapt_to_classes
 from detr_panoptic.models.criterion import build_criterion
 from detr_panoptic.models.detr import PanopticDETR
@@ -321,6 +321,7 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
     last_path, best_path = out / "checkpoints" / "last.pth", out / "checkpoints" / "best.pth"
     seed_everything(tc.seed + ctx.rank)
 
+    autocast_dtype(tc.amp, ctx.device)  # fp16 on the CPU: refused now, before data and model are built
     train_set, val_set, category_map = datasets if datasets is not None else build_datasets(config.data)
     resume = torch.load(last_path, map_location="cpu", weights_only=True) \
         if tc.resume and last_path.is_file() else None
