@@ -124,14 +124,6 @@ class PanopticDETR(nn.Module):
         assert self.group_query_embed is not None and groups == self.query_groups
         return torch.cat([official, self.group_query_embed])
 
-    def set_channels_last(self, backbone: bool = True, mask_head: bool = False) -> PanopticDETR:
-        """Memory format of the convolutional parts: the ResNet (channels-last by default, faster oneDNN
-        convolutions) and the mask head (NCHW by default, faster with its GroupNorms); see
-        bench/bench_channels_last.py. Outputs are equal to float rounding either way. Returns the model."""
-        self.detr.backbone[0].channels_last = backbone
-        self.mask_head.channels_last = mask_head
-        return self
-
     def set_channels_last(self, backbone: bool = True, mask_head: bool = True) -> PanopticDETR:
         """Memory format of the convolutional parts, the ResNet and the mask head: channels-last (the
         default; faster oneDNN convolutions on CPU, see bench/bench_channels_last.py) or NCHW. Outputs are
