@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from detr_panoptic.commands.common import add_config
 from detr_panoptic.config import load_config
@@ -57,13 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
 def check_output_dir(output_dir: str | os.PathLike, *, what: str = "train.output_dir") -> None:
     """Fail before any work when ``output_dir`` cannot be created or written (creates nothing)."""
-    path = Path(output_dir)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise NotADirectoryError(f"{what} {path} {where}, not a folder")
-    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
-        where = "" if existing == path else f" (it would be created in {existing})"
-        raise PermissionError(f"{what} {path}: cannot write there{where}: permission denied")
+    from detr_panoptic.utils.io import check_writable_folder
+
+    check_writable_folder(output_dir, what=what)

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_path
+from detr_panoptic.utils.io import atomic_path, check_writable_folder
 from detr_panoptic.utils.parallel import available_cores, map_in_processes
 from detr_panoptic.utils.png import decode_grey16_png, encode_id_png
 
@@ -382,15 +382,7 @@ def convert_cityscapes(
 
 def _check_output_folder(output_dir: Path) -> None:
     """Fail before any work when the output folder cannot be made or written (creates nothing)."""
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == output_dir else f"is inside {existing}, which is a file"
-        raise NotADirectoryError(f"output folder {output_dir} {where}, not a folder")
-    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
-        where = "" if existing == output_dir else f" (it would be created in {existing})"
-        raise PermissionError(f"output folder {output_dir}: cannot write there{where}: permission denied")
+    check_writable_folder(output_dir, what="output folder")
 
 
 def _convert_split(split: str, files: list[str], output_dir: Path, categories: list[dict[str, Any]],

@@ -57,3 +57,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
     dump_kwargs.setdefault("indent", 2)
     atomic_write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+def check_writable_folder(folder: str | os.PathLike, *, what: str = "output folder") -> None:
+    """Fail before any work when ``folder`` cannot be created or written (creates nothing).
+
+    ``NotADirectoryError`` when it, or a parent, is a file; ``PermissionError`` when the nearest existing
+    folder is not writable. ``what`` names it in the message (``train.output_dir``, ``output folder``).
+    """
+    path = Path(folder)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise NotADirectoryError(f"{what} {path} {where}, not a folder")
+    if not os.access(existing if existing.exists() else Path.cwd(), os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise PermissionError(f"{what} {path}: cannot write there{where}: permission denied")
