@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,13 +39,9 @@ MERGE_MODES = ("reference", "merge")
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from detr_panoptic.utils.precision import cpu_model as model_name
+
+    return model_name()
 
 
 def steer_class_head(model, category_map, image: torch.Tensor, kept: int) -> None:

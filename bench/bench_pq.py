@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -281,13 +280,9 @@ def profile_stages(paths: dict[str, Path], reps: int = 5) -> dict:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from detr_panoptic.utils.precision import cpu_model as model_name
+
+    return model_name()
 
 
 def main() -> int:
