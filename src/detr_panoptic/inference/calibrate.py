@@ -40,7 +40,7 @@ import torch
 from detr_panoptic.inference.evaluators import with_pixels
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader
-from detr_panoptic.inference.samples import DatasetSamples, InferenceSample
+from detr_panoptic.inference.samples import InferenceSample
 from detr_panoptic.models.outputs import DETROutput
 from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, kept_queries, panoptic_postprocess
 from detr_panoptic.utils.errors import UserInputError
@@ -213,19 +213,14 @@ def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequenc
     ``batch_size``: images per forward pass (padding changes the masks slightly: compare with an
     evaluation run at the same batch size). Returns a ``CalibrationTable``.
     """
-    from detr_panoptic.evaluation import PQAccumulator, load_panoptic_json
-    from detr_panoptic.inference.tasks import _default_workers, check_categories
+    from detr_panoptic.evaluation import PQAccumulator
+    from detr_panoptic.inference.tasks import _default_workers, evaluation_split
 
     start = time.perf_counter()
     grid = make_grid(thresholds, merge_modes, min_areas)
     lowest = min(s.threshold for s in grid)
-    samples = DatasetSamples(dataset, min_size=predictor.settings.min_size, max_size=predictor.settings.max_size)
+    samples, count, gt = evaluation_split(predictor, dataset, limit=limit, what="calibrate on")
     base = samples.dataset
-    count = len(samples) if limit is None else min(len(samples), max(0, limit))
-    if count == 0:
-        raise UserInputError(f"{base.json_path}: no image to calibrate on")
-    gt = load_panoptic_json(base.json_path, what="ground-truth JSON")
-    check_categories(predictor.settings.category_map, gt.get("categories", []), source=str(base.json_path))
     accumulators = {s: PQAccumulator(gt["categories"]) for s in grid}
     categories = next(iter(accumulators.values())).categories  # parsed once, shared by the per-image runs
     loader = make_loader(torch.utils.data.Subset(samples, list(range(count))), batch_size=batch_size,

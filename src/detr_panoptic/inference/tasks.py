@@ -112,6 +112,22 @@ def check_categories(category_map: CategoryMap, gt_categories: Sequence[Mapping[
                              "Evaluate on data with the model's categories (Cityscapes: check --use-train-id)")
 
 
+def evaluation_split(predictor: PanopticPredictor, dataset: Any, *, limit: int | None, what: str
+                     ) -> tuple[DatasetSamples, int, dict[str, Any]]:
+    """(samples at the predictor's input size, how many to use, the ground-truth JSON) for ``dataset``;
+    ``UserInputError`` when there is no image or the model predicts categories the ground truth lacks."""
+    from detr_panoptic.evaluation import load_panoptic_json
+
+    samples = DatasetSamples(dataset, min_size=predictor.settings.min_size, max_size=predictor.settings.max_size)
+    base = samples.dataset
+    count = len(samples) if limit is None else min(len(samples), max(0, limit))
+    if count == 0:
+        raise UserInputError(f"{base.json_path}: no image to {what}")
+    gt = load_panoptic_json(base.json_path, what="ground-truth JSON")
+    check_categories(predictor.settings.category_map, gt.get("categories", []), source=str(base.json_path))
+    return samples, count, gt
+
+
 def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | os.PathLike, *,
                      batch_size: int = 1, workers: int | None = None, num_workers: int | None = None,
                      limit: int | None = None, progress: bool = True, chart: bool = True, write: bool = True,
@@ -129,16 +145,11 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     Returns ``{"results" (pq_compute's dict), "metrics", "table", "predictions_json", "metrics_json",
     "chart", "num_images", "seconds"}``.
     """
-    from detr_panoptic.evaluation import format_results, load_panoptic_json, pq_compute, results_to_metrics
+    from detr_panoptic.evaluation import format_results, pq_compute, results_to_metrics
 
     start = time.perf_counter()
-    samples = DatasetSamples(dataset, min_size=predictor.settings.min_size, max_size=predictor.settings.max_size)
+    samples, count, gt = evaluation_split(predictor, dataset, limit=limit, what="evaluate")
     base = samples.dataset
-    count = len(samples) if limit is None else min(len(samples), max(0, limit))
-    if count == 0:
-        raise UserInputError(f"{base.json_path}: no image to evaluate")
-    gt = load_panoptic_json(base.json_path, what="ground-truth JSON")
-    check_categories(predictor.settings.category_map, gt.get("categories", []), source=str(base.json_path))
     annotations = [samples.annotation(i) for i in range(count)]
     out_dir = Path(out_dir)
     json_path = out_dir / PREDICTIONS_JSON
