@@ -199,3 +199,37 @@ def test_bad_arguments():
         panoptic_postprocess(outputs, [(8, 8)], is_thing=torch.tensor([True]))
     with pytest.raises(ValueError, match="processed_sizes"):
         panoptic_postprocess(outputs, [(8, 8), (8, 8)], is_thing=torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pixel_winner_equals_argmax_over_any_sequence_of_subsets(seed):
+    """PixelWinner (running maximum, and reuse of an earlier answer for a subset of it) gives argmax's
+    first-of-equal-maxima channel bit for bit, ties included, whatever order the subsets come in."""
+    from detr_panoptic.models.postprocess import PixelWinner
+
+    generator = torch.Generator().manual_seed(seed)
+    channels = 9
+    masks = torch.randint(0, 4, (channels, 17, 23), generator=generator).float()  # many ties
+    winner = PixelWinner(masks)
+    subset = torch.ones(channels, dtype=torch.bool)
+    for step in range(25):
+        if step % 6 == 5:  # now and then a set that is no subset of the last one
+            subset = torch.rand(channels, generator=generator) < 0.6
+        elif step:  # otherwise shrink
+            subset = subset & (torch.rand(channels, generator=generator) < 0.8)
+        if not subset.any():
+            subset[int(torch.randint(0, channels, (1,), generator=generator))] = True
+        index = subset.nonzero().squeeze(1)
+        expected = index[masks[index].argmax(0)]
+        assert torch.equal(winner(subset), expected), f"step {step}, subset {index.tolist()}"
+    with pytest.raises(ValueError, match="at least one channel"):
+        winner(torch.zeros(channels, dtype=torch.bool))
+
+
+def test_pixel_winner_nan_is_the_maximum_as_for_argmax():
+    from detr_panoptic.models.postprocess import PixelWinner
+
+    masks = torch.zeros(3, 2, 2)
+    masks[1, 0, 0] = float("nan")
+    masks[2] = 1.0
+    assert torch.equal(PixelWinner(masks)(torch.ones(3, dtype=torch.bool)), masks.argmax(0))

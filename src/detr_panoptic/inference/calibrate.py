@@ -8,11 +8,16 @@ How it stays cheap (per batch of images, one pass over the split):
    higher threshold keeps a subset of them (``postprocess.kept_queries``: best class not "no object",
    has a category, score > threshold), and in inference mode each query's mask is computed on its own,
    so it is bit-for-bit the mask ``PanopticDETR.predict`` computes at that threshold;
-2. for every setting only ``panoptic_postprocess`` (which accepts packed masks covering at least the
-   kept queries) and the PQ statistics of the image (``evaluation.PQAccumulator``, panopticapi-exact)
-   run, against the ground truth already in memory. Settings that give the same post-processing input
-   for an image share one run: thresholds that keep the same queries, and the two merge modes when no
-   stuff class is kept twice (``merge`` and ``reference`` differ only then).
+2. per image, the kept masks are upsampled to the input size once (``postprocess.upsampled_masks``:
+   bilinear, each query's map from its own logits only, so a subset's maps are rows of it), and one
+   ``postprocess.PixelWinner`` answers every setting's per-pixel argmax: a setting that keeps a subset
+   of what an earlier one kept recomputes only the pixels whose winner is gone;
+3. for every setting only the pixel assignment (``postprocess.assign_segments``, what
+   ``panoptic_postprocess`` runs per image) and the PQ statistics of the image
+   (``evaluation.PQAccumulator``, panopticapi-exact) run, against the ground truth already in memory.
+   Settings that give the same post-processing input for an image share one run: thresholds that keep
+   the same queries, and the two merge modes when no stuff class is kept twice (``merge`` and
+   ``reference`` differ only then).
 
 The loop is image-major: what post-processing needs (logits, packed masks, sizes) and the image's
 ground truth are held for the batch in flight only, and one ``PQAccumulator`` per setting sums the
@@ -41,8 +46,15 @@ from detr_panoptic.inference.evaluators import with_pixels
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader
 from detr_panoptic.inference.samples import InferenceSample
-from detr_panoptic.models.outputs import DETROutput
-from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, kept_queries, panoptic_postprocess
+from detr_panoptic.models.outputs import DETROutput, PanopticResult
+from detr_panoptic.models.postprocess import (
+    MERGE_MODES,
+    MIN_AREA,
+    PixelWinner,
+    assign_segments,
+    kept_queries,
+    upsampled_masks,
+)
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
 
@@ -276,6 +288,7 @@ class _Sweep:
         self.is_thing = category_map.is_thing().to(device)
         self.is_thing_list = self.is_thing.bool().tolist()
         self.class_to_category = category_map.class_to_category_tensor().to(device)
+        self.categories = self.class_to_category.tolist()
         self.forward_seconds = 0.0
         self.postprocess_seconds = 0.0
         self.runs = 0
@@ -324,10 +337,15 @@ class _Sweep:
                     mode = "reference"  # without a stuff class kept twice the two modes give the same result
                 groups.setdefault((tuple(kept.tolist()), mode, setting.min_area), []).append(setting)
             results = []
-            for (_, mode, min_area), group in groups.items():
-                result = panoptic_postprocess(one, [processed], [sample.orig_size], is_thing=self.is_thing,
-                                              threshold=group[0].threshold, merge_stuff=mode,
-                                              class_to_category=self.class_to_category, min_area=min_area)[0]
+            winner = PixelWinner(upsampled_masks(one, 0, selected, processed)) if len(selected) else None
+            for (kept_tuple, mode, min_area), group in groups.items():
+                kept = torch.tensor(kept_tuple, dtype=torch.long, device=selected.device)
+                if winner is None or not kept.numel():
+                    result = PanopticResult(id_map=torch.zeros(sample.orig_size, dtype=torch.long), segments_info=[])
+                else:
+                    result = assign_segments(winner, torch.searchsorted(selected, kept), kept, scores[b, kept],
+                                             labels[b, kept], tuple(sample.orig_size), self.is_thing_list,
+                                             self.categories, mode, min_area)
                 results.append((group, result.cpu()))
             self.runs += len(groups)
             self.postprocess_seconds += time.perf_counter() - tick

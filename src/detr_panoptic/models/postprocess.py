@@ -174,10 +174,96 @@ def _one_image(outputs: DETROutput, b: int, queries: torch.Tensor, scores: torch
     device = outputs.pred_logits.device
     if queries.numel() == 0:
         return PanopticResult(id_map=torch.zeros(target_size, dtype=torch.long, device=device), segments_info=[])
+    winner = PixelWinner(upsampled_masks(outputs, b, queries, processed_size))
+    return assign_segments(winner, torch.arange(queries.numel(), device=device), queries, scores, labels,
+                           target_size, is_thing, categories, merge_stuff, min_area)
+
+
+def upsampled_masks(outputs: DETROutput, b: int, queries: torch.Tensor,
+                    processed_size: tuple[int, int]) -> torch.Tensor:
+    """Float [K, h, w]: image b's mask logits of ``queries``, cropped to the unpadded image and resized
+    (bilinear) to ``processed_size``. Each query's map depends on its own logits only, so the maps of a
+    subset of queries are exactly the rows of this tensor."""
     masks = _image_masks(outputs, b, queries)
     valid_h, valid_w = _valid_mask_size(tuple(masks.shape[-2:]), processed_size, outputs.input_size)
-    masks = F.interpolate(masks[None, :, :valid_h, :valid_w].float(), size=processed_size, mode="bilinear",
-                          align_corners=False)[0]
+    return F.interpolate(masks[None, :, :valid_h, :valid_w].float(), size=processed_size, mode="bilinear",
+                         align_corners=False)[0]
+
+
+class PixelWinner:
+    """Per pixel, the first channel with the highest value (``torch.argmax(0)``, bit for bit) among a
+    subset of the channels of ``masks`` [K, h, w].
+
+    Post-processing asks for shrinking subsets (small segments dropped and argmax run again; and, in a
+    calibration sweep, the queries kept at ever higher thresholds): when the subset is inside one asked
+    for before, only the pixels whose winner left are recomputed. (The first highest channel of a set
+    that is still in a subset is the first highest of the subset.) A full pass is a running maximum over
+    the channels, several times faster on the CPU than ``argmax`` over the leading dimension.
+    """
+
+    CACHED = 4  # answers kept for reuse
+
+    def __init__(self, masks: torch.Tensor) -> None:
+        self.masks = masks
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # (subset Bool [K], winner Long [h, w])
+
+    def __call__(self, subset: torch.Tensor) -> torch.Tensor:
+        """Long [h, w]: the winning channel (index into the K channels) among ``subset`` (Bool [K], not empty)."""
+        subset = subset.to(torch.bool)
+        count = int(subset.sum())
+        if count == 0:
+            raise ValueError("PixelWinner needs at least one channel")
+        base = None
+        for entry in self._cache:  # the smallest cached superset
+            if bool((entry[0] | subset).eq(entry[0]).all()) and (base is None or entry[0].sum() < base[0].sum()):
+                base = entry
+        if base is not None and bool(base[0].eq(subset).all()):
+            return base[1]
+        if base is not None:
+            winner = base[1].clone()
+            flat = winner.view(-1)
+            lost = (~subset[flat]).nonzero().squeeze(1)
+            if lost.numel():
+                channels = subset.nonzero().squeeze(1)
+                values = self.masks.reshape(self.masks.shape[0], -1)[channels][:, lost]
+                flat[lost] = channels[_first_max(values)]
+        else:
+            winner = _running_argmax(self.masks, subset.nonzero().squeeze(1))
+        self._cache.append((subset.clone(), winner))
+        del self._cache[:-self.CACHED]
+        return winner
+
+
+def _first_max(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(0)`` for [k, n]."""
+    return _running_argmax(values, torch.arange(values.shape[0], device=values.device))
+
+
+def _running_argmax(masks: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``masks[channels].argmax(0)`` mapped back to channel indices, by a running maximum (strictly greater
+    replaces, so the first of equal maxima wins, as argmax). NaN (never produced by a finite model) falls
+    back to ``argmax``, which treats it as the maximum."""
+    order = channels.tolist()
+    best = masks[order[0]].clone()
+    winner = torch.full(best.shape, order[0], dtype=torch.long, device=masks.device)
+    better = torch.empty(best.shape, dtype=torch.bool, device=masks.device)
+    for channel in order[1:]:
+        torch.gt(masks[channel], best, out=better)
+        torch.maximum(best, masks[channel], out=best)
+        winner.masked_fill_(better, channel)
+    if bool(best.isnan().any()):
+        return channels[masks[channels].argmax(0)]
+    return winner
+
+
+def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
+                    labels: torch.Tensor, target_size: tuple[int, int], is_thing: list[bool],
+                    categories: list[int] | None, merge_stuff: str, min_area: int) -> PanopticResult:
+    """The reference's pixel assignment for the kept ``queries`` (with ``scores``, ``labels``), whose
+    upsampled masks are the channels ``positions`` (Long [K]) of ``winner``'s masks: argmax, stuff
+    duplicates grouped, segments of at most ``min_area`` pixels at ``target_size`` dropped and argmax run
+    again among the rest, until none is small."""
+    device = positions.device
     label_list = labels.tolist()
     # group[k]: the segment that query k's pixels belong to -- itself, or the first kept query of its
     # stuff class (the reference relabels stuff duplicates in the first pass only; "merge" always does)
@@ -189,17 +275,22 @@ def _one_image(outputs: DETROutput, b: int, queries: torch.Tensor, scores: torch
         else:
             group.append(k)
     group_tensor = torch.tensor(group, device=device)
+    # kept query k <- channel positions[k]; channel -> k (channels outside ``positions`` are never chosen)
+    to_kept = torch.full((int(positions.max()) + 1,), -1, dtype=torch.long, device=device)
+    to_kept[positions] = torch.arange(positions.numel(), device=device)
+    channels = torch.zeros(winner.masks.shape[0], dtype=torch.bool, device=device)
     alive = torch.ones(len(label_list), dtype=torch.bool, device=device)
     first_pass = True
     while True:
-        alive_index = alive.nonzero().squeeze(1)
-        if alive_index.numel() == 0:
+        if not bool(alive.any()):
             id_map = torch.full(target_size, -1, dtype=torch.long, device=device)
             break
-        winner = alive_index[masks[alive_index].argmax(0)]  # [h, w] query position (among kept)
+        channels.zero_()
+        channels[positions[alive]] = True
+        chosen = to_kept[winner(channels)]  # [h, w] position among the kept queries
         if first_pass or merge_stuff == "merge":
-            winner = group_tensor[winner]
-        id_map = nearest_resize_ids(winner, target_size)
+            chosen = group_tensor[chosen]
+        id_map = nearest_resize_ids(chosen, target_size)
         area = torch.bincount(id_map.flatten(), minlength=len(label_list))
         if merge_stuff == "merge":
             small = alive & (area[group_tensor] <= min_area)
