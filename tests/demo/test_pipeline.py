@@ -140,3 +140,60 @@ def test_both_demo_configs_load() -> None:
     for quick in (False, True):
         settings, raw = demo.load_demo_config(demo.demo_config_path(quick))
         assert settings.val_images > 0 and [s["name"] for s in raw["stages"]] == ["pretrain", "stage1", "stage2"]
+
+
+@pytest.fixture(scope="module")
+def start_point_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path, dict]:
+    """``--pretrain-only`` on the quick config, then a quick demo whose ``demo.start_point`` is that file."""
+    base = tmp_path_factory.mktemp("start_point")
+    built = demo.run_demo(base / "source", quick=True, device="cpu", progress=False, pretrain_only=True)
+    weights = Path(built["source_model"])
+    text = demo.demo_config_path(quick=True).read_text()
+    config = base / "quick_with_start.yaml"
+    config.write_text(text.replace("demo:\n", f"demo:\n  start_point: {weights}\n", 1))
+    summary = demo.run_demo(base / "run", config_path=config, device="cpu", progress=False)
+    return weights, built, base / "run", summary
+
+
+@pytest.mark.slow
+def test_pretrain_only_writes_an_fp16_start_point_with_its_recipe(start_point_runs) -> None:
+    from safetensors import safe_open
+
+    from detr_panoptic.checkpoints import load_checkpoint, sidecar_path
+
+    weights, built, _, _ = start_point_runs
+    assert set(built) >= {"source_domain", "source_model", "seconds"} and "stages" not in built
+    with safe_open(str(weights), "pt") as f:
+        floats = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}  # noqa: SIM118
+        assert floats == {torch.float16}
+    about = json.loads(sidecar_path(weights).read_text())["demo"]
+    assert about["command"].startswith("detr-panoptic demo --pretrain-only") and about["steps"] == 4
+    assert set(about["source_domain"]) >= set(METRIC_KEYS)
+    loaded = load_checkpoint(weights)
+    assert next(loaded.model.parameters()).dtype == torch.float32  # loading casts back
+    fp32 = load_checkpoint(weights.with_suffix(".pth")).model.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, fp32[key].half().to(value.dtype)), key
+
+
+@pytest.mark.slow
+def test_a_start_point_replaces_the_pre_training(start_point_runs) -> None:
+    weights, _, out, summary = start_point_runs
+    assert not (out / "pretrain").exists() and not (out / "data" / "source").exists()
+    assert weights.name in summary["init"] and summary["source_domain"]["pq"] == pytest.approx(
+        json.loads(Path(weights).with_suffix(".json").read_text())["demo"]["source_domain"]["pq"])
+    assert (out / "stage2" / "checkpoints" / "best.pth").is_file() and set(summary["stages"]) == set(demo.PHASES)
+    assert str(weights) in (out / "stage1" / "config.yaml").read_text()  # stage 1 starts from it
+
+
+def test_start_point_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="--init"):
+        demo.run_demo(tmp_path / "a", quick=True, init="x.pth", pretrain=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(demo.demo_config_path(quick=True).read_text().replace(
+        "demo:\n", "demo:\n  start_point: no_such_start.safetensors\n", 1))
+    with pytest.raises(UserInputError, match="no_such_start.safetensors"):
+        demo.run_demo(tmp_path / "b", config_path=config)
+    config.write_text(demo.demo_config_path(quick=True).read_text().replace("demo:\n", "demo:\n  start_point: 3\n", 1))
+    with pytest.raises(UserInputError, match="demo.start_point"):
+        demo.load_demo_config(config)

@@ -114,6 +114,10 @@ class DemoSettings:
     # Random-init pre-training only: multiply the mask head's weights on the query attention maps by this
     # (see ``amplify_mask_attention``); 1 keeps PyTorch's initialisation.
     mask_attention_gain: float = 1.0
+    # The start point when no --init is given: a file name among the package's resources
+    # (``detr_panoptic/resources/``, see ``start_point_path``) or a path; None pre-trains on the source
+    # domain in the demo run itself. ``run_demo(pretrain=True)`` (``--pretrain``) pre-trains regardless.
+    start_point: str | None = None
     # Seconds per phase on the 2-core reference machine; exceeding one is reported, not fatal.
     budgets: Mapping[str, float] = field(default_factory=lambda: {
         "data": 45, "pretrain": 240, "start": 15, "finetune": 180, "evaluate": 40, "figures": 40})
@@ -142,6 +146,9 @@ class DemoSettings:
             values["mask_attention_gain"] = float(gain)
         if "budgets" in values:
             values["budgets"] = {**cls().budgets, **dict(values["budgets"])}
+        if values.get("start_point") is not None and not isinstance(values["start_point"], str):
+            raise UserInputError(f"{source}: demo.start_point must be a file name or path, got "
+                                 f"{values['start_point']!r}")
         if "scene" in values:
             from detr_panoptic.data.synthetic import SceneOptions
 
@@ -169,6 +176,29 @@ class DemoSettings:
         out["budgets"] = dict(self.budgets)
         out["scene"] = dict(self.scene)
         return out
+
+
+def start_point_path(name: str) -> Path:
+    """The start point ``name`` (``demo.start_point``): a file among the package's resources, else a path."""
+    import importlib.resources
+
+    packaged = importlib.resources.files("detr_panoptic.resources").joinpath(name)
+    if packaged.is_file():
+        return Path(str(packaged))
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"demo.start_point: {name!r} is neither a file packaged in detr_panoptic/resources "
+                             f"nor an existing path (rebuild it with `detr-panoptic demo --pretrain-only`, or run "
+                             f"`detr-panoptic demo --pretrain`)")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def demo_config_path(quick: bool = False) -> Path:
@@ -387,6 +417,23 @@ def export_source_model(checkpoint: Path, path: Path) -> Path:
                            input_size=meta.get("input_size"))
 
 
+def export_start_point(checkpoint: Path, path: Path, *, about: Mapping[str, Any] | None = None) -> Path:
+    """The source model (``export_source_model``'s file) as fp16 ``.safetensors`` + JSON sidecar: the
+    format of the start point packaged with the demo (half the bytes; loading casts back to fp32).
+    ``about`` (how it was made, its source val PQ) goes into the sidecar under ``demo``."""
+    from detr_panoptic.checkpoints import export_safetensors, load_checkpoint, sidecar_path
+
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model.half()
+    size = None if loaded.input_size is None else dict(zip(("min_size", "max_size"), loaded.input_size))
+    weights = export_safetensors(model, path, category_map=loaded.category_map, model_config=model.config,
+                                 input_size=size)
+    if about:
+        meta = json.loads(sidecar_path(weights).read_text())
+        atomic_write_json(sidecar_path(weights), {**meta, "demo": dict(about)})
+    return weights
+
+
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("pq", "sq", "rq", "n", "pq_things", "sq_things", "rq_things", "n_things", "pq_stuff", "sq_stuff",
             "rq_stuff", "n_stuff", "things_recall", "things_kept_per_gt", "things_duplicates_per_gt",
@@ -417,9 +464,16 @@ def _combined_metrics(run_dirs: Sequence[Path], out: Path) -> None:
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init: str | None = None,
              device: str = "auto", seed: int = 0, config_path: str | os.PathLike | None = None,
-             workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+             workers: int | None = None, progress: bool = True, pretrain: bool = False,
+             pretrain_only: bool = False) -> dict[str, Any]:
     """Run the demo into ``out`` (see the module docstring); returns the summary written to
-    ``<out>/metrics.json`` (final ``pq, sq, rq, pq_things, pq_stuff``, ``stages``, ``seconds``)."""
+    ``<out>/metrics.json`` (final ``pq, sq, rq, pq_things, pq_stuff``, ``stages``, ``seconds``).
+
+    The start point is ``init`` if given, else the config's packaged ``demo.start_point`` (unless
+    ``pretrain``), else a pre-training on the source domain in this run.
+    ``pretrain_only``: generate the source domain, pre-train on it and stop, with the source model also
+    written as ``<out>/source_model.safetensors`` in fp16 (how the packaged start point is rebuilt);
+    the summary then holds ``source_domain`` and ``seconds`` only."""
     from detr_panoptic.data.coco_panoptic import cityscapes_panoptic_dataset
     from detr_panoptic.engine.training import build_model, train
     from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
@@ -431,7 +485,15 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     settings, raw = load_demo_config(config_path)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     resolve_device(device)  # fail early on a bad device
-    fingerprint = _fingerprint(settings, raw, init=init, seed=seed)
+    if init is not None and (pretrain or pretrain_only):
+        raise UserInputError("demo: --init gives the start point; it cannot be combined with --pretrain or "
+                             "--pretrain-only")
+    packaged_start = None
+    if init is None and not (pretrain or pretrain_only) and settings.start_point:
+        packaged_start = start_point_path(settings.start_point)
+        init = str(packaged_start)
+    fingerprint = _fingerprint(settings, raw, init=init if packaged_start is None else _file_digest(packaged_start),
+                               seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, fingerprint)
     timer = PhaseTimer(settings.budgets)
@@ -475,6 +537,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
         timer.run("pretrain", pretrain_phase)
         source_pq = _last_val(out / "pretrain" / "metrics.jsonl")
+    if pretrain_only:
+        pretrain_train = pretrain_config.train
+        about = {"source_domain": source_pq, "seed": seed, "config": config_path.name,
+                 "steps": pretrain_train.max_steps, "built": time.strftime("%Y-%m-%d"),
+                 "command": f"detr-panoptic demo --pretrain-only --config {config_path.stem} --seed {seed}",
+                 "seconds": round(timer.seconds.get("pretrain", 0.0), 1)}
+        weights = export_start_point(out / "source_model.pth", out / "source_model.safetensors", about=about)
+        summary = {"source_domain": source_pq, "source_model": str(weights),
+                   "seconds": dict(timer.seconds, total=round(time.perf_counter() - wall_start, 1)),
+                   "config": str(config_path), "seed": seed, "settings": settings.to_dict()}
+        atomic_write_json(out / "metrics.json", summary)
+        return summary
 
     data_config = stage_configs[0].data
     train_set = cityscapes_panoptic_dataset(target_root, "train", min_size=data_config.min_size,
@@ -513,6 +587,10 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
 
     summary = _summary(evaluations, source_pq=source_pq, settings=settings, config_path=config_path,
                        init=init, seed=seed, final_checkpoint=final_checkpoint, quick=quick)
+    if packaged_start is not None:
+        summary["init"] = (f"start point {packaged_start.name} (demo.start_point; `detr-panoptic demo --pretrain-only` "
+                           f"rebuilds it)")
+        summary["source_domain"] = _packaged_source_metrics(packaged_start)
     summary["threshold"] = threshold  # class-score threshold of every evaluation and figure
     timer.run("figures", lambda: _figures(final_checkpoint, val_set, summary_dir, settings, stage_configs,
                                           device=device, threshold=threshold))
@@ -528,6 +606,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     summary["cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     atomic_write_json(out / "metrics.json", summary)
     return summary
+
+
+def _packaged_source_metrics(path: Path) -> dict[str, Any] | None:
+    """The source val PQ recorded in a packaged start point's sidecar (``source_domain``), if any."""
+    from detr_panoptic.checkpoints import sidecar_path
+
+    try:
+        meta = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    source = meta.get("demo", {}).get("source_domain")
+    return source if isinstance(source, dict) else None
 
 
 def _last_val(path: Path) -> dict[str, Any] | None:
