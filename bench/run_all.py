@@ -3,7 +3,9 @@
 Each ``bench/bench_*.py`` is a standalone script that prints its figures and writes
 ``bench/results/<name>.json``: ``{"name", "figures": {...}, "command", "date", "notes"}``.
 Usage: ``python bench/run_all.py [--only NAME ...] [--skip NAME ...] [--no-run]`` (``--no-run`` only
-rewrites RESULTS.md from the existing JSON files).
+rewrites RESULTS.md from the existing JSON files). Scripts that need a trained model or a long run
+(``overfit_check.py``, ``bf16_accuracy.py``, ``compare_predict_commits.py``) are run by hand with the
+command their result records; RESULTS.md includes their results too.
 """
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ included), the share of images whose segments are identical, and the seconds of 
 
 Usage::
 
-    python bench/bench_bf16_accuracy.py --checkpoint runs/demo/stage2/checkpoints/best.pth \
+    python bench/bf16_accuracy.py --checkpoint runs/demo/stage2/checkpoints/best.pth \
         --cityscapes runs/demo/data/cityscapes --split val [--threshold 0.5] [--label demo]
 
-Writes bench/results/bench_bf16_accuracy[_<label>].json.
+Writes bench/results/bf16_accuracy[_<label>].json.
 """
 from __future__ import annotations
 
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(hardware_summary())
     for key, value in figures.items():
         print(f"{key}: {value}")
-    name = "bench_bf16_accuracy" + (f"_{args.label}" if args.label else "")
+    name = "bf16_accuracy" + (f"_{args.label}" if args.label else "")
     record = {"name": name, "figures": figures,
-              "command": "python bench/bench_bf16_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": "python bench/bf16_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "notes": (f"checkpoint {args.checkpoint}; {len(samples)} images of {args.cityscapes} {args.split}; "
                         "the same predictor in fp32 and under bf16 autocast (post-processing in fp32), PQ in "
