@@ -60,6 +60,17 @@ def _base_has_torch() -> bool:
     return proc.returncode == 0
 
 
+START_POINT_CHECK = """
+from detr_panoptic.checkpoints import load_checkpoint
+from detr_panoptic.demo.pipeline import demo_config_path, load_demo_config, start_point_path
+settings, _ = load_demo_config(demo_config_path())
+path = start_point_path(settings.start_point)
+loaded = load_checkpoint(path)
+print(path)
+print(loaded.model.config["backbone"], loaded.model.config["num_queries"])
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path: Path) -> None:
@@ -79,6 +90,8 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path: Path) -> N
         assert f"detr_panoptic/configs/{name}.yaml" in in_wheel, name
     assert "detr_panoptic/resources/coco_panoptic_categories.json" in in_wheel
     assert "detr_panoptic/resources/LICENSE-coco-categories.txt" in in_wheel
+    for name in ("demo_start_point.safetensors", "demo_start_point.json"):  # the demo's packaged start point
+        assert f"detr_panoptic/resources/{name}" in in_wheel, name
     if shutil.which("cc") or shutil.which("gcc"):  # the build compiles the optional extension when it can
         assert any(n.startswith("detr_panoptic/utils/_png_unfilter.") and n.endswith((".so", ".pyd"))
                    for n in in_wheel), sorted(in_wheel)
@@ -116,6 +129,11 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(tmp_path: Path) -> N
     assert names == sorted(SHIPPED), listed
     stages = _run([tool, "config", "cityscapes/recipe_two_stages", "--stages"], cwd=elsewhere, env=env)
     assert "# cityscapes/stage1" in stages and "# cityscapes/stage2" in stages
+
+    # The default demo's start point resolves inside the installed package and loads.
+    start = _run([str(python), "-c", START_POINT_CHECK], cwd=elsewhere, env=env).strip().splitlines()
+    assert Path(start[0]).resolve().is_relative_to(venv.resolve()), start
+    assert start[1] == "resnet18 30", start
 
     out = tmp_path / "demo_out"
     printed = _run([tool, "demo", "--quick", "--out", str(out)], cwd=elsewhere, env={**env, "OMP_NUM_THREADS": "2"},

@@ -167,7 +167,8 @@ def test_pretrain_only_writes_an_fp16_start_point_with_its_recipe(start_point_ru
         floats = {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}  # noqa: SIM118
         assert floats == {torch.float16}
     about = json.loads(sidecar_path(weights).read_text())["demo"]
-    assert about["command"].startswith("detr-panoptic demo --pretrain-only") and about["steps"] == 4
+    assert "detr-panoptic demo --pretrain-only" in about["command"] and about["steps"] == 4
+    assert about["command"].startswith(f"OMP_NUM_THREADS={about['threads']} ")
     assert set(about["source_domain"]) >= set(METRIC_KEYS)
     loaded = load_checkpoint(weights)
     assert next(loaded.model.parameters()).dtype == torch.float32  # loading casts back
@@ -197,3 +198,22 @@ def test_start_point_errors(tmp_path: Path) -> None:
     config.write_text(demo.demo_config_path(quick=True).read_text().replace("demo:\n", "demo:\n  start_point: 3\n", 1))
     with pytest.raises(UserInputError, match="demo.start_point"):
         demo.load_demo_config(config)
+
+
+def test_the_packaged_start_point_fits_the_demo_config_and_its_recipe() -> None:
+    """The default demo starts from the packaged fp16 start point: at most 25 MB, the model of the config's
+    ``model:`` section, the source label set, and a sidecar naming the command and steps that built it."""
+    from detr_panoptic.checkpoints import load_checkpoint, sidecar_path
+
+    settings, raw = demo.load_demo_config(demo.demo_config_path())
+    path = demo.start_point_path(settings.start_point)
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    loaded = load_checkpoint(path)
+    for key in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries"):
+        assert loaded.model.config[key] == raw["model"][key], key
+    assert {c.name for c in loaded.category_map.categories} == {c["name"] for c in demo.source_categories()}
+    about = json.loads(sidecar_path(path).read_text())["demo"]
+    pretrain = next(s for s in raw["stages"] if s["name"] == "pretrain")
+    assert about["steps"] == pretrain["train"]["max_steps"] and about["config"] == "demo.yaml"
+    assert about["command"] == f"OMP_NUM_THREADS={about['threads']} detr-panoptic demo --pretrain-only --config demo --seed 0"
+    assert about["source_domain"]["pq"] > 0

@@ -541,7 +541,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
         pretrain_train = pretrain_config.train
         about = {"source_domain": source_pq, "seed": seed, "config": config_path.name,
                  "steps": pretrain_train.max_steps, "built": time.strftime("%Y-%m-%d"),
-                 "command": f"detr-panoptic demo --pretrain-only --config {config_path.stem} --seed {seed}",
+                 "command": f"OMP_NUM_THREADS={torch.get_num_threads()} detr-panoptic demo --pretrain-only "
+                            f"--config {config_path.stem} --seed {seed}",
+                 "threads": torch.get_num_threads(),  # CPU training is bit-reproducible for a thread count
                  "seconds": round(timer.seconds.get("pretrain", 0.0), 1)}
         weights = export_start_point(out / "source_model.pth", out / "source_model.safetensors", about=about)
         summary = {"source_domain": source_pq, "source_model": str(weights),
