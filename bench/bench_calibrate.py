@@ -15,8 +15,14 @@ squares on the decoder output of the first image) so that ``--kept`` queries pre
 scores spread from 0.3 to 0.99 (half things, half stuff, stuff classes repeated) and the others "no
 object": a random head scores every class ~1/20 and nothing would pass any threshold.
 
+With ``--checkpoint CKPT --cityscapes ROOT [--split val] [--threshold T] --label NAME`` it measures a
+trained model on a real split instead (the demo's final model: ``--checkpoint
+runs/demo/stage2/checkpoints/best.pth --cityscapes runs/demo/data/cityscapes --threshold 0.5 --label
+demo``), evaluate at ``T`` (default: the checkpoint's setting), and also reports calibrated PQ against
+PQ at 0.5 and 0.85.
+
 Usage: ``python bench/bench_calibrate.py [--images 4] [--height 384] [--reps 2] [--kept 30]``
-Writes bench/results/bench_calibrate.json.
+Writes bench/results/bench_calibrate[_<label>].json.
 """
 from __future__ import annotations
 
@@ -76,6 +82,11 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=384, help="image height (width: 2x)")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--kept", type=int, default=30, help="queries with a class (scores 0.3 .. 0.99)")
+    parser.add_argument("--checkpoint", default=None, help="a trained model instead of the steered random one")
+    parser.add_argument("--cityscapes", default=None, help="with --checkpoint: the converted Cityscapes root")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--threshold", type=float, default=None, help="with --checkpoint: evaluate's threshold")
+    parser.add_argument("--label", default="")
     args = parser.parse_args()
 
     sys.path.insert(0, str(BENCH.parent / "src"))
@@ -88,17 +99,23 @@ def main() -> int:
 
     size = (args.height, 2 * args.height)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "cityscapes"
-        make_synthetic_cityscapes(root, train=0, val=args.images, size=size, seed=3)
-        convert_cityscapes(root, splits=("val",), workers=1, progress=False)
-        dataset = cityscapes_panoptic_dataset(root, "val")
-        category_map = dataset.category_map
-        torch.manual_seed(0)
-        model = PanopticDETR(category_map.num_classes).eval()
-        settings = PredictorSettings(category_map, min_size=size[0], max_size=size[1])
-        first = DatasetSamples(dataset, min_size=size[0], max_size=size[1])[0]
-        steer_class_head(model, category_map, first.image, args.kept)
-        predictor = PanopticPredictor(model, settings, device="cpu")
+        if args.checkpoint:
+            predictor = PanopticPredictor.from_pretrained(args.checkpoint, device="cpu", threshold=args.threshold)
+            dataset = cityscapes_panoptic_dataset(args.cityscapes, args.split,
+                                                  category_map=predictor.settings.category_map)
+            size = (predictor.settings.min_size, predictor.settings.max_size)
+        else:
+            root = Path(tmp) / "cityscapes"
+            make_synthetic_cityscapes(root, train=0, val=args.images, size=size, seed=3)
+            convert_cityscapes(root, splits=("val",), workers=1, progress=False)
+            dataset = cityscapes_panoptic_dataset(root, "val")
+            category_map = dataset.category_map
+            torch.manual_seed(0)
+            model = PanopticDETR(category_map.num_classes).eval()
+            settings = PredictorSettings(category_map, min_size=size[0], max_size=size[1])
+            first = DatasetSamples(dataset, min_size=size[0], max_size=size[1])[0]
+            steer_class_head(model, category_map, first.image, args.kept)
+            predictor = PanopticPredictor(model, settings, device="cpu")
 
         evaluate_s, calibrate_s, tables, metrics = [], [], [], []
         for rep in range(args.reps):
@@ -114,11 +131,11 @@ def main() -> int:
                   f"runs {tables[-1].postprocess_seconds:.2f} s)", flush=True)
 
     table = tables[-1]
-    same = table.row(0.85, "reference", 4)
+    same = table.row(predictor.settings.threshold, "reference", 4)
     median_eval, median_cal = statistics.median(evaluate_s), statistics.median(calibrate_s)
     best = table.best
     figures = {
-        "images": args.images, "image_size": f"{size[1]}x{size[0]}", "settings": len(table), "reps": args.reps,
+        "images": len(dataset), "image_size": f"{size[1]}x{size[0]}", "settings": len(table), "reps": args.reps,
         "kept_target_on_first_image": args.kept,
         "evaluate_s": round(median_eval, 3), "calibrate_s": round(median_cal, 3),
         "ratio_calibrate_vs_evaluate": round(median_cal / median_eval, 3), "goal_ratio": 1.5,
@@ -126,8 +143,13 @@ def main() -> int:
         "ratio_per_rep": [round(c / e, 2) for c, e in zip(calibrate_s, evaluate_s)],
         "calibrate_forward_s": round(table.forward_seconds, 3),
         "calibrate_postprocess_and_pq_s": round(table.postprocess_seconds, 3),
-        "postprocess_runs": table.postprocess_runs, "postprocess_runs_without_sharing": len(table) * args.images,
-        "pq_at_0.85_sweep": round(same.pq, 6), "pq_at_0.85_evaluate": round(metrics[-1]["pq"], 6),
+        "postprocess_runs": table.postprocess_runs, "postprocess_runs_without_sharing": len(table) * len(dataset),
+        "evaluate_threshold": predictor.settings.threshold,
+        "pq_at_evaluate_threshold_sweep": round(same.pq, 6), "pq_evaluate": round(metrics[-1]["pq"], 6),
+        "pq_calibrated": round(table.best.pq, 3), "pq_things_calibrated": round(table.best.pq_things, 3),
+        "pq_stuff_calibrated": round(table.best.pq_stuff, 3),
+        "pq_at_0.5_reference": round(table.row(0.5, "reference", 4).pq, 3),
+        "pq_at_0.85_reference": round(table.row(0.85, "reference", 4).pq, 3),
         "best_setting": f"{best.setting.threshold:.2f}/{best.setting.merge_stuff}/{best.setting.min_area}",
         "cpu": cpu_model(), "cores": os.cpu_count(),
         "mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -136,18 +158,21 @@ def main() -> int:
     for key, value in figures.items():
         print(f"{key}: {value}")
     RESULTS.mkdir(exist_ok=True)
+    name = "bench_calibrate" + (f"_{args.label}" if args.label else "")
+    source = (f"checkpoint {args.checkpoint} on {args.cityscapes} {args.split}" if args.checkpoint else
+              "DETR-R50 random weights, class head fitted so --kept queries score 0.3..0.99; synthetic Cityscapes "
+              "at its original size")
     record = {
-        "name": "bench_calibrate", "figures": figures,
+        "name": name, "figures": figures,
         "command": "python bench/bench_calibrate.py " + " ".join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "notes": ("median of --reps alternating runs in one process; evaluate = evaluate_dataset at threshold 0.85 "
+        "notes": ("median of --reps alternating runs in one process; evaluate = evaluate_dataset at the predictor's threshold "
                   "(PNG + JSON written, pq_compute from files); calibrate = 15 thresholds 0.25..0.95 x 2 merge modes, "
                   "one forward per image with masks for the queries kept at 0.25, post-processing + in-memory PQ per "
-                  "distinct setting; DETR-R50 random weights, class head fitted so --kept queries score 0.3..0.99; "
-                  "synthetic Cityscapes at its original size; the 2-core machine is shared with other jobs "
+                  f"distinct setting; {source}; the 2-core machine may be shared with other jobs "
                   "(load_average_1min), absolute times are noisy"),
     }
-    (RESULTS / "bench_calibrate.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
