@@ -4,7 +4,8 @@ Runs the same predictor in float32 and under bf16 autocast (``PanopticPredictor(
 ``detr-panoptic evaluate --dtype bf16`` does) over a COCO-panoptic split, side by side in one process, and
 reports PQ / things / stuff of each (in memory, ``PQEvaluator``: the numbers ``evaluate`` writes), the PQ
 difference (goal: within 0.3), the share of pixels whose segment comes from the same query in both (void
-included), the share of images whose segments are identical, and the seconds of each pass.
+included), the share of images whose segments come from the same queries with the same categories, and
+the seconds of each pass.
 
 Usage::
 
@@ -43,7 +44,7 @@ class QueryMaps:
             for segment in result.segments_info:
                 lookup[segment["id"]] = segment["query"]
             self.maps[sample.image_id] = lookup[result.id_map.cpu()]
-            self.segments[sample.image_id] = [(s["query"], s["category_id"], s["area"]) for s in result.segments_info]
+            self.segments[sample.image_id] = [(s["query"], s["category_id"]) for s in result.segments_info]
 
     def evaluate(self) -> dict[str, Any]:
         return {"maps": self.maps, "segments": self.segments}
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["pq_difference_bf16_minus_fp32"] = round(figures["bf16_pq"] - figures["fp32_pq"], 3)
     figures["goal_within_0.3_pq"] = abs(figures["pq_difference_bf16_minus_fp32"]) <= 0.3
     figures["same_segment_pixel_share"] = round(same_pixels / total, 6)
-    figures["identical_segments_image_share"] = round(same_images / max(1, len(outputs["fp32"]["maps"])), 4)
+    # images whose segments come from the same queries with the same categories (areas may differ slightly)
+    figures["same_segments_image_share"] = round(same_images / max(1, len(outputs["fp32"]["maps"])), 4)
     figures.update(hardware_summary())
     for key, value in figures.items():
         print(f"{key}: {value}")
