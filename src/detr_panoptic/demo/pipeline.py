@@ -688,7 +688,7 @@ def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
     figures.update({f"{k}_seconds": v for k, v in summary["seconds"].items() if k != "total"})
     for name in PHASES:
         for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt",
-                    "things_kept_ratio", "things_mask_iou"):
+                    "things_duplicates_per_gt", "things_kept_ratio", "things_mask_iou"):
             figures[f"{name}_{key}"] = summary["stages"][name].get(key)
     if summary.get("source_domain"):
         figures["source_domain_pq"] = summary["source_domain"].get("pq")
