@@ -56,6 +56,28 @@ def test_quick_demo_writes_everything(quick_run: tuple[Path, int, str]) -> None:
 
 
 @pytest.mark.slow
+def test_quick_demo_calibrates_on_train_images_and_evaluates_that_setting_on_val(quick_run) -> None:
+    """The calibrate phase: the sweep over the first train images (summary/calibration.json), its best
+    setting stored in a copy of the final checkpoint, and that copy evaluated on val as a fourth row."""
+    import torch
+
+    from detr_panoptic.inference.calibrate import CalibrationTable
+
+    out, _, printed = quick_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibrated = metrics["calibrated"]
+    table = CalibrationTable.from_json(json.loads((out / "summary" / "calibration.json").read_text()))
+    assert table.num_images == calibrated["train_images"] == 4
+    assert calibrated["setting"] == table.best.setting.as_dict()
+    saved = torch.load(calibrated["checkpoint"], map_location="cpu", weights_only=True)
+    assert saved["detr_panoptic"]["postprocess"] == calibrated["setting"]
+    on_val = json.loads((out / "eval" / "calibrated" / "metrics.json").read_text())
+    assert on_val["pq"] == pytest.approx(calibrated["pq"], abs=1e-3) and on_val["checkpoint"] == calibrated["checkpoint"]
+    assert "stage 2, calibrated" in printed and "Chosen:" in (out / "report.html").read_text()
+    assert "calibrate" in metrics["seconds"]
+
+
+@pytest.mark.slow
 def test_source_model_is_in_the_official_format(quick_run: tuple[Path, int, str]) -> None:
     out, _, _ = quick_run
     saved = torch.load(out / "source_model.pth", map_location="cpu", weights_only=True)

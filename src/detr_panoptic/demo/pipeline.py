@@ -118,6 +118,9 @@ class DemoSettings:
     # (``detr_panoptic/resources/``, see ``start_point_path``) or a path; None pre-trains on the source
     # domain in the demo run itself. ``run_demo(pretrain=True)`` (``--pretrain``) pre-trains regardless.
     start_point: str | None = None
+    # After stage 2: ``calibrate`` (threshold x stuff merge mode) on the first this-many *train* images, the
+    # chosen setting stored in a copy of the final checkpoint and that copy evaluated on val; 0: skipped.
+    calibrate_images: int = 0
     # Seconds per phase on the 2-core reference machine; exceeding one is reported, not fatal.
     budgets: Mapping[str, float] = field(default_factory=lambda: {
         "data": 45, "pretrain": 240, "start": 15, "finetune": 180, "evaluate": 40, "figures": 40})
@@ -136,7 +139,7 @@ class DemoSettings:
                 raise UserInputError(f"{source}: demo.size must be [height, width] (>= 32), got {size!r}")
             values["size"] = (int(size[0]), int(size[1]))
         for key in ("train_images", "val_images", "source_train_images", "source_val_images",
-                    "figure_images", "attention_images"):
+                    "figure_images", "attention_images", "calibrate_images"):
             if key in values and (not isinstance(values[key], int) or values[key] < 0):
                 raise UserInputError(f"{source}: demo.{key} must be an integer >= 0, got {values[key]!r}")
         if "mask_attention_gain" in values:
@@ -587,15 +590,37 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     final_checkpoint = Path(stage_configs[-1].train.output_dir) / "checkpoints" / "best.pth"
     summary_dir = out / "summary"
 
+    def calibrate_phase() -> dict[str, Any] | None:
+        from detr_panoptic.inference.calibrate import calibrate, write_calibrated_checkpoint, write_table
+
+        count = min(settings.calibrate_images, len(train_set))
+        table = calibrate(PanopticPredictor.from_pretrained(final_checkpoint, device=device),
+                          torch.utils.data.Subset(train_set, list(range(count))), batch_size=4, num_workers=0)
+        written = write_table(table, summary_dir)  # the report draws summary/calibration.{json,png}
+        calibrated = write_calibrated_checkpoint(final_checkpoint, table.best.setting.as_dict(),
+                                                 out=out / "calibration" / "calibrated.pth")
+        predictor = PanopticPredictor.from_pretrained(calibrated, device=device)  # the stored setting applies
+        evaluations["calibrated"] = evaluate_dataset(predictor, val_set, out / "eval" / "calibrated",
+                                                     extra_metrics={"checkpoint": str(calibrated)},
+                                                     **eval_kwargs)["metrics"]
+        return {**_flat_metrics(evaluations["calibrated"]), "setting": table.best.setting.as_dict(),
+                "train_images": count, "checkpoint": str(calibrated), "chart": str(written.get("chart", ""))}
+
+    calibrated = timer.run("calibrate", calibrate_phase) if settings.calibrate_images else None
+
     summary = _summary(evaluations, source_pq=source_pq, settings=settings, config_path=config_path,
                        init=init, seed=seed, final_checkpoint=final_checkpoint, quick=quick)
     if packaged_start is not None:
         summary["init"] = (f"start point {packaged_start.name} (demo.start_point; `detr-panoptic demo --pretrain-only` "
                            f"rebuilds it)")
         summary["source_domain"] = _packaged_source_metrics(packaged_start)
-    summary["threshold"] = threshold  # class-score threshold of every evaluation and figure
-    timer.run("figures", lambda: _figures(final_checkpoint, val_set, summary_dir, settings, stage_configs,
-                                          device=device, threshold=threshold))
+    summary["threshold"] = threshold  # class-score threshold of the per-stage evaluations
+    if calibrated is not None:
+        summary["calibrated"] = calibrated
+    # The pictures show the final model with the calibrated post-processing when there is one.
+    figure_checkpoint = Path(calibrated["checkpoint"]) if calibrated is not None else final_checkpoint
+    timer.run("figures", lambda: _figures(figure_checkpoint, val_set, summary_dir, settings, stage_configs,
+                                          device=device, threshold=None if calibrated is not None else threshold))
     summary["seconds"] = dict(timer.seconds, total=round(time.perf_counter() - wall_start, 1))
     summary["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "load_average": _load_average()}
@@ -658,7 +683,7 @@ def _summary(evaluations: Mapping[str, Mapping[str, Any]], *, source_pq: Mapping
 
 
 def _figures(checkpoint: Path, val_set: Any, summary_dir: Path, settings: DemoSettings,
-             stage_configs: Sequence[Config], *, device: str, threshold: float) -> None:
+             stage_configs: Sequence[Config], *, device: str, threshold: float | None) -> None:
     """Overlays and attention maps of the final model on a few val images; curves of the fine-tuning."""
     from detr_panoptic.inference import PanopticPredictor, predict_to_folder
     from detr_panoptic.visualize.attention import write_attention_figures
@@ -690,6 +715,12 @@ def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
         for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt",
                     "things_duplicates_per_gt", "things_kept_ratio", "things_mask_iou"):
             figures[f"{name}_{key}"] = summary["stages"][name].get(key)
+    if summary.get("calibrated"):
+        calibrated = summary["calibrated"]
+        for key in ("pq", "pq_things", "pq_stuff", "things_recall"):
+            figures[f"calibrated_{key}"] = calibrated.get(key)
+        figures["calibrated_setting"] = "{threshold:.2f}/{merge_stuff}/{min_area}".format(**calibrated["setting"])
+        figures["calibrated_on_train_images"] = calibrated.get("train_images")
     if summary.get("source_domain"):
         figures["source_domain_pq"] = summary["source_domain"].get("pq")
     figures["goal_pq_50"] = summary["pq"] >= 50.0
@@ -724,9 +755,18 @@ def pq_table(summary: Mapping[str, Any]) -> str:
     for name in PHASES:
         m = summary["stages"][name]
         rows.append((labels[name], *(f"{_number(m.get(k)):.1f}" for k in keys)))
+    if summary.get("calibrated"):
+        m = summary["calibrated"]
+        rows.append((_calibrated_label(m), *(f"{_number(m.get(k)):.1f}" for k in keys)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
+
+
+def _calibrated_label(calibrated: Mapping[str, Any]) -> str:
+    setting = calibrated["setting"]
+    return (f"stage 2, calibrated ({setting['threshold']:.2f}/{setting['merge_stuff']}, "
+            f"on {calibrated.get('train_images')} train images)")
 
 
 def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, Any]) -> None:
@@ -737,6 +777,8 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
               "stage2": "stage 2: attention frozen"}
     keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt", "things_kept_ratio")
     rows = [[labels[name], *(summary["stages"][name].get(k, "") for k in keys)] for name in PHASES]
+    if summary.get("calibrated"):
+        rows.append([_calibrated_label(summary["calibrated"]), *(summary["calibrated"].get(k, "") for k in keys)])
     body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "things found (%, box IoU >= 0.5)",
                               "kept queries per thing found", "kept / ground-truth things"], rows)
     source = summary.get("source_domain")
