@@ -10,12 +10,13 @@ from detr_panoptic.commands.common import add_device
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo", help="generate synthetic Cityscapes, pre-train a stand-in for COCO, fine-tune in two stages, "
-        "measure PQ, draw the report",
-        description="The demo: a synthetic Cityscapes tree converted to COCO panoptic; a start point (--init, "
-        "or a short pre-training on a synthetic source domain with a COCO-style label set, saved in the "
-        "official checkpoint format); the recipe's two fine-tuning stages (transformer frozen, then attention "
-        "frozen); PQ on the synthetic val split after each; predictions, overlays, attention maps, curves and "
+        "demo", help="generate synthetic Cityscapes, fine-tune the packaged start point in two stages, measure PQ, "
+        "calibrate, draw the report",
+        description="The demo: a synthetic Cityscapes tree converted to COCO panoptic; a start point (the "
+        "packaged source-domain model, pre-trained on synthetic scenes with a COCO-style label set; --init a "
+        "real checkpoint; --pretrain a pre-training in this run); the recipe's two fine-tuning stages "
+        "(transformer frozen, then attention frozen); PQ on the synthetic val split after each; the final "
+        "model's post-processing calibrated on train images; predictions, overlays, attention maps, curves and "
         "an HTML report. Re-running with the same settings reuses finished phases.")
     parser.add_argument("--out", "-o", default=None,
                         help="output folder (default: runs/demo, or runs/demo_quick with --quick)")

@@ -7,8 +7,10 @@
    the same generator, labelled with a different, coarser, COCO-style label set (``SOURCE_LABELS``: COCO
    panoptic ids and names such as ``person`` for persons and riders, ``building-other-merged`` for
    buildings and walls, ``stop sign`` as a *thing*; no pole class), written as a COCO panoptic dataset.
-2. **start point**: with ``init`` a real checkpoint (file, URL or alias, ``checkpoints.load_pretrained``);
-   otherwise a short pre-training on the source domain (backbone included: there are no ImageNet weights
+2. **start point**: ``init`` (a real checkpoint: file, URL or alias, ``checkpoints.load_pretrained``), else
+   the config's ``demo.start_point`` (the demo's: ``resources/demo_start_point.safetensors``, a source-domain
+   model pre-trained by this very pipeline with ``pretrain_only``), else (or with ``pretrain``) a
+   pre-training on the source domain in this run (backbone included: there are no ImageNet weights
    offline), saved in the official checkpoint format (``{"model": state_dict}``, official keys, plus our
    metadata) as ``<out>/source_model.pth``.
 3. **fine-tuning** with the training engine (``engine.training.train``) on a chained config: ``stage1``
@@ -16,8 +18,10 @@
    classes, then ``stage2`` (attention frozen) from stage 1's best checkpoint; backbone frozen, as in the
    recipe.
 4. **evaluation**: PQ on the synthetic val split (``inference.evaluate_dataset``: predictions written in
-   COCO panoptic format, panopticapi-exact PQ) of the start point, stage 1 and stage 2; overlays,
-   attention maps, curves and the HTML report.
+   COCO panoptic format, panopticapi-exact PQ) of the start point, stage 1 and stage 2; with
+   ``demo.calibrate_images``, ``inference.calibrate`` on that many *train* images, the best setting stored
+   in a copy of the final checkpoint and evaluated on val; overlays, attention maps, curves and the HTML
+   report of the final (calibrated) model.
 
 The recipe's settings live in the shipped config ``demo`` (``demo_quick`` for ``quick``; files under
 ``detr_panoptic/configs/``, found by ``config.find_config``): a normal
