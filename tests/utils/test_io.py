@@ -34,3 +34,27 @@ def test_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A process killed inside ``atomic_path`` leaves its temporary file; writers clear them on (re)start."""
+    import subprocess
+    import sys
+
+    from detr_panoptic.inference.evaluators import OverlayWriter, PanopticWriter
+    from detr_panoptic.utils.io import remove_stale_temporaries
+
+    killed = ("import os, sys\nfrom detr_panoptic.utils.io import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    os._exit(9)\n")
+    for folder in ("overlays", "predictions", "."):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        target = tmp_path / folder / ("x.json" if folder == "." else "025.png")
+        subprocess.run([sys.executable, "-c", killed, str(target)], check=False)
+        assert not target.exists() and len([p for p in (tmp_path / folder).iterdir() if p.name.startswith(".")]) == 1
+    (tmp_path / "overlays" / "000.png").write_bytes(b"done")
+    (tmp_path / "overlays" / ".keep").write_text("not ours")
+    OverlayWriter(tmp_path / "overlays", category_map=None)
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == [".keep", "000.png"]
+    PanopticWriter(tmp_path / "predictions.json", tmp_path / "predictions", categories=[], resume=True)
+    assert not [p for p in tmp_path.rglob(".*") if ".tmp" in p.name]
+    assert remove_stale_temporaries(tmp_path / "missing") == 0

@@ -135,7 +135,10 @@ class OverlayWriter:
         self.reset()
 
     def reset(self) -> None:
+        from detr_panoptic.utils.io import remove_stale_temporaries
+
         self.written: list[Path] = []
+        remove_stale_temporaries(self.folder)  # left by a run killed mid-write
 
     def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
         from detr_panoptic.visualize.overlay import draw_panoptic, save_image
@@ -186,6 +189,10 @@ class PanopticWriter:
             raise UserInputError(f"cannot create the output folder {self.png_folder}: {exc.strerror}") from None
         if not os.access(self.png_folder, os.W_OK):
             raise UserInputError(f"the output folder {self.png_folder} is not writable")
+        from detr_panoptic.utils.io import remove_stale_temporaries
+
+        for folder in {self.png_folder, self.json_path.parent}:  # left by a run killed mid-write
+            remove_stale_temporaries(folder)
         self._writer = PanopticPredictionWriter(self.json_path, self.png_folder, self.categories)
         self.images: list[dict[str, Any]] = []
         self.done: dict[str, dict[str, Any]] = {}  # PNG file name -> journal entry (resumed images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,9 @@ def _current_umask() -> int:
 
 # mkstemp creates files readable by the owner only; finished files get the usual 0666 & ~umask.
 _FILE_MODE = 0o666 & ~_current_umask()
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]*)?$")  # atomic_path's names (tempfile.mkstemp)
 
 
 @contextlib.contextmanager
@@ -41,6 +45,22 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that ``atomic_path`` leaves in ``folder`` when its process is killed
+    mid-write (``.<name>.<8 random characters>.tmp<suffix>``; the finished files are never touched);
+    returns how many. Writers call it when they (re)start on a folder: one writer per output folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.iterdir():
+        if _TEMPORARY.match(entry.name) and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
