@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_path, check_writable_folder
+from detr_panoptic.utils.io import atomic_path, check_writable_folder, remove_stale_temporaries
 from detr_panoptic.utils.parallel import available_cores, map_in_processes
 from detr_panoptic.utils.png import decode_grey16_png, encode_id_png
 
@@ -321,13 +321,6 @@ def _tables_for(use_train_id: bool) -> _LabelTables:
     return _TABLES[use_train_id]
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files a killed run may have left (``atomic_path`` names them ``.<name>.<random>.tmp*``)."""
-    for tmp in folder.glob(".*.tmp*"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
 def _map_jobs(jobs: list[tuple[str, str, str, bool]], workers: int) -> Iterator[dict[str, Any]]:
     """The jobs' records in order. A pool (``utils.parallel.map_in_processes``) starts here, at the
     call: before the caller's progress bar starts its monitor thread, so that the pool may fork. On an
@@ -393,8 +386,8 @@ def _convert_split(split: str, files: list[str], output_dir: Path, categories: l
     work_dir = output_dir / f".{base}.work"
     panoptic_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(panoptic_dir)
-    _remove_stale_temporaries(work_dir)
+    remove_stale_temporaries(panoptic_dir)  # left by a run killed mid-write
+    remove_stale_temporaries(work_dir)
 
     records: dict[str, dict[str, Any]] = {}
     todo = []

@@ -21,7 +21,7 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
-_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]*)?$")  # atomic_path's names (tempfile.mkstemp)
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp(\.[^.]*)?$")  # atomic_path's names (tempfile.mkstemp)
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
     """Delete the temporary files that ``atomic_path`` leaves in ``folder`` when its process is killed
-    mid-write (``.<name>.<8 random characters>.tmp<suffix>``; the finished files are never touched);
+    mid-write (``.<name>.<random characters>.tmp<suffix>``; the finished files are never touched);
     returns how many. Writers call it when they (re)start on a folder: one writer per output folder."""
     folder = Path(folder)
     if not folder.is_dir():
