@@ -225,7 +225,8 @@ class PixelWinner:
             lost = (~subset[flat]).nonzero().squeeze(1)
             if lost.numel():
                 channels = subset.nonzero().squeeze(1)
-                values = self.masks.reshape(self.masks.shape[0], -1)[channels][:, lost]
+                # the lost pixels' columns first, then the subset's rows: never a copy of whole maps
+                values = self.masks.reshape(self.masks.shape[0], -1).index_select(1, lost).index_select(0, channels)
                 flat[lost] = channels[_first_max(values)]
         else:
             winner = _running_argmax(self.masks, subset.nonzero().squeeze(1))
