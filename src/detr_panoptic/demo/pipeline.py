@@ -69,7 +69,7 @@ import torch
 from detr_panoptic.config import Config, config_from_dict, find_config, read_yaml
 from detr_panoptic.data.categories import Category, CategoryMap
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_write_json, atomic_write_text
+from detr_panoptic.utils.io import atomic_write_json, atomic_write_text, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -198,14 +198,6 @@ def start_point_path(name: str) -> Path:
                              f"nor an existing path (rebuild it with `detr-panoptic demo --pretrain-only`, or run "
                              f"`detr-panoptic demo --pretrain`)")
     return path
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def demo_config_path(quick: bool = False) -> Path:
@@ -499,7 +491,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     if init is None and not (pretrain or pretrain_only) and settings.start_point:
         packaged_start = start_point_path(settings.start_point)
         init = str(packaged_start)
-    fingerprint = _fingerprint(settings, raw, init=init if packaged_start is None else _file_digest(packaged_start),
+    fingerprint = _fingerprint(settings, raw, init=init if packaged_start is None else file_digest(packaged_start),
                                seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     _check_state(out, fingerprint)

@@ -8,7 +8,6 @@ as ``inference.PanopticPredictor``; only the network differs: ``trunk.onnx`` for
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -152,12 +151,9 @@ class OnnxPredictor(PanopticPredictor):
 
     def weights_fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the two graphs: which weights a restartable output folder holds."""
-        digest = hashlib.sha256()
-        for name in (TRUNK_FILE, MASKS_FILE):
-            with open(self.folder / name, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:16]
+        from detr_panoptic.utils.io import file_digest
+
+        return file_digest(self.folder / TRUNK_FILE, self.folder / MASKS_FILE)
 
     def with_settings(self, **changes: Any) -> OnnxPredictor:
         """The same graphs (new sessions over the same files) with some settings changed."""

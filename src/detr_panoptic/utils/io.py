@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -61,6 +62,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
                 entry.unlink()
                 removed += 1
     return removed
+
+
+def file_digest(*paths: str | os.PathLike) -> str:
+    """SHA-256 (16 hex digits) of the files' bytes, in order: which weights a file (or files) holds."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
