@@ -86,3 +86,47 @@ def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
     train_steps = [r for r in steps if r["kind"] == "train"]
     assert [r["step"] for r in train_steps] == list(range(1, 10))
     assert [r["loss"] for r in train_steps] == [r["loss"] for r in ref_steps if r["kind"] == "train"]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_with_query_groups_is_exact(tmp_path, monkeypatch):
+    """A run stopped after step 2 (last.pth saved) and resumed ends with the weights, the extra query groups
+    and the Adam moments of the uninterrupted run; the checkpoints' model entry keeps the official keys."""
+    from detr_panoptic.engine import training
+    from detr_panoptic.engine.trainer import Hook
+    from tests.engine.toys import tiny_config, toy_datasets
+
+    def config(out):
+        return tiny_config(out, train={"query_groups": 2, "max_steps": 4, "checkpoint_every_steps": 1,
+                                       "lr_backbone": 1e-4})
+
+    training.train_stage(config(tmp_path / "straight"), datasets=toy_datasets(), evaluate=lambda m: {"pq": 1.0})
+
+    class StopAfterStep2(Hook):
+        def after_step(self, trainer, record):
+            if trainer.state.step == 2:
+                raise _Interrupt
+
+    real_build_hooks = training.build_hooks
+    monkeypatch.setattr(training, "build_hooks", lambda *a, **k: [*real_build_hooks(*a, **k), StopAfterStep2()])
+    with pytest.raises(_Interrupt):
+        training.train_stage(config(tmp_path / "resumed"), datasets=toy_datasets(), evaluate=lambda m: {"pq": 1.0})
+    monkeypatch.setattr(training, "build_hooks", real_build_hooks)
+    stopped = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pth", weights_only=True)
+    assert stopped["step"] == 2 and set(stopped["training_state"]) == {"group_query_embed"}
+    training.train_stage(config(tmp_path / "resumed"), datasets=toy_datasets(), evaluate=lambda m: {"pq": 1.0})
+
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pth", weights_only=True)
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "last.pth", weights_only=True)
+    assert final["step"] == expected["step"] == 4
+    assert not any("group_query" in key for key in final["model"])
+    assert not torch.equal(stopped["training_state"]["group_query_embed"],
+                           final["training_state"]["group_query_embed"])  # the groups moved after the resume
+    assert torch.equal(final["training_state"]["group_query_embed"], expected["training_state"]["group_query_embed"])
+    for key, value in expected["model"].items():
+        assert torch.equal(final["model"][key], value), key
+    for a, b in zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])

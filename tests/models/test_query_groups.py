@@ -143,3 +143,27 @@ def test_config_field_is_validated():
     assert config_from_dict({"train": {"query_groups": 3}}).train.query_groups == 3
     with pytest.raises(UserInputError, match="query_groups"):
         config_from_dict({"train": {"query_groups": 0}})
+
+
+def test_training_only_state_round_trips_outside_the_official_keys():
+    """``training_only`` parameters and modules (the extra query groups; any module a training feature
+    registers) stay out of ``state_dict`` and round-trip through ``training_state_dict``."""
+    model = _model().enable_query_groups(2)
+    official = set(_model().state_dict())
+    model.extra_head = torch.nn.Linear(4, 3)  # a training-only module, as a feature would register one
+    model.training_only.add("extra_head")
+    assert set(model.state_dict()) == official
+    state = model.training_state_dict()
+    assert set(state) == {"group_query_embed", "extra_head.weight", "extra_head.bias"}
+    other = _model(seed=1).enable_query_groups(2)
+    other.extra_head = torch.nn.Linear(4, 3)
+    other.training_only.add("extra_head")
+    other.load_state_dict(model.state_dict())  # strict: the training-only keys are not missing
+    other.load_training_state_dict(state)
+    for key, value in other.training_state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(ValueError, match="query_groups"):
+        _model().enable_query_groups(3).load_training_state_dict(
+            {"group_query_embed": state["group_query_embed"], "extra_head.weight": state["extra_head.weight"]})
+    with pytest.raises(ValueError, match="shape"):
+        _model().enable_query_groups(3).load_training_state_dict({"group_query_embed": state["group_query_embed"]})

@@ -52,6 +52,12 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def training_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's training-only state (``PanopticDETR.training_state_dict``), on the CPU; {} for other models."""
+    getter = getattr(model, "training_state_dict", None)
+    return {k: v.cpu() for k, v in getter().items()} if getter is not None else {}
+
+
 class LRSchedulerHook(Hook):
     """Steps the LR scheduler once per optimizer step."""
 
@@ -97,6 +103,8 @@ class CheckpointHook(Hook):
                 "lr_scheduler": trainer.scheduler.state_dict(),
                 "rng": {"per_rank": rng_all},
                 "run_state": state.resumable(),
+                # training-only modules (extra query groups...): not model weights, but needed for an exact resume
+                "training_state": training_state(trainer.unwrapped_model),
             })
             if trainer.scaler is not None:
                 extra["grad_scaler"] = trainer.scaler.state_dict()

@@ -219,9 +219,26 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
         if verbose:
             log.info("%s: %d query groups in training (Group-DETR); checkpoints and inference keep the official "
                      "%d queries", config.name, config.train.query_groups, model.config["num_queries"])
+    if resume is not None:
+        restore_training_state(model, resume, Path(config.train.output_dir) / "checkpoints" / "last.pth")
     if verbose:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())
     return model
+
+
+def restore_training_state(model: PanopticDETR, resume: dict[str, Any], last_path: Path) -> None:
+    """The training-only modules (extra query groups...) as ``last.pth`` saved them."""
+    saved = resume.get("training_state")
+    if saved is None:
+        if model.training_state_dict():
+            log.warning("%s has no training state (written by an older version): the training-only modules "
+                        "(extra query groups) restart from their initialisation", last_path)
+        return
+    try:
+        model.load_training_state_dict(saved)
+    except ValueError as exc:
+        raise UserInputError(f"cannot resume from {last_path}: {exc}; set train.resume=false or use another "
+                             f"train.output_dir") from None
 
 
 @dataclass

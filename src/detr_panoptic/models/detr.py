@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,9 +86,44 @@ class PanopticDETR(nn.Module):
         channels = resnet.num_channels
         self.mask_head = MaskHeadSmallConv(hidden_dim, nheads, [channels[2], channels[1], channels[0]])
         self.query_groups = 1
+        # Attributes (parameters or modules) that exist for training only: ``state_dict()`` leaves them out,
+        # so checkpoints hold exactly the official keys; ``training_state_dict()`` holds them for last.pth.
+        self.training_only: set[str] = {"group_query_embed"}
         self.group_query_embed: nn.Parameter | None = None
-        self.register_state_dict_post_hook(_drop_group_queries)
-        self.register_load_state_dict_post_hook(_group_queries_not_missing)
+        self.register_state_dict_post_hook(_drop_training_only)
+        self.register_load_state_dict_post_hook(_training_only_not_missing)
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        """The training-only state (``self.training_only``: extra query groups, and any module a training
+        feature registers there) as ``{key: tensor}``, keys like ``state_dict``'s; empty without it. It goes
+        into ``last.pth`` beside the official weights, so a resumed run restores it exactly."""
+        state: dict[str, torch.Tensor] = {}
+        for name in sorted(self.training_only):
+            value = getattr(self, name, None)
+            if isinstance(value, nn.Parameter):
+                state[name] = value.detach().clone()
+            elif isinstance(value, nn.Module):
+                state.update({f"{name}.{k}": v.detach().clone() for k, v in value.state_dict().items()})
+        return state
+
+    def load_training_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore ``training_state_dict()``'s output into the same training setup (same query groups...).
+        A key this model has no place for, or a place without a key, is a ``ValueError``."""
+        own = self.training_state_dict()
+        if set(own) != set(state):
+            raise ValueError(f"training state does not fit this model: saved keys {sorted(state)}, the model's "
+                             f"{sorted(own)} (were train.query_groups or other training-only settings changed?)")
+        with torch.no_grad():
+            for name in sorted(self.training_only):
+                value = getattr(self, name, None)
+                if isinstance(value, nn.Parameter):
+                    if value.shape != state[name].shape:
+                        raise ValueError(f"training state {name}: shape {tuple(state[name].shape)}, the model's "
+                                         f"{tuple(value.shape)}")
+                    value.copy_(state[name])
+                elif isinstance(value, nn.Module):
+                    prefix = name + "."
+                    value.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def enable_query_groups(self, groups: int) -> PanopticDETR:
         """Group-DETR training (``train.query_groups``): ``groups - 1`` extra groups of ``num_queries``
@@ -279,14 +314,21 @@ class PanopticDETR(nn.Module):
                                     min_area=min_area)
 
 
-def _drop_group_queries(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post-hook: the extra query groups are training state, not model weights."""
-    state_dict.pop(prefix + "group_query_embed", None)
+def _is_training_only(key: str, names: set[str]) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in names)
 
 
-def _group_queries_not_missing(module: nn.Module, incompatible: nn.modules.module._IncompatibleKeys) -> None:
-    """Loading the (official) weights into a model with query groups keeps the groups as they are."""
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.endswith("group_query_embed")]
+def _drop_training_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: training-only parameters and modules are not model weights."""
+    for key in [k for k in state_dict if k.startswith(prefix)
+                and _is_training_only(k[len(prefix):], module.training_only)]:  # type: ignore[arg-type]
+        del state_dict[key]
+
+
+def _training_only_not_missing(module: nn.Module, incompatible: nn.modules.module._IncompatibleKeys) -> None:
+    """Loading the (official) weights into a model with training-only parts keeps those as they are."""
+    names: set[str] = module.training_only  # type: ignore[assignment]
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _is_training_only(k, names)]
 
 
 def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:
