@@ -129,6 +129,7 @@ def test_wandb_gets_records_and_checkpoint_artifacts(tmp_path, monkeypatch):
     assert calls["init"][0]["mode"] == "offline" and calls["init"][0]["project"] == "detr-panoptic"
     assert [step for step, _ in calls["log"]] == [1, 2, 2]
     assert "train/loss_ce" in calls["log"][0][1] and calls["log"][-1][1]["val/pq"] == 12.0
+    assert {"train/class_error", "train/class_accuracy"} <= set(calls["log"][0][1])
     assert (["best.pth"], ["best", "step-2"]) in calls["artifacts"]
     assert (["last.pth"], ["last", "step-2"]) in calls["artifacts"]
     assert calls["finish"] == 1

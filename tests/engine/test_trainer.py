@@ -41,8 +41,9 @@ def test_run_folder_metrics_and_checkpoints(tmp_path):
     val_records = [r for r in records if r["kind"] == "val"]
     assert [r["step"] for r in train_records] == list(range(1, 9))  # 8 images, batch 2, 2 epochs
     for key in ("epoch", "lr", "loss", "loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice",
-                "loss_ce_0", "step_time", "data_time"):
+                "loss_ce_0", "class_accuracy", "class_error", "step_time", "data_time"):
         assert key in train_records[0]
+    assert all(r["class_accuracy"] + r["class_error"] == pytest.approx(100.0) for r in train_records)
     assert [(r["step"], r["epoch"], r["pq"]) for r in val_records] == [(4, 0, 30.0), (8, 1, 20.0)]
     assert evaluate.calls == 2  # the end-of-training validation is not repeated at step 8
     assert list((out / "tb").iterdir())

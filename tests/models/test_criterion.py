@@ -89,7 +89,7 @@ def _reference_losses(logits, boxes, masks, targets, indices):
 
 
 def _grads(losses, weight_dict, leaves):
-    total = sum(weight_dict[k] * v for k, v in losses.items())
+    total = sum(weight_dict[k] * v for k, v in losses.items() if k in weight_dict)
     return torch.autograd.grad(total, leaves, allow_unused=True)
 
 
@@ -101,7 +101,7 @@ def test_losses_and_gradients_equal_reference(seed, num_targets):
     indices = criterion.matcher(outputs, targets)
     got = criterion(outputs, targets)
     want = _reference_losses(logits, boxes, masks, targets, indices)
-    assert set(got) == {"loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"}
+    assert set(got) == {"loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "class_accuracy", "class_error"}
     for name in want:
         torch.testing.assert_close(got[name].double(), want[name].double().reshape(()), rtol=1e-5, atol=1e-6,
                                    msg=name)
@@ -158,7 +158,7 @@ def test_aux_losses_named_and_weighted():
     torch.testing.assert_close(losses["loss_giou_1"], alone["loss_giou"])
     torch.testing.assert_close(losses["loss_ce_1"], alone["loss_ce"])
     total = criterion.weighted_total(losses)
-    want = sum(criterion.weight_dict[k] * v for k, v in losses.items())
+    want = sum(criterion.weight_dict[k] * v for k, v in losses.items() if k.startswith("loss"))
     torch.testing.assert_close(total, want)
 
 
@@ -203,3 +203,46 @@ def test_other_gamma_uses_the_reference_formula():
     criterion.focal_gamma = 2.0 + 1e-9  # takes the torchvision path, numerically the same
     plain = criterion(outputs, targets)
     torch.testing.assert_close(fused["loss_mask"], plain["loss_mask"])
+
+
+# -- the logged accuracy: the reference's class_error ---------------------------------------------------
+def _reference_class_error(logits, targets, indices):
+    """The reference ``loss_labels(..., log=True)``: the matched queries' logits gathered batch by batch,
+    then ``100 - accuracy(src_logits[idx], target_classes_o)`` with precision@1 from ``topk``; 0 accuracy
+    (class_error 100) when nothing is matched."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    matched = logits.detach()[batch_idx, src_idx]
+    if target_classes_o.numel() == 0:
+        return torch.tensor(100.0)
+    _, pred = matched.topk(1, 1, True, True)
+    correct = pred.t().eq(target_classes_o.view(1, -1).expand_as(pred.t()))
+    return 100 - correct[:1].reshape(-1).float().sum(0) * (100.0 / target_classes_o.size(0))
+
+
+@pytest.mark.parametrize("seed,num_targets", [(0, (3, 2)), (1, (1, 4)), (2, (0, 3)), (8, (0, 0)), (9, (5, 6))])
+def test_class_error_equals_the_reference(seed, num_targets):
+    logits, boxes, masks, targets, aux = _case(seed, num_targets, num_queries=8, aux=1)
+    # Make some matched queries right: their target label gets a large logit, so accuracy is neither 0 nor 100.
+    criterion = build_criterion(NUM_CLASSES, aux_loss=True, num_decoder_layers=2, eos_coef=EOS)
+    outputs = DETROutput(pred_logits=logits, pred_boxes=boxes, pred_masks=masks, aux_outputs=aux)
+    indices = criterion.matcher(outputs, targets)
+    with torch.no_grad():
+        for b, (q, t) in enumerate(indices):
+            for query, target in list(zip(q.tolist(), t.tolist()))[::2]:
+                logits[b, query, targets[b]["labels"][target]] += 10.0
+    losses = criterion(outputs, targets, indices=indices)
+    want = _reference_class_error(logits, targets, indices)
+    torch.testing.assert_close(losses["class_error"], want.float())
+    torch.testing.assert_close(losses["class_accuracy"], 100 - want.float())
+    assert not losses["class_error"].requires_grad and "class_error" not in criterion.weight_dict
+    total = sum(len(t["labels"]) for t in targets)
+    if total > 1:
+        assert 0 < losses["class_error"].item() < 100  # some right, some wrong: the fixture tests something
+    if total == 0:
+        assert losses["class_error"].item() == 100.0  # nothing matched, as the reference
+    # the last layer's matching, not an auxiliary layer's
+    aux_error = _reference_class_error(aux[0].pred_logits, targets, criterion.matcher(aux[0], targets))
+    if total > 1 and not torch.isclose(aux_error, want):
+        assert not torch.isclose(losses["class_error"], aux_error)

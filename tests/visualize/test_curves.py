@@ -113,3 +113,21 @@ def test_plot_run_draws_the_image_dependence_of_validations_that_carry_it(tmp_pa
     assert ax.get_yscale() == "log"
     assert list(ax.get_lines()[0].get_ydata()) == [0.3, 1e-3, 1e-4]
     assert len(ax.get_lines()) == 3
+
+
+def test_plot_run_draws_the_class_accuracy_of_train_records_that_carry_it(tmp_path):
+    from detr_panoptic.visualize.curves import plot_accuracy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "train", "step": s, "epoch": 0, "loss": 1.0, "class_accuracy": 10.0 * s,
+                "class_error": 100 - 10.0 * s} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert [p.name for p in plot_run(run)] == ["losses.png", "accuracy.png", "pq.png"]
+    fig = plot_accuracy(records)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["class_accuracy", "class_error"]
+    raw_accuracy, raw_error = axes[0].get_lines()[0], axes[1].get_lines()[0]
+    assert list(raw_accuracy.get_ydata()) == [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert list(raw_error.get_ydata()) == [90.0, 80.0, 70.0, 60.0, 50.0]
+    assert "class_accuracy" not in loss_keys(records)  # not a loss panel

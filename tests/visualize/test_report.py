@@ -19,8 +19,8 @@ MAGENTA = (255, 0, 255)
 
 def make_run(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    records = [{"kind": "train", "step": s, "epoch": 0, "lr": 1e-4, "loss": 3.0 / s, "loss_ce": 1.0 / s}
-               for s in range(1, 6)]
+    records = [{"kind": "train", "step": s, "epoch": 0, "lr": 1e-4, "loss": 3.0 / s, "loss_ce": 1.0 / s,
+                "class_accuracy": 12.5 * s, "class_error": 100 - 12.5 * s} for s in range(1, 6)]
     records.append({"kind": "val", "step": 5, "epoch": 0, "pq": 41.5, "sq": 77.0, "rq": 52.0, "pq_things": 35.0,
                     "pq_stuff": 48.0, "per_class": {"1": {"pq": 50.0, "sq": 80.0, "rq": 62.5},
                                                     "7": {"pq": 12.5, "sq": 70.0, "rq": 17.9}}})
@@ -56,6 +56,9 @@ def test_report_embeds_everything_and_escapes_text(tmp_path):
     # Per class, weakest first, with names from the categories found in the folder.
     assert page.index("<td class=\"name\">road</td>") < page.index("<td class=\"name\">car</td>")
     assert "41.50" in page
+    # the last step's class accuracy and class_error in the table, their curves among the figures
+    assert "<th>class_accuracy</th><th>class_error</th>" in page and "<td>62.50</td><td>37.50</td>" in page
+    assert 'alt="class accuracy of the matched queries (last layer) and class_error"' in page
 
 
 def test_report_reads_an_evaluation_folder_in_either_form(tmp_path):

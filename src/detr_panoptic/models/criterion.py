@@ -19,6 +19,11 @@ box and mask losses.
 Auxiliary decoder outputs get ``loss_ce_i``, ``loss_bbox_i``, ``loss_giou_i`` (i = 0..L-2), with their own
 matching; masks are supervised on the last layer only. Loss weights live in ``criterion.weight_dict``
 and are applied in one place, ``criterion.weighted_total(losses)``.
+
+Beside the losses, two logged values without weight or gradient, of the last layer's matching as the
+reference logs them: ``class_accuracy``, the percentage of matched queries whose top-1 class (of the C+1
+logits) is their target's, and ``class_error`` = 100 - ``class_accuracy`` (100 when nothing is matched,
+as in the reference).
 """
 from __future__ import annotations
 
@@ -108,6 +113,18 @@ def sigmoid_mask_losses(mask_logits: torch.Tensor, target_masks: torch.Tensor, *
     return _SigmoidMaskLosses.apply(mask_logits.float(), target_masks.to(torch.bool), alpha)
 
 
+@torch.no_grad()
+def matched_class_accuracy(class_logits: torch.Tensor, targets: Targets, indices: MatchIndices) -> torch.Tensor:
+    """Percentage (0-d float tensor, on the logits' device) of matched queries whose arg-max class over the
+    C+1 logits ``class_logits`` [B, Q, C+1] is their target's label; 0 when nothing is matched."""
+    device = class_logits.device
+    predicted = torch.cat([class_logits[b].index_select(0, q.to(device)).argmax(-1) for b, (q, _) in enumerate(indices)])
+    wanted = torch.cat([targets[b]["labels"].to(device)[t.to(device)] for b, (_, t) in enumerate(indices)])
+    if predicted.numel() == 0:
+        return class_logits.new_zeros((), dtype=torch.float32)
+    return (predicted == wanted).float().mean() * 100
+
+
 def average_num_boxes(targets: Targets, device: torch.device) -> float:
     """Number of target segments in the batch, averaged over processes when distributed, at least 1."""
     num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -118,7 +135,8 @@ def average_num_boxes(targets: Targets, device: torch.device) -> float:
 
 
 class SetCriterion(nn.Module):
-    """Callable ``criterion(outputs, targets, indices=None) -> {name: unweighted loss}``.
+    """Callable ``criterion(outputs, targets, indices=None) -> {name: unweighted loss}`` (plus the logged
+    ``class_accuracy`` and ``class_error``, which have no weight).
 
     ``outputs`` is a ``DETROutput``; ``pred_masks`` may hold every query ([B, Q, h, w]) or only the
     queries listed in ``outputs.mask_queries`` (packed [N, h, w]). ``indices`` is the final layer's
@@ -222,6 +240,8 @@ class SetCriterion(nn.Module):
         losses.update(self.box_losses(outputs.pred_boxes, targets, indices, per_group))
         if self.masks:
             losses.update(self.mask_losses(outputs, targets, indices, per_group))
+        accuracy = matched_class_accuracy(outputs.pred_logits, targets, indices)
+        losses.update({"class_accuracy": accuracy, "class_error": 100 - accuracy})
         for i, aux in enumerate(outputs.aux_outputs):
             aux_indices = self.matcher(aux, targets)
             aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices, aux.query_groups)}

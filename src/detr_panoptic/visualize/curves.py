@@ -1,7 +1,7 @@
-"""Training curves from a run folder's ``metrics.jsonl``: losses, PQ over time, per-class bars.
+"""Training curves from a run folder's ``metrics.jsonl``: losses, class accuracy, PQ over time, per-class bars.
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step", "epoch", "lr", "loss",
-"loss_ce", ...}`` per logged step and ``{"kind": "val", "step", "epoch", "pq", "sq", "rq", ...,
+"loss_ce", ..., "class_accuracy", "class_error"}`` per logged step and ``{"kind": "val", "step", "epoch", "pq", "sq", "rq", ...,
 "per_class": {...}}`` per validation (PQ in percent).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 AUX_SUFFIX = re.compile(r"_\d+$")
 PQ_KEYS = ("pq", "sq", "rq", "pq_things", "pq_stuff")
+# The matched queries' top-1 class accuracy and DETR's class_error (100 - accuracy), percent, last layer.
+ACCURACY_KEYS = ("class_accuracy", "class_error")
 # Image-dependence of the model's outputs, added to validation records by engine.diagnostics.
 DIAG_KEYS = ("diag_memory_image_var", "diag_decoder_image_var", "diag_box_centre_spread")
 
@@ -113,21 +115,42 @@ def plot_losses(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, A
     fig = Figure(figsize=(4.2 * columns, 3.0 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        steps, values = _series(train, key)
-        if len(values):
-            ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, smooth(values), color="C0", label="train")
-        steps, values = _series(val, key)
-        if len(values):
-            ax.plot(steps, values, "o-", color="C1", label="validation")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        _draw_panel(ax, train, val, key)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_axis_off()
     fig.suptitle("losses")
+    return fig
+
+
+def _draw_panel(ax: Any, train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]], key: str) -> None:
+    """``key`` against the step: raw train values faint, smoothed solid, validation values as markers."""
+    steps, values = _series(train, key)
+    if len(values):
+        ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(values), color="C0", label="train")
+    steps, values = _series(val, key)
+    if len(values):
+        ax.plot(steps, values, "o-", color="C1", label="validation")
+    ax.set_title(key)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def has_accuracy(records: Sequence[Mapping[str, Any]]) -> bool:
+    return any(key in record for record in records for key in ACCURACY_KEYS)
+
+
+def plot_accuracy(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str, Any]] = ()) -> Figure:
+    """The last decoder layer's matched-query class accuracy and DETR's ``class_error`` (100 minus it),
+    percent, one panel each, drawn like the losses."""
+    fig = Figure(figsize=(8.4, 3.0), layout="constrained")
+    for ax, key in zip(fig.subplots(1, len(ACCURACY_KEYS), squeeze=False).flat, ACCURACY_KEYS):
+        _draw_panel(ax, train, val, key)
+        ax.set_ylim(-2, 102)
+        ax.set_ylabel("%")
+    fig.suptitle("classification of the matched queries (top-1)")
     return fig
 
 
@@ -190,7 +213,7 @@ def last_per_class(val: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int = 100) -> list[Path]:
-    """Write ``losses.png``, ``pq.png``, ``diagnostics.png`` (when validations carry ``diag_*`` keys) and (after a validation with per-class results)
+    """Write ``losses.png``, ``accuracy.png`` (when train records carry ``class_accuracy``), ``pq.png``, ``diagnostics.png`` (when validations carry ``diag_*`` keys) and (after a validation with per-class results)
     ``per_class.png`` into ``out_dir`` (default ``<run_dir>/plots``); return the paths written."""
     from detr_panoptic.visualize.attention import save_figure
 
@@ -198,7 +221,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, *, dpi: int
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     train, val = split_records(read_metrics(run_dir))
     written = []
-    figures = [("losses", plot_losses(train, val)), ("pq", plot_pq(val))]
+    figures = [("losses", plot_losses(train, val))]
+    if has_accuracy(train):
+        figures.append(("accuracy", plot_accuracy(train, val)))
+    figures.append(("pq", plot_pq(val)))
     if has_diagnostics(val):
         figures.append(("diagnostics", plot_diagnostics(val)))
     for name, fig in figures:

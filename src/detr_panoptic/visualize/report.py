@@ -3,7 +3,8 @@
 Everything is embedded (images as base64 ``data:`` URIs, CSS inline), so the file can be mailed or
 opened from anywhere. What the page shows depends on what the folder holds:
 
-* ``metrics.jsonl`` (a training run): the last validation and training losses, loss and PQ curves,
+* ``metrics.jsonl`` (a training run): the last validation and training losses (and class accuracy), loss,
+  accuracy and PQ curves,
   per-class PQ/SQ/RQ (table and bars) of the last validation;
 * ``metrics.json`` (``evaluate``; also looked for in ``eval/``): PQ/SQ/RQ for All/Things/Stuff and
   per class;
@@ -255,15 +256,16 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
             per_class = curves.last_per_class(val)
         if train:
             last = train[-1]
-            keys = curves.loss_keys([last])
+            keys = curves.loss_keys([last]) + [k for k in (*curves.ACCURACY_KEYS, "lr", "step_time") if k in last]
             body.append(f"<p>Last training step {_e(last.get('step', '?'))} (epoch {_e(last.get('epoch', '?'))}), "
                         f"{len(train)} logged steps:</p>")
-            body.append(html_table(keys + [k for k in ("lr", "step_time") if k in last],
-                                   [[last[k] for k in keys] + [last[k] for k in ("lr", "step_time") if k in last]],
-                                   name_columns=0))
+            body.append(html_table(keys, [[last[k] for k in keys]], name_columns=0))
         sections.append(("Training run", "".join(body) or '<p class="empty">metrics.jsonl is empty</p>', "run"))
-        plots = [html_figure(figure_data_uri(curves.plot_losses(train, val)), "losses"),
-                 html_figure(figure_data_uri(curves.plot_pq(val)), "panoptic quality")]
+        plots = [html_figure(figure_data_uri(curves.plot_losses(train, val)), "losses")]
+        if curves.has_accuracy(train):
+            plots.append(html_figure(figure_data_uri(curves.plot_accuracy(train, val)),
+                                     "class accuracy of the matched queries (last layer) and class_error"))
+        plots.append(html_figure(figure_data_uri(curves.plot_pq(val)), "panoptic quality"))
         if curves.has_diagnostics(val):
             plots.append(html_figure(figure_data_uri(curves.plot_diagnostics(val)),
                                      "image-dependence of the encoder memory, decoder output and box centres"))
@@ -293,7 +295,7 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
 
     pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
     if (folder / "metrics.jsonl").is_file():
-        drawn.update({"losses", "pq", "diagnostics"})
+        drawn.update({"losses", "accuracy", "pq", "diagnostics"})
     pngs = [p for p in pngs if p.stem not in drawn or p.parent.name == "overlays"]
     overlays = [p for p in pngs if p.parent.name == "overlays"]
     attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
