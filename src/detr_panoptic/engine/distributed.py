@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from detr_panoptic.utils.devices import resolve_device
+from detr_panoptic.utils.devices import local_cuda_index, resolve_device
+from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = resolve_device(device, local_rank)
+    resolved = process_device(device, local_rank=local_rank, world_size=world_size)
     if world_size <= 1:
         return DistributedContext(device=resolved)
     if resolved.type == "cuda":
@@ -54,6 +57,21 @@ def init_distributed(device: str = "auto") -> DistributedContext:
         log.info("joined process group: rank %d/%d, backend %s, device %s", rank, world_size, backend, resolved)
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                               device=resolved)
+
+
+def process_device(name: str, *, local_rank: int, world_size: int) -> torch.device:
+    """This process's device. Under ``torchrun`` (``world_size`` > 1) a CUDA device is always the process's
+    own, ``cuda:<LOCAL_RANK % device_count>`` (``utils.devices.local_cuda_index``): an explicit ``cuda:N``
+    would put every process on one GPU, so its index is overridden, with a warning; choose the GPUs with
+    ``CUDA_VISIBLE_DEVICES`` instead."""
+    resolved = resolve_device(name, local_rank)
+    if world_size <= 1 or resolved.type != "cuda":
+        return resolved
+    own = torch.device("cuda", local_cuda_index(local_rank))
+    if torch.device(name).index is not None and local_rank == 0:
+        log.warning("device %s under torchrun: each process uses its own GPU (cuda:LOCAL_RANK modulo the visible "
+                    "devices); choose the GPUs with CUDA_VISIBLE_DEVICES", name)
+    return own
 
 
 def cleanup_distributed() -> None:
@@ -94,6 +112,38 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def raise_if_any(problem: str | None, error: type[Exception]) -> None:
+    """Every process raises ``error`` when any process reports a problem (then none waits in a later
+    collective for one that stopped); a no-op when none does. Collective."""
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        raise error("; ".join(dict.fromkeys(problems)))
+
+
+def check_shared_folder(folder: Path) -> None:
+    """Multi-process runs need the run folder on a filesystem every process sees: rank 0 writes a marker
+    file there and each process must read it back. Collective; nothing when not distributed."""
+    if not is_initialized():
+        return
+    rank = dist.get_rank()
+    name = broadcast_object(f".shared-check-{socket.gethostname()}-{os.getpid()}")
+    marker = folder / name  # each process looks in the folder as its own config names it
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+    barrier()
+    problem = None
+    if not marker.is_file():
+        problem = (f"rank {rank} ({socket.gethostname()}) cannot see {folder} as rank 0 wrote it: multi-node "
+                   f"training needs train.output_dir (and model.init) on a filesystem shared by all nodes")
+    try:
+        raise_if_any(problem, UserInputError)
+    finally:
+        barrier()
+        if rank == 0:
+            marker.unlink(missing_ok=True)
 
 
 def epoch_permutation(num_items: int, *, seed: int, epoch: int, shuffle: bool = True) -> list[int]:

@@ -155,6 +155,7 @@ class CheckpointHook(Hook):
         if trainer.state.is_main and not self.best_path.exists():
             log.info("no validation result to pick a best checkpoint: best.pth holds the final weights")
             self.save_best(trainer)
+        distributed.barrier()  # the stage ends when its files are written: a next stage may load best.pth
 
 
 class EvalHook(Hook):

@@ -289,6 +289,27 @@ def restore_parts(parts: StageParts, resume: dict[str, Any], last_path: Path) ->
     parts.state.restore(resume["run_state"])
 
 
+def load_resume_point(last_path: Path, *, enabled: bool, ctx: DistributedContext) -> dict[str, Any] | None:
+    """``last.pth`` when the run resumes, else None. Rank 0 decides (``train.resume`` and whether it sees
+    ``last_path``) and tells the others, which must then read the same step: processes that decided on
+    their own could start at different steps and hang. Collective when distributed."""
+    resume = torch.load(last_path, map_location="cpu", weights_only=True) \
+        if ctx.is_main and enabled and last_path.is_file() else None
+    step = distributed.broadcast_object(int(resume["step"]) if resume is not None else None)
+    problem = None
+    if step is not None and not ctx.is_main:
+        if not last_path.is_file():
+            problem = (f"rank {ctx.rank} cannot see {last_path}, from which rank 0 resumes (step {step}): "
+                       f"multi-node training needs train.output_dir on a filesystem shared by all nodes")
+        else:
+            resume = torch.load(last_path, map_location="cpu", weights_only=True)
+            if int(resume["step"]) != step:
+                problem = (f"rank {ctx.rank} reads step {resume['step']} from {last_path}, rank 0 step {step}: "
+                           f"the processes do not share one run folder")
+    distributed.raise_if_any(problem, UserInputError)
+    return resume
+
+
 def prepare_run_folder(config: Config, *, resumed_step: int | None) -> None:
     """``config.yaml`` written; a fresh run drops an old ``best.pth`` and ``metrics.jsonl``, a resumed run
     drops the metric records written after its checkpoint. Rank 0 only."""
@@ -340,8 +361,8 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
 
     autocast_dtype(tc.amp, ctx.device)  # fp16 on the CPU: refused now, before data and model are built
     train_set, val_set, category_map = datasets if datasets is not None else build_datasets(config.data)
-    resume = torch.load(last_path, map_location="cpu", weights_only=True) \
-        if tc.resume and last_path.is_file() else None
+    distributed.check_shared_folder(out)
+    resume = load_resume_point(last_path, enabled=tc.resume, ctx=ctx)
     model = prepare_model(config, category_map, resume, ctx.device, verbose=ctx.is_main)
     parts = build_parts(config, model, train_set, category_map, ctx)
     result = StageResult(name=config.name, output_dir=out, last_checkpoint=last_path, best_checkpoint=best_path,
@@ -411,6 +432,8 @@ def train(config: Config, *, evaluate: Callable[[nn.Module], dict[str, Any]] | N
             if ctx.is_main and len(stages) > 1:
                 log.info("stage %s -> %s", stage.name, stage.train.output_dir)
             results.append(train_stage(stage, ctx, evaluate=evaluate, datasets=datasets))
+            # rank 0 may still be writing the stage's best.pth (after_train), which the next stage loads
+            distributed.barrier()
     finally:
         if owns_group:
             distributed.cleanup_distributed()
