@@ -173,16 +173,16 @@ def test_accumulators_merge_and_round_trip_through_tensors(make_case):
 @pytest.mark.parametrize("noise", [False, True])
 def test_run_length_counting_equals_pixel_counting(noise, block, monkeypatch):
     from detr_panoptic.evaluation import pq
-    from detr_panoptic.evaluation.pq import _runs
+    from detr_panoptic.evaluation.pq import runs
 
-    if block is not None:  # runs cross the boundaries of the blocks that _runs works in
+    if block is not None:  # runs cross the boundaries of the blocks that runs works in
         monkeypatch.setattr(pq, "_RUN_BLOCK", block)
     rng = np.random.default_rng(1)
     gt = np.repeat(rng.integers(0, 4, (6, 5)), 3, axis=1)
     pred = np.repeat(rng.integers(0, 3, (6, 5)), 3, axis=1)
     if noise:
         gt, pred = rng.integers(0, 4, (6, 15)), rng.integers(0, 3, (6, 15))
-    gt_values, pred_values, lengths = _runs(gt, pred)
+    gt_values, pred_values, lengths = runs(gt, pred)
     assert lengths.sum() == gt.size
     counted = {}
     for g, p, n in zip(gt_values.tolist(), pred_values.tolist(), lengths.tolist()):

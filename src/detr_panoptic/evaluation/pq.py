@@ -124,36 +124,38 @@ def _labels(values: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     return np.where(sorted_keys[pos] == values, sorter[pos] + 1, 0)
 
 
-# Pixels per block in _runs: two uint32 slices and two bool masks stay in the L2 cache, where the
+# Pixels per block in runs: two uint32 slices and two bool masks stay in the L2 cache, where the
 # whole-image passes were bound by memory bandwidth (2x slower on 2048x1024 maps).
 _RUN_BLOCK = 1 << 16
 
 
-def _runs(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of equal (gt, pred) pixels in raster order: (gt value, pred value, length) per run.
+def runs(*maps: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Runs of equal pixels of all ``maps`` together (same shape) in raster order: the value of each
+    map per run, then the run lengths (int64).
 
-    Panoptic maps are piecewise constant, so there are far fewer runs than pixels and everything after
-    this step (relabelling, counting) works on the runs.
+    Panoptic and label maps are piecewise constant, so there are far fewer runs than pixels and
+    everything after this step (relabelling, counting) works on the runs.
     """
-    gt, pred = gt.reshape(-1), pred.reshape(-1)
-    n = gt.size
+    flat = [m.reshape(-1) for m in maps]
+    n = flat[0].size
     if n == 0:
-        return gt[:0], pred[:0], np.zeros(0, np.int64)
-    gt_change = np.empty(min(n, _RUN_BLOCK), dtype=bool)
-    pred_change = np.empty_like(gt_change)
+        return (*(m[:0] for m in flat), np.zeros(0, np.int64))
+    changed = np.empty(min(n, _RUN_BLOCK), dtype=bool)
+    other = np.empty_like(changed)
     starts = [np.zeros(1, dtype=np.intp)]
     for begin in range(1, n, _RUN_BLOCK):
         end = min(n, begin + _RUN_BLOCK)
-        changed, pred_changed = gt_change[:end - begin], pred_change[:end - begin]
-        np.not_equal(gt[begin:end], gt[begin - 1:end - 1], out=changed)
-        np.not_equal(pred[begin:end], pred[begin - 1:end - 1], out=pred_changed)
-        np.bitwise_or(changed, pred_changed, out=changed)
-        block_starts = np.flatnonzero(changed)
+        block, other_block = changed[:end - begin], other[:end - begin]
+        np.not_equal(flat[0][begin:end], flat[0][begin - 1:end - 1], out=block)
+        for m in flat[1:]:
+            np.not_equal(m[begin:end], m[begin - 1:end - 1], out=other_block)
+            np.bitwise_or(block, other_block, out=block)
+        block_starts = np.flatnonzero(block)
         block_starts += begin
         starts.append(block_starts)
     run_starts = np.concatenate(starts)
     lengths = np.diff(run_starts, append=n)
-    return gt[run_starts], pred[run_starts], lengths
+    return (*(m[run_starts] for m in flat), lengths)
 
 
 def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
@@ -174,7 +176,7 @@ def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any
     pred_segments, pred_ids = _segment_table(pred_segments, image_id, pred_source)
     num_gt, num_pred = len(gt_ids), len(pred_ids)
 
-    gt_values, pred_values, lengths = _runs(gt_id_map, pred_id_map)
+    gt_values, pred_values, lengths = runs(gt_id_map, pred_id_map)
     gt_values = gt_values.astype(np.int64)
     pred_values = pred_values.astype(np.int64)
     if low_24_bits:

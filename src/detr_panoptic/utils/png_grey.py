@@ -1,0 +1,157 @@
+"""8-bit greyscale PNGs: label maps (Cityscapes ``*_labelIds.png``, semantic results) and binary
+instance masks (Cityscapes instance results), read and written fast.
+
+* ``read_grey8_png``: ``[H, W]`` uint8 of an 8-bit PNG as Pillow's ``convert("L")`` gives it for
+  greyscale files (the sample itself); other kinds (RGB, palette, 1-bit, 16-bit) go through Pillow's
+  ``convert("L")``, so the values are always those Pillow gives.
+* ``read_mask_pixels``: the flat indices of the non-zero pixels of a mask PNG (what cityscapesScripts'
+  instance evaluator takes as the instance: ``convert("L") != 0``). A full-image mask is mostly empty
+  rows; for 8-bit greyscale files whose rows use PNG's None, Sub or Up filters (what Pillow and
+  ``encode_grey8_png`` write for masks) only the rows that hold pixels are reconstructed, from the
+  inflated stream: ~1 ms for a 2048x1024 mask, against ~10 ms to decode it whole with Pillow.
+* ``encode_grey8_png``: an 8-bit greyscale PNG (Sub filter, zlib-ng run-length strategy).
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from detr_panoptic.utils import png as _png
+from detr_panoptic.utils.errors import UserInputError
+
+_NONE, _SUB, _UP = 0, 1, 2
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise UserInputError(f"{what} {path} is a folder, expected a PNG file") from None
+
+
+def _pillow_grey(data: bytes, source: str) -> np.ndarray:
+    """``convert("L")`` of any image Pillow reads, as uint8 ``[H, W]``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                raise UserInputError(f"{source}: expected an 8-bit PNG, got a 16-bit one (mode {image.mode})")
+            return np.asarray(image.convert("L"))
+    except UnidentifiedImageError:
+        what = "an empty file" if not data else f"not an image (it starts with {data[:8]!r})"
+        raise UserInputError(f"{source}: cannot decode: {what}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, UserInputError):
+            raise
+        raise UserInputError(f"{source}: cannot decode the PNG (corrupt or truncated file?): {exc}") from None
+
+
+def _grey8_rows(data: bytes, source: str) -> np.ndarray | None:
+    """The inflated ``[H, 1 + W]`` rows (filter byte first) of an 8-bit greyscale non-interlaced PNG
+    that this module can reconstruct; None for other files (and when zlib-ng is missing)."""
+    if _png._zlib_ng is None:
+        return None
+    header = _png._png_header(data)
+    if header is None or header[2:4] != (8, 0) or header[6] != 0:
+        return None
+    width, height = header[:2]
+    inflated = _png._inflated_pixels(data, source, width, height, 1)
+    if inflated is None:
+        return None
+    return np.frombuffer(inflated, np.uint8).reshape(height, width + 1)
+
+
+def read_grey8_png(path: str | os.PathLike, *, what: str = "PNG") -> np.ndarray:
+    """``[H, W]`` uint8 of the PNG at ``path`` (greyscale sample, else Pillow's ``convert("L")``).
+
+    ``FileNotFoundError`` names the path; an undecodable file is a ``UserInputError``."""
+    data = _read(path, what)
+    source = f"{what} {path}"
+    header = _png._png_header(data)
+    fast = _png._unfilter is not None and _png._zlib_ng is not None
+    if fast and header is not None and header[2:4] == (8, 0):  # 8-bit grey: the packed pixels' low byte
+        pixels = _png._decode_unfilter(data, source, None)
+        if pixels is not None:
+            return np.ascontiguousarray(pixels.view(np.uint8)[:, ::4])
+    return _pillow_grey(data, source)
+
+
+def read_mask_pixels(path: str | os.PathLike, *, what: str = "mask PNG") -> tuple[tuple[int, int], np.ndarray]:
+    """``((H, W), flat indices)`` of the pixels of the mask PNG at ``path`` that are non-zero in
+    Pillow's ``convert("L")`` (int64, ascending)."""
+    data = _read(path, what)
+    source = f"{what} {path}"
+    rows = _grey8_rows(data, source)
+    if rows is not None:
+        indices = _sparse_nonzero(rows)
+        if indices is not None:
+            return (rows.shape[0], rows.shape[1] - 1), indices
+    grey = _pillow_grey(data, source)
+    return grey.shape, np.flatnonzero(grey)
+
+
+def _sparse_nonzero(rows: np.ndarray) -> np.ndarray | None:
+    """Flat indices of the non-zero pixels of filtered rows ``[H, 1 + W]``; None when a row that
+    must be reconstructed uses the Average or Paeth filter (the caller decodes the whole file then).
+
+    A row whose filtered bytes are all zero and whose row above is all zero is zero whatever its
+    filter, so only the rows from the first filtered non-zero byte on are looked at, and of those
+    only the ones that are not such a zero row."""
+    height, width = rows.shape[0], rows.shape[1] - 1
+    filtered = rows[:, 1:]
+    active = np.flatnonzero(filtered.any(axis=1)).tolist()
+    if not active:
+        return np.zeros(0, np.int64)
+    types = rows[:, 0]
+    pieces = []
+    previous: np.ndarray | None = None  # the row above, None when it is all zero
+    active_set = set(active)
+    for row in range(active[0], height):
+        if previous is None and row not in active_set:
+            if row > active[-1]:
+                break
+            continue
+        kind = int(types[row])
+        if kind == _NONE:
+            current = filtered[row]
+        elif kind == _SUB:
+            current = np.cumsum(filtered[row], dtype=np.uint8)
+        elif kind == _UP:
+            current = filtered[row] if previous is None else filtered[row] + previous
+        elif kind > 4:
+            raise UserInputError(f"unknown PNG filter type {kind} in row {row}")
+        else:
+            return None
+        hits = np.flatnonzero(current)
+        if hits.size:
+            pieces.append(hits + row * width)
+            previous = current
+        else:
+            previous = None
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+
+def encode_grey8_png(array: np.ndarray, level: int = 1) -> bytes:
+    """The bytes of an 8-bit greyscale PNG of the uint8 ``[H, W]`` ``array`` (every row Sub-filtered,
+    zlib-ng run-length strategy: label maps and masks are piecewise constant)."""
+    values = np.asarray(array)
+    if values.ndim != 2 or values.size == 0 or values.dtype != np.uint8:
+        raise ValueError(f"expected a non-empty [H, W] uint8 array, got {values.dtype} of shape {values.shape}")
+    height, width = values.shape
+    rows = np.empty((height, 1 + width), np.uint8)
+    rows[:, 0] = _SUB
+    rows[:, 1] = values[:, 0]
+    np.subtract(values[:, 1:], values[:, :-1], out=rows[:, 2:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    deflate = (_png._zlib_ng or zlib).compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return b"".join([_png._SIGNATURE, _png._png_chunk(b"IHDR", header),
+                     _png._png_chunk(b"IDAT", deflate.compress(rows.data) + deflate.flush()),
+                     _png._png_chunk(b"IEND", b"")])
