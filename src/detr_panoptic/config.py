@@ -127,6 +127,19 @@ class TrainConfig:
     # each matched one-to-one on its own, self-attention within each group, losses averaged over groups.
     # The first group is the model's own queries; inference and checkpoints are unchanged. 1: off.
     query_groups: int = 1
+    # Denoising queries (DN-DETR, training only; models/denoising.py, docs/convergence.md): groups of noised
+    # copies of the ground truth fed to the decoder and reconstructed, masked from the model's queries.
+    # 0: off; DN-DETR uses 5 groups, box noise 0.4, label noise 0.2. The weight scales its losses.
+    denoising_groups: int = 0
+    denoising_box_noise: float = 0.4
+    denoising_label_noise: float = 0.2
+    denoising_weight: float = 1.0
+    # One-to-many matching (H-DETR, training only; models/one_to_many.py): an extra group of queries matched
+    # to the ground truth repeated K times, masked from the model's queries. 0: off (H-DETR: K = 6);
+    # one_to_many_queries 0 means K x model.num_queries. The weight scales its losses.
+    one_to_many_repeats: int = 0
+    one_to_many_queries: int = 0
+    one_to_many_weight: float = 1.0
     # Continue from <output_dir>/checkpoints/last.pth when it exists (model, optimizer, scheduler, step,
     # epoch, RNG states, data position); false starts over in the same folder.
     resume: bool = True
@@ -312,7 +325,22 @@ def _section_from_dict(cls: type, values: Any, prefix: str, source: str) -> Any:
     if cls is TrainConfig and kwargs.get("query_groups", 1) < 1:
         raise UserInputError(f"{source}: {prefix}.query_groups must be >= 1 (1: no extra query groups), "
                              f"got {kwargs['query_groups']}")
+    if cls is TrainConfig:
+        _check_branch_options(kwargs, prefix, source)
     return cls(**kwargs)
+
+
+def _check_branch_options(values: Mapping[str, Any], prefix: str, source: str) -> None:
+    """The denoising / one-to-many options (``TrainConfig``) in range."""
+    for key in ("denoising_groups", "one_to_many_repeats", "one_to_many_queries"):
+        if values.get(key, 0) < 0:
+            raise UserInputError(f"{source}: {prefix}.{key} must be >= 0 (0: off), got {values[key]}")
+    for key in ("denoising_box_noise", "denoising_weight", "one_to_many_weight"):
+        if key in values and not values[key] >= 0:
+            raise UserInputError(f"{source}: {prefix}.{key} must be >= 0, got {values[key]}")
+    if not 0 <= values.get("denoising_label_noise", 0.0) <= 1:
+        raise UserInputError(f"{source}: {prefix}.denoising_label_noise must be in [0, 1], got "
+                             f"{values['denoising_label_noise']}")
 
 
 def config_from_dict(data: Mapping[str, Any] | None, *, source: str = "<dict>") -> Config:

@@ -196,8 +196,10 @@ class Trainer:
         batch, mask = pad_images([img.to(self.device, non_blocking=True) for img in images])
         targets = [_to_device(t, self.device) for t in targets]
         selector = QuerySelector(self.criterion.matcher, targets) if self.matched_masks_only else None
+        # the training-only query branches (denoising...) are built from the targets
+        branch_targets = {"targets": targets} if len(getattr(self.unwrapped_model, "query_branches", ())) else {}
         with autocast(self.device, self.autocast_dtype):  # the network only; losses run in float32
-            outputs = self.model(batch, mask, mask_queries=selector)
+            outputs = self.model(batch, mask, mask_queries=selector, **branch_targets)
         losses = self.criterion(outputs, targets, indices=selector.indices if selector is not None else None)
         return losses, self.criterion.weighted_total(losses)
 

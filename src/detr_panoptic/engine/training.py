@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from detr_panoptic.config import Config, DataConfig, ModelConfig, save_config
+from detr_panoptic.config import Config, DataConfig, ModelConfig, TrainConfig, save_config
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.distributed import DistributedContext
@@ -39,7 +39,10 @@ from detr_panoptic.engine.optim import build_optimizer, build_scheduler
 from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, TrainingDiverged, autocast_dtype
 from detr_panoptic.engine.transfer import adapt_to_classes
 from detr_panoptic.models.criterion import build_criterion
+from detr_panoptic.models.denoising import DenoisingQueries
 from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.models.one_to_many import OneToManyQueries
+from detr_panoptic.models.query_branches import branch_loss_weights
 from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -219,11 +222,37 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
         if verbose:
             log.info("%s: %d query groups in training (Group-DETR); checkpoints and inference keep the official "
                      "%d queries", config.name, config.train.query_groups, model.config["num_queries"])
+    add_query_branches(model, config.train, verbose=verbose, name=config.name)
     if resume is not None:
         restore_training_state(model, resume, Path(config.train.output_dir) / "checkpoints" / "last.pth")
     if verbose:
         log.info("%s: trainable parameters per part\n%s", config.name, report.format())
     return model
+
+
+def add_query_branches(model: PanopticDETR, tc: TrainConfig, *, verbose: bool, name: str) -> None:
+    """``train.denoising_*`` and ``train.one_to_many_*``: the training-only query branches (after freezing,
+    like the query groups; docs/convergence.md)."""
+    hidden, num_queries = model.config["hidden_dim"], model.config["num_queries"]
+    if tc.denoising_groups > 0:
+        model.add_query_branch(DenoisingQueries(model.num_classes, hidden, groups=tc.denoising_groups,
+                                                box_noise=tc.denoising_box_noise, label_noise=tc.denoising_label_noise))
+    if tc.one_to_many_repeats > 0:
+        queries = tc.one_to_many_queries or tc.one_to_many_repeats * num_queries
+        model.add_query_branch(OneToManyQueries(queries, hidden, tc.one_to_many_repeats))
+    if verbose and len(model.query_branches):
+        log.info("%s: training-only query branches %s (checkpoints and inference keep the official %d queries)",
+                 name, ", ".join(model.query_branches), num_queries)
+
+
+def branch_weights(tc: TrainConfig, weight_dict: Mapping[str, float]) -> dict[str, float]:
+    """The loss weights of the query branches that ``tc`` enables (``query_branches.branch_loss_weights``)."""
+    weights: dict[str, float] = {}
+    if tc.denoising_groups > 0:
+        weights.update(branch_loss_weights(weight_dict, DenoisingQueries.name, tc.denoising_weight))
+    if tc.one_to_many_repeats > 0:
+        weights.update(branch_loss_weights(weight_dict, OneToManyQueries.name, tc.one_to_many_weight))
+    return weights
 
 
 def restore_training_state(model: PanopticDETR, resume: dict[str, Any], last_path: Path) -> None:
@@ -270,6 +299,7 @@ def build_parts(config: Config, model: PanopticDETR, train_set: Dataset, categor
         # a NaN prediction must surface as a non-finite loss, which every process sees (all-reduced)
         raise_on_nonfinite=False,
     ).to(ctx.device)
+    criterion.weight_dict.update(branch_weights(tc, criterion.weight_dict))
     optimizer = build_optimizer(model, lr=tc.lr, lr_backbone=tc.lr_backbone, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, scheduler=tc.scheduler, steps_per_epoch=batches.steps_per_epoch,
                                 total_steps=state.total_steps, lr_drop_epochs=tc.lr_drop_epochs,

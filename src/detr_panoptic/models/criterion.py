@@ -247,6 +247,8 @@ class SetCriterion(nn.Module):
             aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices, aux.query_groups)}
             aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_indices, num_boxes * aux.query_groups))
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
+        for branch in outputs.branches.values():  # training-only query branches (models/query_branches.py)
+            losses.update(branch.losses(self, targets, num_boxes))
         return losses
 
     def weighted_total(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,8 @@ from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
 from detr_panoptic.models.position import PositionEmbeddingSine
 from detr_panoptic.models.postprocess import DEFAULT_THRESHOLD, MIN_AREA, kept_queries, panoptic_postprocess
-from detr_panoptic.models.transformer import Transformer
+from detr_panoptic.models.query_branches import QueryBranch, compose_queries
+from detr_panoptic.models.transformer import Transformer, group_attention_mask
 from detr_panoptic.utils.batching import pad_images
 
 MaskQueries = Callable[[DETROutput], Sequence[torch.Tensor]]
@@ -88,8 +89,11 @@ class PanopticDETR(nn.Module):
         self.query_groups = 1
         # Attributes (parameters or modules) that exist for training only: ``state_dict()`` leaves them out,
         # so checkpoints hold exactly the official keys; ``training_state_dict()`` holds them for last.pth.
-        self.training_only: set[str] = {"group_query_embed"}
+        self.training_only: set[str] = {"group_query_embed", "query_branches"}
         self.group_query_embed: nn.Parameter | None = None
+        # Training-only query branches (denoising, one-to-many: models/query_branches.py), run in train()
+        # mode when forward() is given the targets; add_query_branch registers them.
+        self.query_branches = nn.ModuleDict()
         self.register_state_dict_post_hook(_drop_training_only)
         self.register_load_state_dict_post_hook(_training_only_not_missing)
 
@@ -152,6 +156,13 @@ class PanopticDETR(nn.Module):
                                               requires_grad=official.requires_grad)
         return self
 
+    def add_query_branch(self, branch: QueryBranch) -> PanopticDETR:
+        """Register a training-only query branch (``models.query_branches``) under ``branch.name``, frozen
+        with the official queries (call it after the freeze policies). Returns the model."""
+        branch.to(self.detr.query_embed.weight.device).requires_grad_(self.detr.query_embed.weight.requires_grad)
+        self.query_branches[branch.name] = branch
+        return self
+
     def _query_embeddings(self, groups: int) -> torch.Tensor:
         official = self.detr.query_embed.weight
         if groups == 1:
@@ -185,16 +196,27 @@ class PanopticDETR(nn.Module):
         return pad_images(list(images))
 
     def _trunk(self, batch: torch.Tensor, mask: torch.Tensor, need_weights: bool = False,
-               query_groups: int = 1) -> dict:
+               query_groups: int = 1, targets: Sequence[Mapping] | None = None) -> dict:
         levels, position = self.detr.backbone(batch, mask)
         feature, level_mask = levels[-1]
         projected = self.detr.input_proj(feature)
-        hs, memory, attentions = self.detr.transformer(projected, level_mask, self._query_embeddings(query_groups),
-                                                       position, need_weights, query_groups)
+        queries = self._query_embeddings(query_groups)
+        plan = None
+        if targets is not None and len(self.query_branches):
+            group_mask = group_attention_mask(queries.shape[0], query_groups, queries.device) \
+                if query_groups > 1 else None
+            plan = compose_queries(queries, group_mask, list(self.query_branches.values()), targets, batch.shape[0])
+        hs, memory, attentions = self.detr.transformer(
+            projected, level_mask, queries if plan is None else plan.position, position, need_weights, query_groups,
+            query_content=None if plan is None else plan.content, self_attn_mask=None if plan is None else plan.self_mask)
         logits = self.detr.class_embed(hs)
         boxes = self.detr.bbox_embed(hs).sigmoid()
+        branches = {}
+        if plan is not None:  # the branches' queries follow the main ones: split them off
+            branches = plan.outputs(logits, boxes, aux=self.aux_loss)
+            hs, logits, boxes = (t[:, :, :plan.num_main] for t in (hs, logits, boxes))
         return {"levels": levels, "mask": level_mask, "projected": projected, "memory": memory, "hs": hs,
-                    "logits": logits, "boxes": boxes, "attentions": attentions}
+                "logits": logits, "boxes": boxes, "attentions": attentions, "branches": branches}
 
     def _masks(self, trunk: dict, query_indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image).
@@ -239,7 +261,8 @@ class PanopticDETR(nn.Module):
         return sum(thaw_batch_norms(part) for part in parts)
 
     def forward(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
-                mask_queries: MaskQueries | None = None, return_attention: bool = False) -> DETROutput:
+                mask_queries: MaskQueries | None = None, return_attention: bool = False,
+                targets: Sequence[Mapping] | None = None) -> DETROutput:
         """Run the model.
 
         images: list of normalised [3, H_i, W_i] tensors, or a padded batch [B, 3, H, W] with ``mask``
@@ -251,15 +274,17 @@ class PanopticDETR(nn.Module):
         Returns ``DETROutput`` with pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (normalised cxcywh)
         and pred_masks [B, Q, H/4, W/4] by default; in ``train()`` mode with query groups
         (``enable_query_groups``) Q is ``groups * num_queries`` and ``output.query_groups`` says so.
+        targets: the batch's targets (dataset contract), for the training-only query branches
+        (``add_query_branch``): in ``train()`` mode their outputs go to ``output.branches``; ignored otherwise.
         """
         batch, pad_mask = self._batch(images, mask)
         groups = self.query_groups if self.training else 1
-        trunk = self._trunk(batch, pad_mask, return_attention, groups)
+        trunk = self._trunk(batch, pad_mask, return_attention, groups, targets if self.training else None)
         logits, boxes = trunk["logits"], trunk["boxes"]
         aux = [DETROutput(pred_logits=lg, pred_boxes=bx, query_groups=groups) for lg, bx in zip(logits[:-1], boxes[:-1])] \
             if self.aux_loss else []
         output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux,
-                            input_size=tuple(batch.shape[-2:]), query_groups=groups)
+                            input_size=tuple(batch.shape[-2:]), query_groups=groups, branches=trunk["branches"])
         b, q = logits.shape[1], logits.shape[2]
         if mask_queries is None:
             all_queries = [torch.arange(q, device=batch.device)] * b

@@ -25,6 +25,8 @@ class DETROutput:
                  post-processor crop each image's valid part of the masks. None: masks are unpadded.
     query_groups: K > 1 only in training with query groups (``PanopticDETR.enable_query_groups``): the
                  Q queries are K groups of Q / K, one after the other, each matched on its own.
+    branches:    in training with query branches (``models.query_branches``): each branch's output
+                 (``BranchOutput``: its predictions and ``losses``), by branch name; empty otherwise.
     """
 
     pred_logits: torch.Tensor
@@ -35,6 +37,7 @@ class DETROutput:
     attentions: dict[str, Any] | None = None
     input_size: tuple[int, int] | None = None
     query_groups: int = 1
+    branches: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

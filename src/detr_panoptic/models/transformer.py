@@ -168,9 +168,13 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: torch.Tensor, padding_mask: torch.Tensor, query_embed: torch.Tensor,
-                position: torch.Tensor, need_weights: bool = False, query_groups: int = 1
+                position: torch.Tensor, need_weights: bool = False, query_groups: int = 1, *,
+                query_content: torch.Tensor | None = None, self_attn_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
-        """src [B, D, h, w], padding_mask [B, h, w], query_embed [Q, D], position [B, D, h, w].
+        """src [B, D, h, w], padding_mask [B, h, w], query_embed [Q, D] (or per image [B, Q, D]), position
+        [B, D, h, w]. ``query_content`` [B, Q, D]: the decoder's input (zeros, DETR's, when None);
+        ``self_attn_mask`` Bool [Q, Q] (True: may attend) replaces the query groups' mask (both are for the
+        training-only queries: ``models.query_branches``).
 
         ``query_groups`` K > 1 (training only, Group-DETR): ``query_embed`` holds K groups of Q / K queries
         one after the other, and the decoder's self-attention stays within each group (the groups then
@@ -183,11 +187,11 @@ class Transformer(nn.Module):
         src_seq = src.flatten(2).transpose(1, 2)
         pos_seq = position.flatten(2).transpose(1, 2)
         mask_seq = padding_mask.flatten(1)
-        query_position = query_embed.unsqueeze(0).expand(b, -1, -1)
+        query_position = query_embed.unsqueeze(0).expand(b, -1, -1) if query_embed.dim() == 2 else query_embed
         memory, encoder_weights = self.encoder(src_seq, mask_seq, pos_seq, need_weights)
-        target = torch.zeros_like(query_position)
-        self_attn_mask = group_attention_mask(query_embed.shape[0], query_groups, query_embed.device) \
-            if query_groups > 1 else None
+        target = torch.zeros_like(query_position) if query_content is None else query_content
+        if self_attn_mask is None and query_groups > 1:
+            self_attn_mask = group_attention_mask(query_position.shape[1], query_groups, query_embed.device)
         outputs, decoder_weights = self.decoder(target, memory, mask_seq, pos_seq, query_position, need_weights,
                                                 self_attn_mask)
         attentions: dict[str, object] = {}
