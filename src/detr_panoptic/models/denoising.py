@@ -138,8 +138,10 @@ class DenoisingQueries(QueryBranch):
         self.groups = groups
         self.box_noise = box_noise
         self.label_noise = label_noise
-        self.label_embed = nn.Embedding(num_classes + 1, hidden_dim)  # last row: padding queries
-        self.box_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
+        with torch.random.fork_rng(devices=[]):  # the layers' own initialisation is replaced below
+            self.label_embed = nn.Embedding(num_classes + 1, hidden_dim)  # last row: padding queries
+            self.box_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                           nn.Linear(hidden_dim, hidden_dim))
         seeded_init_(self, DENOISING_SEED)
 
     def queries(self, targets: Targets, batch_size: int, device: torch.device) -> BranchQueries:

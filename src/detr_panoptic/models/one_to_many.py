@@ -74,7 +74,8 @@ class OneToManyQueries(QueryBranch):
         if num_queries < 1 or repeats < 1:
             raise ValueError(f"one-to-many needs queries >= 1 and repeats >= 1, got {num_queries}, {repeats}")
         self.repeats = repeats
-        self.query_embed = seeded_init_(nn.Embedding(num_queries, hidden_dim), ONE_TO_MANY_SEED)
+        with torch.random.fork_rng(devices=[]):  # nn.Embedding's own initialisation is replaced
+            self.query_embed = seeded_init_(nn.Embedding(num_queries, hidden_dim), ONE_TO_MANY_SEED)
 
     def queries(self, targets: Targets, batch_size: int, device: torch.device) -> BranchQueries:
         return BranchQueries(position=self.query_embed.weight.unsqueeze(0).expand(batch_size, -1, -1))
