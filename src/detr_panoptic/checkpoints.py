@@ -10,6 +10,9 @@ Sources understood by ``load_pretrained``:
 * an ``http(s)://`` URL, downloaded once into the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and
   checked against the SHA-256 prefix in its file name (``name-<hex>.pth``);
 * an alias: ``coco-r50-panoptic``, ``coco-r50-dc5-panoptic``, ``coco-r101-panoptic``.
+* ``wandb:ENTITY/PROJECT/NAME:ALIAS`` (a W&B artifact, e.g. one our training logged) and a Hugging Face
+  Hub id ``ORG/NAME[@REVISION]``, fetched into a local cache by ``checkpoint_sources.fetch_remote``; a local
+  path that exists wins over an id of the same spelling.
 
 Pickled files are only ever read with ``torch.load(weights_only=True)`` (``argparse.Namespace`` allowed),
 so no code in a checkpoint runs.
@@ -32,6 +35,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from detr_panoptic.checkpoint_sources import fetch_remote
 from detr_panoptic.data.categories import CategoryMap, coco_category_map
 from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS
 from detr_panoptic.models.detr import PanopticDETR
@@ -131,12 +135,18 @@ def _read_source(source: str | os.PathLike) -> _Loaded:
         return loaded
     if text.startswith(("http://", "https://")):
         return _read_file(download_to_hub_cache(text), description=text)
+    remote = fetch_remote(text)
+    if remote is not None:
+        if remote.path.is_dir():
+            return _read_hf_folder(remote.path, description=remote.description)
+        return _read_file(remote.path, description=remote.description)
     path = Path(text).expanduser()
     if path.is_dir():
         return _read_hf_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (expected a .pth/.safetensors file, a Hugging Face "
-                                f"folder, a URL or one of {sorted(OFFICIAL_URLS)})")
+                                f"folder or Hub id ORG/NAME, wandb:ENTITY/PROJECT/NAME:ALIAS, a URL or one of "
+                                f"{sorted(OFFICIAL_URLS)})")
     return _read_file(path, description=str(path))
 
 
@@ -156,7 +166,7 @@ def _read_file(path: Path, *, description: str) -> _Loaded:
     raise UserInputError(f"{path}: expected {{'model': state_dict}} or a state dict; found keys {sorted(obj)[:10]}")
 
 
-def _read_hf_folder(folder: Path) -> _Loaded:
+def _read_hf_folder(folder: Path, *, description: str | None = None) -> _Loaded:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
@@ -180,7 +190,7 @@ def _read_hf_folder(folder: Path) -> _Loaded:
         raise UserInputError(f"{config_file}: only sine position embeddings are supported")
     # our own metadata, when the folder was written by ``export.export_hugging_face``
     metadata = hf.get("detr_panoptic") if isinstance(hf.get("detr_panoptic"), Mapping) else None
-    return _Loaded(dict(state), description=str(folder), metadata=metadata,
+    return _Loaded(dict(state), description=description or str(folder), metadata=metadata,
                    config={k: v for k, v in config.items() if v is not None})
 
 

@@ -12,8 +12,10 @@ def add_out(parser: argparse.ArgumentParser, *, required: bool = False, default:
 def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     parser.add_argument(
         "--checkpoint", "-c", required=required,
-        help="weights: a .pth/.safetensors file, a Hugging Face DetrForSegmentation folder, "
-        "an https:// URL, or the alias coco-r50-panoptic",
+        help="weights: a .pth/.safetensors file, a Hugging Face DetrForSegmentation folder or Hub id "
+        "(facebook/detr-resnet-50-panoptic[@REVISION], the hub extra), a W&B artifact "
+        "(wandb:ENTITY/PROJECT/NAME:ALIAS, the wandb extra), an https:// URL, or the alias coco-r50-panoptic; "
+        "a local path wins over an id of the same spelling",
     )
 
 

@@ -122,10 +122,16 @@ class WandbWriter:
     def log_checkpoint(self, path: str | Path, alias: str, step: int) -> None:
         if not self.log_checkpoints:
             return
-        artifact = self._wandb.Artifact(name=f"{self._run.id}-checkpoint", type="model",
+        name = f"{self._run.id}-checkpoint"
+        artifact = self._wandb.Artifact(name=name, type="model",
                                         metadata={"step": step, "which": alias})
         artifact.add_file(str(path), name=Path(path).name)
         self._run.log_artifact(artifact, aliases=[alias, f"step-{step}"])
+        # the name to load it back with (``--checkpoint wandb:...``); offline runs get their entity at sync
+        entity = getattr(self._run, "entity", None) or "ENTITY"
+        project = getattr(self._run, "project", None) or "PROJECT"
+        log.info("checkpoint %s logged to W&B: load it with --checkpoint wandb:%s/%s/%s:%s", path, entity, project,
+                 name, alias)
 
     def close(self) -> None:
         self._run.finish()
