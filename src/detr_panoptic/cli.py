@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "visualize",
     "demo",
     "export",
+    "app",
 )
 
 log = logging.getLogger("detr_panoptic")
