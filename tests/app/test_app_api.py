@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import Client, handle_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,7 +46,7 @@ def test_upload_then_settings_then_attention_with_one_forward(served, client, st
     before = served.counter.count
     first = analyse(client, street)
     assert served.counter.count == before + 1
-    overlay, _legend, table, _segment, downloads, status, attention = first
+    overlay, _legend, _table, _segment, _downloads, status, attention = first
     assert Image.open(overlay).size == Image.open(street).size
     assert [(r[0], r[4], r[6]) for r in rows(first)] == expected_rows(served, street, threshold=0.3)
     assert f"{len(rows(first))} segments (threshold 0.30" in status and "device cpu" in status
