@@ -3,6 +3,7 @@ post-processing without a new forward, attention, downloads, and bad input answe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_upload_then_settings_then_attention_with_one_forward(served, client, st
     assert served.counter.count == before + 2  # one forward with attention, on the first pick
 
     png, json_path = merged[4]
-    record = json.loads(open(json_path).read())
+    record = json.loads(Path(json_path).read_text())
     assert [s["id"] for s in record["annotations"][0]["segments_info"]] == [r[0] for r in rows(merged)]
     ids = np.asarray(Image.open(png).convert("RGB")).astype(np.int64)
     assert set(np.unique(ids[..., 0] + 256 * ids[..., 1]).tolist()) <= {0} | {r[0] for r in rows(merged)}
