@@ -28,16 +28,16 @@ def randomise(model: PanopticDETR, seed: int = 0) -> PanopticDETR:
     return model.eval()
 
 
-def small_model(seed: int = 0) -> PanopticDETR:
+def small_model(seed: int = 0, *, aux_loss: bool = False) -> PanopticDETR:
     torch.manual_seed(seed)
     model = PanopticDETR(SMALL_CLASSES, backbone="resnet18", hidden_dim=32, nheads=8, enc_layers=2, dec_layers=2,
-                         dim_feedforward=64, num_queries=12)
+                         dim_feedforward=64, num_queries=12, aux_loss=aux_loss)
     return randomise(model, seed)
 
 
-def r50_model(seed: int = 0) -> PanopticDETR:
+def r50_model(seed: int = 0, *, aux_loss: bool = False) -> PanopticDETR:
     torch.manual_seed(seed)
-    return randomise(PanopticDETR(250), seed)
+    return randomise(PanopticDETR(250, aux_loss=aux_loss), seed)
 
 
 def small_category_map() -> CategoryMap:

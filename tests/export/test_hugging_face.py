@@ -23,6 +23,11 @@ def r50():
     return r50_model()
 
 
+@pytest.fixture(scope="module")
+def r50_aux():
+    return r50_model(aux_loss=True)
+
+
 def _images():
     pixels = torch.randn(2, 3, 64, 96)
     padding = torch.zeros(2, 64, 96, dtype=torch.bool)
@@ -40,9 +45,16 @@ def _export_and_load_in_transformers(model, category_map, folder):
     return hf.eval()
 
 
+@pytest.mark.parametrize("aux_loss", [False, True], ids=["aux_off", "aux_on"])
 @pytest.mark.parametrize("which", ["small", "r50"])
-def test_transformers_gives_our_outputs(tmp_path, which, request):
-    model = small_model() if which == "small" else request.getfixturevalue("r50")
+def test_transformers_gives_our_outputs(tmp_path, which, aux_loss, request):
+    """Every model we train has aux loss on: its export must give our outputs too (transformers 5.x would
+    layer-normalise the decoder's state between layers if config.json said ``auxiliary_loss: true``)."""
+    if which == "small":
+        model = small_model(aux_loss=aux_loss)
+    else:
+        model = request.getfixturevalue("r50_aux" if aux_loss else "r50")
+    assert model.aux_loss is aux_loss
     category_map = small_category_map() if which == "small" else coco_category_map(250)
     hf = _export_and_load_in_transformers(model, category_map, tmp_path)
     assert hf.config.num_labels == model.num_classes
@@ -115,3 +127,23 @@ def test_dc5_is_refused(tmp_path):
                          dim_feedforward=32, num_queries=4)
     with pytest.raises(UserInputError, match="dilation"):
         export_hugging_face(model, tmp_path)
+
+
+def test_aux_loss_is_off_for_transformers_and_kept_for_us(tmp_path):
+    model = small_model(aux_loss=True)
+    export_hugging_face(model, tmp_path, category_map=small_category_map())
+    assert json.loads((tmp_path / "config.json").read_text())["auxiliary_loss"] is False
+    assert load_checkpoint(tmp_path).model.aux_loss is True
+
+
+@pytest.mark.parametrize("hidden_dim, nheads", [(64, 4), (48, 8)])
+def test_a_mask_head_transformers_cannot_build_is_refused(tmp_path, hidden_dim, nheads):
+    """transformers cannot build these mask heads: 64 + 4 heads gives a 68-channel input (not a multiple of 8);
+    48 gives a 12-channel width (8 groups in transformers, 4 in ours)."""
+    from detr_panoptic.models.detr import PanopticDETR
+
+    model = PanopticDETR(3, backbone="resnet18", hidden_dim=hidden_dim, nheads=nheads, enc_layers=1,
+                         dec_layers=1, dim_feedforward=32, num_queries=4)
+    with pytest.raises(UserInputError, match="mask head"):
+        export_hugging_face(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()

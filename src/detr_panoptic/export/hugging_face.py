@@ -6,6 +6,8 @@ the names ``DetrForSegmentation.save_pretrained`` writes) and ``preprocessor_con
 ``DetrImageProcessor`` with the checkpoint's input size). ``config.json`` also carries our own metadata
 under ``"detr_panoptic"`` (category map, input size, post-processing settings; transformers keeps unknown
 keys as config attributes), so ``checkpoints.load_checkpoint(folder)`` restores the model bit-exactly.
+``auxiliary_loss`` is always false: the folder is for inference, and with it true transformers computes
+other outputs than the reference for the same weights (the training flag is kept in our metadata).
 
 The names are the inverse of ``checkpoints.hugging_face_key_to_official``: every written name is checked
 to map back to the official name it came from.
@@ -104,6 +106,20 @@ def _labels(category_map: CategoryMap | None, num_classes: int) -> tuple[dict[st
     return id2label, label2id
 
 
+def _check_mask_head_fits(model: PanopticDETR) -> None:
+    """transformers' mask head normalises each width with ``min(8, width)`` groups and needs
+    ``hidden_dim + nheads`` divisible by 8; ours uses ``gcd(8, width)`` (the reference's 8 where it divides).
+    Where the two differ, ``DetrForSegmentation`` could not load the folder or would compute other masks."""
+    head = model.mask_head
+    norms = [module for name, module in head.named_children() if name.startswith("gn")]
+    if any(norm.num_groups != min(8, norm.num_channels) for norm in norms):
+        widths = ", ".join(str(norm.num_channels) for norm in norms)
+        raise UserInputError(
+            f"this model cannot be written as a Hugging Face folder: transformers' mask head needs every width "
+            f"of the mask head ({widths}; the first is hidden_dim {model.config['hidden_dim']} + nheads "
+            f"{model.config['nheads']}) to be a multiple of 8, or 1, 2 or 4; use --format onnx or safetensors")
+
+
 def hugging_face_config(model: PanopticDETR, *, category_map: CategoryMap | None = None,
                         metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.json`` dict of ``model`` (a ``DetrConfig``), with ``metadata`` under ``"detr_panoptic"``."""
@@ -111,6 +127,7 @@ def hugging_face_config(model: PanopticDETR, *, category_map: CategoryMap | None
     if config["dilation"]:
         raise UserInputError("a DC5 (dilation) model cannot be written as a Hugging Face folder: transformers' "
                              "own ResNet backbone has no dilation (only its timm backbone does)")
+    _check_mask_head_fits(model)
     backbone = config["backbone"]
     stage_names = ["stem", "stage1", "stage2", "stage3", "stage4"]
     backbone_config = {
@@ -133,7 +150,10 @@ def hugging_face_config(model: PanopticDETR, *, category_map: CategoryMap | None
         # the official DETR's one dropout acts on the attention weights, after attention and in the FFN
         "dropout": config["dropout"], "attention_dropout": config["dropout"],
         "activation_dropout": config["dropout"], "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
-        "auxiliary_loss": config["aux_loss"], "is_encoder_decoder": True,
+        # false whatever the model trained with (its aux_loss travels in "detr_panoptic"'s model_config):
+        # with true, transformers (5.x) feeds each decoder layer the layer-normalised output of the one
+        # before, which the reference does not (it normalises a copy for the auxiliary heads only)
+        "auxiliary_loss": False, "is_encoder_decoder": True,
         "id2label": id2label, "label2id": label2id,
         "detr_panoptic": dict(metadata or {}),
     }
