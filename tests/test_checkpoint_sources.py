@@ -128,6 +128,34 @@ def test_hub_id_not_in_the_cache_while_offline(hub_cache, tmp_path, capsys):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("online_error,needle", [
+    ("unreachable", "not in the Hugging Face cache (CACHE) while the Hub could not be reached"),
+    ("refused", "the Hugging Face Hub could not provide it (ConnectionError: 404 Repository Not Found)"),
+])
+def test_hub_id_online_failures(online_error, needle, monkeypatch, tmp_path, capsys):
+    """Without HF_HUB_OFFLINE: the download is attempted; its failure (stood in for here: no network may be
+    used) is one line."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    calls = []
+
+    def download(repo, name, *, revision, local_files_only):
+        calls.append((repo, name, revision, local_files_only))
+        if online_error == "unreachable":
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub\nand more")
+        raise ConnectionError("404 Repository Not Found\nsecond line")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    line = cli_fails(export_argv(f"{REPO}@dev", tmp_path / "out"), capsys, f"{REPO}@dev",
+                     needle.replace("CACHE", str(tmp_path / "empty-cache")), "pass a local checkpoint file")
+    assert "second line" not in line and "and more" not in line
+    assert calls == [(REPO, "config.json", "dev", False)]
+
+
 def _hide_module(monkeypatch, name: str) -> None:
     real_import = builtins.__import__
 

@@ -88,7 +88,7 @@ def _first_line(exc: BaseException) -> str:
 # -- Weights & Biases ------------------------------------------------------------------------------------
 def _local_hint(source: str) -> str:
     return f"or download it where W&B is reachable (wandb artifact get {source.removeprefix(WANDB_PREFIX)} " \
-           "--root DIR) and pass the checkpoint file in it with --checkpoint DIR/best.pth"
+           "--root DIR) and pass the checkpoint file in it: --checkpoint DIR/FILE"
 
 
 def fetch_wandb_artifact(source: str) -> RemoteCheckpoint:
@@ -191,8 +191,8 @@ def fetch_hub_model(source: str) -> RemoteCheckpoint:
                                  f"{' in the cache (HF_HUB_OFFLINE is set)' if offline else ''}; {local}")
     except UserInputError:
         raise
-    except LocalEntryNotFoundError as exc:
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hub could not be reached ({_first_line(exc)})"
+    except LocalEntryNotFoundError:  # its text is generic: the reason is offline mode or no connection
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise UserInputError(f"{source}: no such local file or folder, and not in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}) while {why}; download it where the Hub "
                              f"is reachable (hf download {repo}), {local}") from None
