@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "data",
     "train",
     "evaluate",
+    "cityscapes_eval",
     "calibrate",
     "visualize",
     "demo",

@@ -181,3 +181,21 @@ def test_bad_results_are_errors(scenes: Path, tmp_path: Path) -> None:
     listing.write_text("masks/a.png 26\n")
     with pytest.raises(UserInputError, match="line 1"):
         evaluate_cityscapes_results(results, scenes, "val", parts=("instance",))
+
+
+def test_command_prints_one_table_and_writes_metrics(scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from detr_panoptic.cli import main
+
+    results = tmp_path / "results"
+    stems = write_cityscapes_results(scenes, "val", results, seed=1)
+    assert main(["cityscapes-eval", str(results), "--cityscapes", str(scenes), "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["parts"] == ["panoptic", "semantic", "instance"]
+    for key in ("pq", "miou", "iiou", "ap", "ap50"):
+        assert f"{metrics[key]:6.1f}" in printed
+    (results / "cityscapes" / "semantic" / f"{stems[0]}_leftImg8bit.png").unlink()
+    assert main(["cityscapes-eval", str(results), "--cityscapes", str(scenes)]) == 2
+    assert f"no semantic result for image {stems[0]}" in capsys.readouterr().err

@@ -84,6 +84,11 @@ def test_oracle_predictions_score_perfectly(cityscapes, tmp_path):
     assert len(predictions["images"]) == 3
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["pq"] == 100.0 and metrics["num_images"] == 3
+    # Cityscapes' own formats and scores, from the same results (semantic and instances from the panoptic maps)
+    assert metrics["miou"] == 100.0 and metrics["category_miou"] == 100.0
+    assert metrics["ap"] in (100.0, None)  # None: no ground-truth instance reaches 100 pixels at 64x128
+    assert sorted(p.name for p in (tmp_path / "eval" / "cityscapes" / "semantic").iterdir()) == sorted(
+        f"{a['image_id']}.png" for a in dataset.annotations)
     with Image.open(tmp_path / "eval" / "per_class_pq.png") as chart:
         assert chart.size[0] > 300
 
@@ -121,6 +126,10 @@ def test_tiny_model_through_the_evaluate_command(cityscapes, tmp_path, capsys):
     assert metrics["panopticapi"]["All"] == again["All"]
     assert metrics["checkpoint"] == str(checkpoint)
     assert (out / "per_class_pq.png").is_file()
+    assert "mIoU" in printed and "AP" in printed
+    for key in ("miou", "iiou", "ap", "ap50"):
+        assert key in metrics
+    assert all("iou" in entry for entry in metrics["per_class"].values())
 
 
 def test_model_categories_must_exist_in_the_ground_truth(cityscapes, tmp_path):

@@ -55,8 +55,9 @@ def _semantic(ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def _instances(ids: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, int, float]]:
-    """(mask, labelId, confidence) per predicted instance."""
+def _instances(ids: np.ndarray, rng: np.random.Generator, extra: int = 0) -> list[tuple[np.ndarray, int, float]]:
+    """(mask, labelId, confidence) per predicted instance; ``extra`` more low-confidence candidates
+    (shifted ground-truth instances and rectangles, as a detector's tail of ranked masks)."""
     shift = max(1, ids.shape[0] // 100)
     out = []
     values = np.unique(ids)
@@ -81,6 +82,16 @@ def _instances(ids: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarr
         mask[rows, cols] = True
         out.append((mask, int(rng.choice(THING_IDS)), float(rng.random())))
     out.append((np.zeros(ids.shape, bool), int(rng.choice(THING_IDS)), 0.5))  # an empty mask
+    things = [v for v in values.tolist() if v >= 1000 and v // 1000 in THING_IDS]
+    for _ in range(extra):
+        if things and rng.random() < 0.6:
+            value = int(rng.choice(things))
+            mask = _shifted(ids == value, rng, 6 * shift)
+        else:
+            mask = np.zeros(ids.shape, bool)
+            rows, cols = _rectangle(rng, ids.shape, 0.1)
+            mask[rows, cols] = True
+        out.append((mask, int(rng.choice(THING_IDS)), float(rng.random() * 0.3)))
     return out
 
 
@@ -101,10 +112,11 @@ def _panoptic(ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, li
 
 
 def write_cityscapes_results(root: str | Path, split: str, out: str | Path, *, seed: int = 0,
-                             pillow_masks: bool = False) -> list[str]:
+                             pillow_masks: bool = False, extra_candidates: int = 0) -> list[str]:
     """Write the three kinds of results for every ground-truth image of ``split``; the stems written.
 
-    ``pillow_masks``: write the masks with Pillow (its adaptive row filters) instead of our encoder."""
+    ``pillow_masks``: write the masks with Pillow (its adaptive row filters) instead of our encoder.
+    ``extra_candidates``: low-confidence instance masks added per image."""
     out = Path(out)
     semantic_dir = out / "cityscapes" / "semantic"
     instance_dir = out / "cityscapes" / "instance"
@@ -121,7 +133,7 @@ def write_cityscapes_results(root: str | Path, split: str, out: str | Path, *, s
         rng = np.random.default_rng([seed, zlib.crc32(stem.encode())])
         (semantic_dir / f"{stem}_leftImg8bit.png").write_bytes(encode_grey8_png(_semantic(ids, rng)))
         lines = []
-        for k, (mask, label, confidence) in enumerate(_instances(ids, rng)):
+        for k, (mask, label, confidence) in enumerate(_instances(ids, rng, extra_candidates)):
             name = f"masks/{stem}_{k}.png"
             pixels = mask.astype(np.uint8) * 255
             if pillow_masks:

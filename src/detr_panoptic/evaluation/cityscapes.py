@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from detr_panoptic.evaluation.instance import InstanceAccumulator, InstancePrediction
+from detr_panoptic.evaluation.instance import InstanceAccumulator, InstancePrediction, value_counts
 from detr_panoptic.evaluation.panoptic_format import load_panoptic_json, read_id_png
 from detr_panoptic.evaluation.pq import _average, _Categories, image_pq_stats, runs
 from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, PixelLevelAccumulator, cityscapes_labels
@@ -207,15 +207,16 @@ def _tables() -> _Tables:
     return _Tables(panoptic_id, label_of, _Categories(records))
 
 
-def _gt_segments(panoptic: np.ndarray, tables: _Tables) -> tuple[list[dict[str, Any]], np.ndarray]:
-    counts = np.bincount(panoptic.reshape(-1))
-    ids = np.flatnonzero(counts)
-    ids = ids[ids != 0]
-    labels = tables.label_of[ids]
-    segments = [{"id": int(i), "category_id": int(c), "area": int(counts[i]),
-                 "iscrowd": int(i < 1000 and bool(tables.categories.isthing[tables.categories.index[int(c)]]))}
-                for i, c in zip(ids.tolist(), labels.tolist())]
-    return segments, ids
+def _gt_segments(values: np.ndarray, sizes: np.ndarray, tables: _Tables) -> list[dict[str, Any]]:
+    """The panoptic ground truth's segments from instanceIds' values and pixel counts (ignored
+    labels are VOID; a thing class's own id is its crowd region)."""
+    keep = tables.panoptic_id[values] != 0
+    segments = []
+    for value, size in zip(values[keep].tolist(), sizes[keep].tolist()):
+        label = int(tables.label_of[value])
+        crowd = value < 1000 and bool(tables.categories.isthing[tables.categories.index[label]])
+        segments.append({"id": value, "category_id": label, "area": size, "iscrowd": int(crowd)})
+    return segments
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +248,7 @@ def _check_shape(shape: tuple[int, ...], gt: np.ndarray, what: str, path: Path, 
 def _score_image(job: _ImageJob, tables: _Tables) -> _ImageResult:
     image = job.image
     gt_instances = read_instance_ids(image.instance_ids)
+    values_and_sizes = value_counts(gt_instances) if job.instance or job.panoptic_png else None
     result = _ImageResult()
     if job.semantic is not None:
         gt_labels = read_grey8_png(image.label_ids, what="ground truth")
@@ -265,10 +267,11 @@ def _score_image(job: _ImageJob, tables: _Tables) -> _ImageResult:
             _check_shape(shape, gt_instances, "instance mask", mask_path, image.instance_ids)
             predictions.append(InstancePrediction(label_id, confidence, pixels, source=str(mask_path)))
         result.instance = InstanceAccumulator()
-        result.instance.add(gt_instances, predictions, gt_source=f"ground truth {image.instance_ids}")
+        result.instance.add(gt_instances, predictions, gt_source=f"ground truth {image.instance_ids}",
+                            values_and_sizes=values_and_sizes)
     if job.panoptic_png is not None:
         gt_map = tables.panoptic_id[gt_instances]
-        gt_segments, _ = _gt_segments(gt_map, tables)
+        gt_segments = _gt_segments(*values_and_sizes, tables)
         try:
             pred_map = read_id_png(job.panoptic_png, packed=True)
         except FileNotFoundError:
@@ -337,14 +340,22 @@ def _jobs(layout: ResultsLayout, images: Sequence[GroundTruthImage], parts: Sequ
 def evaluate_cityscapes_results(results: str | os.PathLike, cityscapes_root: str | os.PathLike,
                                 split: str = "val", *, parts: Sequence[str] | None = None,
                                 workers: int | None = None, limit: int | None = None,
-                                layout: ResultsLayout | None = None) -> dict[str, Any]:
+                                layout: ResultsLayout | None = None, stems: Sequence[str] | None = None
+                                ) -> dict[str, Any]:
     """Score the results folder ``results`` against ``cityscapes_root``'s ``split``.
 
     ``parts``: which of ``panoptic``, ``semantic``, ``instance`` to score (default: those present).
-    ``workers``: threads (default: the cores this process may use). ``limit``: the first N images.
-    Returns ``metrics_from_accumulators``' dict (percentages) plus ``"parts"`` and ``"num_images"``.
+    ``workers``: threads (default: the cores this process may use). ``limit``: the first N images;
+    ``stems``: only these images (``<city>_<seq>_<frame>``, each must be in the split). Returns ``metrics_from_accumulators``' dict (percentages) plus ``"parts"`` and ``"num_images"``.
     """
-    images = ground_truth_images(cityscapes_root, split)[:limit]
+    images = ground_truth_images(cityscapes_root, split)
+    if stems is not None:
+        by_stem = {image.stem: image for image in images}
+        unknown = [stem for stem in stems if stem not in by_stem]
+        if unknown:
+            raise UserInputError(f"images {unknown[:3]} are not in {cityscapes_root}/gtFine/{split}")
+        images = [by_stem[stem] for stem in stems]
+    images = images[:limit]
     layout = layout or find_results(results)
     present = layout.parts
     parts = list(parts) if parts is not None else present

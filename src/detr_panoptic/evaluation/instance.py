@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from detr_panoptic.evaluation.pq import runs
 from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, cityscapes_labels
 from detr_panoptic.utils.errors import UserInputError
 
@@ -78,10 +79,11 @@ class InstanceAccumulator:
         self.num_images = 0
 
     def add(self, gt_instances: np.ndarray, predictions: Sequence[InstancePrediction], *,
-            gt_source: str = "ground truth") -> None:
-        """One image: the ground-truth instanceIds ``[H, W]`` (uint16) and its predictions."""
+            gt_source: str = "ground truth", values_and_sizes: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """One image: the ground-truth instanceIds ``[H, W]`` (uint16) and its predictions.
+        ``values_and_sizes``: the map's distinct values and their pixel counts, when already known."""
         flat = gt_instances.reshape(-1)
-        values, sizes = _values_and_sizes(flat)
+        values, sizes = values_and_sizes if values_and_sizes is not None else value_counts(flat)
         label_of = np.where(values < 1000, values, values // 1000)
         if label_of.size and int(label_of.max()) >= NUM_LABEL_IDS:
             raise UserInputError(f"{gt_source}: values {values[label_of >= NUM_LABEL_IDS].tolist()} name no "
@@ -154,10 +156,11 @@ class InstanceAccumulator:
         return {"ap": ap, "ap50": ap50, "per_class": per_class, "ap_matrix": matrix.tolist()}
 
 
-def _values_and_sizes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.bincount(flat, minlength=1) if flat.size else np.zeros(1, np.int64)
-    values = np.flatnonzero(counts)
-    return values, counts[values]
+def value_counts(id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of an id map (ascending, int64) and their pixel counts, counted on its runs."""
+    run_values, lengths = runs(id_map)
+    values, inverse = np.unique(run_values.astype(np.int64), return_inverse=True)
+    return values, np.bincount(inverse, weights=lengths, minlength=values.size).astype(np.int64)
 
 
 def _class_image(gt_ids: np.ndarray, gt_sizes: np.ndarray, intersection: np.ndarray, confidence: np.ndarray,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.inference.cityscapes_writer import CityscapesWriter
 from detr_panoptic.inference.evaluators import (
     DetectionEvaluator,
     OverlayWriter,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS_JSON = "predictions.json"
 METRICS_JSON = "metrics.json"
 CHART_PNG = "per_class_pq.png"
+CITYSCAPES_DIR = "cityscapes"
 
 
 def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
@@ -154,11 +156,14 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     out_dir = Path(out_dir)
     json_path = out_dir / PREDICTIONS_JSON
     detection = DetectionEvaluator(predictor.settings.category_map)
+    cityscapes = cityscapes_split(base) if write else None
     if write:
         writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
                                 fingerprint=_fingerprint(predictor, gt_json=str(base.json_path)))
         todo = [i for i in range(count) if annotations[i]["file_name"] not in writer.done]
         evaluators: list[Any] = [writer]
+        if cityscapes is not None:  # before the journal: an image is done once its Cityscapes files exist too
+            evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, gt["categories"]))
         if len(todo) == count:  # detection figures need every image's kept queries (not kept on resume)
             evaluators.append(detection)
     else:
@@ -184,6 +189,10 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
                     "pq_seconds": round(time.perf_counter() - start - predict_seconds, 3)})
     if "detection" in run.outputs:
         metrics.update(detection_metrics(run.outputs["detection"]))
+    table = format_results(results, gt["categories"])
+    if cityscapes is not None:
+        table += "\n" + _add_cityscapes_metrics(metrics, out_dir, cityscapes, [a["image_id"] for a in annotations],
+                                               workers)
     metrics.update(extra_metrics or {})
     metrics_json = out_dir / METRICS_JSON
     atomic_write_json(metrics_json, metrics)
@@ -194,9 +203,40 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
         chart_path = per_class_bar_chart(results, gt["categories"], out_dir / CHART_PNG)
     log.info("PQ %.2f  SQ %.2f  RQ %.2f over %d images -> %s", metrics["pq"], metrics["sq"], metrics["rq"],
              count, out_dir)
-    return {"results": results, "metrics": metrics, "table": format_results(results, gt["categories"]),
+    return {"results": results, "metrics": metrics, "table": table,
             "predictions_json": json_path if write else None, "metrics_json": metrics_json, "chart": chart_path,
             "num_images": count, "seconds": time.perf_counter() - start}
+
+
+def cityscapes_split(dataset: Any) -> tuple[Path, str] | None:
+    """(Cityscapes root, split) of a converted Cityscapes dataset; None for other datasets."""
+    from detr_panoptic.data.coco_panoptic import CityscapesImagePath
+
+    image_path = getattr(dataset, "image_path_fn", None)
+    return (Path(image_path.root), image_path.split) if isinstance(image_path, CityscapesImagePath) else None
+
+
+def _add_cityscapes_metrics(metrics: dict[str, Any], out_dir: Path, cityscapes: tuple[Path, str],
+                            stems: Sequence[str], workers: int | None) -> str:
+    """Score ``out_dir/cityscapes`` (semantic + instance) against gtFine, merge the figures into
+    ``metrics`` (percentages; per class by name) and return their table lines."""
+    from detr_panoptic.evaluation.cityscapes import evaluate_cityscapes_results
+
+    start = time.perf_counter()
+    root, split = cityscapes
+    scores = evaluate_cityscapes_results(out_dir, root, split, parts=("semantic", "instance"), stems=stems,
+                                         workers=workers)
+    for key in ("miou", "iiou", "category_miou", "category_iiou", "ap", "ap50", "per_category"):
+        metrics[key] = scores[key]
+    by_name = {entry["name"]: entry for entry in scores["per_class"].values()}
+    for entry in metrics["per_class"].values():
+        extra = by_name.get(entry.get("name"), {})
+        entry.update({k: extra[k] for k in ("iou", "iiou", "ap", "ap50") if k in extra})
+    metrics["cityscapes_seconds"] = round(time.perf_counter() - start, 3)
+    def show(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+    return (f"mIoU {show(scores['miou'])}  iIoU {show(scores['iiou'])}  category IoU {show(scores['category_miou'])}"
+            f"  AP {show(scores['ap'])}  AP50 {show(scores['ap50'])}  (Cityscapes formats in {out_dir / CITYSCAPES_DIR})")
 
 
 def default_out_dir(checkpoint: str | os.PathLike) -> Path:

@@ -99,44 +99,50 @@ def read_mask_pixels(path: str | os.PathLike, *, what: str = "mask PNG") -> tupl
 
 
 def _sparse_nonzero(rows: np.ndarray) -> np.ndarray | None:
-    """Flat indices of the non-zero pixels of filtered rows ``[H, 1 + W]``; None when a row that
-    must be reconstructed uses the Average or Paeth filter (the caller decodes the whole file then).
+    """Flat indices of the non-zero pixels of filtered rows ``[H, 1 + W]``; None when the rows cannot
+    be reconstructed here (the caller decodes the whole file then).
 
-    A row whose filtered bytes are all zero and whose row above is all zero is zero whatever its
-    filter, so only the rows from the first filtered non-zero byte on are looked at, and of those
-    only the ones that are not such a zero row."""
+    A row whose filtered bytes are all zero below an all-zero row is zero whatever its filter. So the
+    image is zero above the first row with a non-zero filtered byte, and below the last one from the
+    first following row filtered None or Sub (zero bytes there give a zero row). Only the rows between
+    are unfiltered (by our C extension, else here for the None, Sub and Up filters)."""
     height, width = rows.shape[0], rows.shape[1] - 1
-    filtered = rows[:, 1:]
-    active = np.flatnonzero(filtered.any(axis=1)).tolist()
-    if not active:
+    active = np.flatnonzero(rows[:, 1:].any(axis=1))
+    if not active.size:
         return np.zeros(0, np.int64)
     types = rows[:, 0]
+    if int(types.max()) > 4:
+        row = int(np.flatnonzero(types > 4)[0])
+        raise UserInputError(f"unknown PNG filter type {int(types[row])} in row {row}")
+    first, last = int(active[0]), int(active[-1])
+    zero_after = np.flatnonzero(types[last + 1:] <= _SUB)
+    end = last + 1 + int(zero_after[0]) if zero_after.size else height
+    span = rows[first:end]
+    if _png._unfilter is not None:
+        pixels = np.empty((end - first, width), "<u4")
+        _png._unfilter(span.data, width, end - first, 1, pixels)
+        pixels &= np.uint32(0xFF)  # grey v is packed as (v, v, v, 255)
+        return np.flatnonzero(pixels) + first * width
+    return _sparse_nonzero_numpy(span, first, width)
+
+
+def _sparse_nonzero_numpy(span: np.ndarray, first: int, width: int) -> np.ndarray | None:
+    """``_sparse_nonzero`` without the C extension: rows filtered None, Sub or Up only."""
     pieces = []
-    previous: np.ndarray | None = None  # the row above, None when it is all zero
-    active_set = set(active)
-    for row in range(active[0], height):
-        if previous is None and row not in active_set:
-            if row > active[-1]:
-                break
-            continue
-        kind = int(types[row])
+    previous = np.zeros(width, np.uint8)
+    for offset, row in enumerate(span):
+        kind, filtered = int(row[0]), row[1:]
         if kind == _NONE:
-            current = filtered[row]
+            current = filtered
         elif kind == _SUB:
-            current = np.cumsum(filtered[row], dtype=np.uint8)
+            current = np.cumsum(filtered, dtype=np.uint8)
         elif kind == _UP:
-            current = filtered[row] if previous is None else filtered[row] + previous
-        elif kind > 4:
-            raise UserInputError(f"unknown PNG filter type {kind} in row {row}")
+            current = filtered + previous
         else:
             return None
-        hits = np.flatnonzero(current)
-        if hits.size:
-            pieces.append(hits + row * width)
-            previous = current
-        else:
-            previous = None
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        pieces.append(np.flatnonzero(current) + (first + offset) * width)
+        previous = current
+    return np.concatenate(pieces)
 
 
 def encode_grey8_png(array: np.ndarray, level: int = 1) -> bytes:

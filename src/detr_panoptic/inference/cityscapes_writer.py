@@ -1,0 +1,113 @@
+"""Cityscapes' benchmark formats from panoptic results: ``CityscapesWriter`` (an evaluator:
+``reset / process / evaluate``) writes, per image::
+
+    <folder>/semantic/<stem>.png       labelIds (8-bit), the original size
+    <folder>/instance/<stem>.txt       one line per instance: "masks/<stem>_<k>.png <labelId> <confidence>"
+    <folder>/instance/masks/<stem>_<k>.png   0/255, the original size
+
+as cityscapesScripts' evaluators and the test server read them (``detr-panoptic cityscapes-eval`` scores
+them). ``<stem>`` is the image id for dataset images (``<city>_<seq>_<frame>``), else the input's stem.
+
+How the predictions are made from one panoptic result (the choice measured in docs/metrics.md):
+
+* semantic: each pixel takes the labelId of its panoptic segment's category (VOID -> 0, unlabeled);
+* instances: each thing segment is one instance, its confidence the segment's class probability.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detr_panoptic.inference.samples import InferenceSample
+from detr_panoptic.models.outputs import PanopticResult
+from detr_panoptic.utils.errors import UserInputError
+from detr_panoptic.utils.io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from detr_panoptic.utils.png_grey import encode_grey8_png
+
+NUM_LABEL_IDS = 34
+
+
+def thing_ids(categories: Any) -> set[int]:
+    from detr_panoptic.evaluation.panoptic_format import _category_records
+
+    return {int(r["id"]) for r in _category_records(categories) if r.get("isthing") in (1, True)}
+
+
+def cityscapes_label_ids(categories: Any) -> dict[int, int]:
+    """Category id -> Cityscapes labelId, by the category's name (so that labelId and trainId category
+    sets both work); a category without a Cityscapes name keeps its id when that is a labelId."""
+    from cityscapesscripts.helpers.labels import name2label
+
+    from detr_panoptic.evaluation.panoptic_format import _category_records
+
+    table = {}
+    for record in _category_records(categories):
+        category_id, name = int(record["id"]), str(record.get("name", ""))
+        if name in name2label and name2label[name].id >= 0:
+            table[category_id] = name2label[name].id
+        elif 0 <= category_id < NUM_LABEL_IDS:
+            table[category_id] = category_id
+        else:
+            raise UserInputError(f"category {category_id} ({name!r}) is not a Cityscapes label: the Cityscapes "
+                                 "formats need a model with Cityscapes categories")
+    return table
+
+
+def result_stem(sample: InferenceSample) -> str:
+    image_id = sample.image_id
+    return str(image_id) if isinstance(image_id, str) else Path(sample.file_name).stem
+
+
+def semantic_from_panoptic(result: PanopticResult, label_ids: Mapping[int, int]) -> np.ndarray:
+    """uint8 ``[H, W]`` labelIds: each segment's category's labelId, VOID -> 0."""
+    id_map = result.id_map.cpu().numpy()
+    lookup = np.zeros(int(id_map.max(initial=0)) + 1, np.uint8)
+    for segment in result.segments_info:
+        lookup[int(segment["id"])] = label_ids[int(segment["category_id"])]
+    return lookup[id_map]
+
+
+def instances_from_panoptic(result: PanopticResult, label_ids: Mapping[int, int], things: set[int]
+                            ) -> list[tuple[np.ndarray, int, float]]:
+    """(bool mask ``[H, W]``, labelId, confidence) per segment of a thing category (``things``)."""
+    id_map = result.id_map.cpu().numpy()
+    return [(id_map == int(s["id"]), label_ids[int(s["category_id"])], float(s.get("score", 1.0)))
+            for s in result.segments_info if int(s["category_id"]) in things]
+
+
+class CityscapesWriter:
+    """Writes each result in Cityscapes' semantic and instance formats (see the module docstring)."""
+
+    name = "cityscapes"
+
+    def __init__(self, folder: str | os.PathLike, categories: Any) -> None:
+        self.folder = Path(folder)
+        self.label_ids = cityscapes_label_ids(categories)
+        self.things = thing_ids(categories)
+        self.reset()
+
+    def reset(self) -> None:
+        self.written: list[str] = []
+        for part in ("semantic", "instance", "instance/masks"):
+            (self.folder / part).mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder / part)
+
+    def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
+        for sample, result in zip(samples, results):
+            stem = result_stem(sample)
+            semantic = semantic_from_panoptic(result, self.label_ids)
+            atomic_write_bytes(self.folder / "semantic" / f"{stem}.png", encode_grey8_png(semantic))
+            lines = []
+            for k, (mask, label_id, confidence) in enumerate(instances_from_panoptic(result, self.label_ids, self.things)):
+                name = f"masks/{stem}_{k}.png"
+                atomic_write_bytes(self.folder / "instance" / name, encode_grey8_png(mask.astype(np.uint8) * 255))
+                lines.append(f"{name} {label_id} {confidence:.6f}\n")
+            atomic_write_text(self.folder / "instance" / f"{stem}.txt", "".join(lines))
+            self.written.append(stem)
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"folder": self.folder, "images": list(self.written)}
