@@ -12,7 +12,8 @@ Processes: ours is the command (``cityscapes-eval RESULTS --cityscapes ROOT --pa
 threads = the cores); the reference runs both evaluators in one process, patched only as far as
 today's numpy needs (tests/evaluation/cityscapes_reference.py: ``np.in1d`` -> ``np.isin``, no JSON
 writing), with ``evalInstanceLevelSemanticLabeling``'s ground-truth cache absent (a fresh evaluation).
-Both print their scores; they must agree (mIoU, iIoU, category IoU/iIoU, AP, AP50) to 1e-9. Reps
+Wall time and CPU time (user + system, all threads) of each process are recorded: on a shared
+machine the CPU time is the steadier comparison. Both write their scores; they must agree (mIoU, iIoU, category IoU/iIoU, AP, AP50) to 1e-9. Reps
 alternate the order; medians are reported, with the 1-minute load average (the machine may be shared).
 Also ``--parts panoptic semantic instance`` (all three from one run) is timed once per rep.
 
@@ -25,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,15 +59,18 @@ json.dump({{"miou": pixel["averageScoreClasses"], "iiou": pixel["averageScoreIns
 """
 
 
-def timed(code: str) -> float:
+def timed(code: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process and its threads) of a fresh process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     begin = time.perf_counter()
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, timeout=1200, check=False)
     seconds = time.perf_counter() - begin
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if completed.returncode != 0:
         raise RuntimeError(f"failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def make_data(folder: Path, images: int) -> dict[str, float]:
@@ -117,14 +122,17 @@ def main() -> int:
                                       instance=str(results / "cityscapes" / "instance"), root=str(root),
                                       tmp=str(folder), out=str(reference_out))
     times: dict[str, list[float]] = {"ours": [], "reference": [], "ours_all_three": []}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     loads = []
     for rep in range(args.reps):
         loads.append(os.getloadavg()[0])
         order = ["ours", "reference", "ours_all_three"] if rep % 2 == 0 else ["reference", "ours_all_three", "ours"]
         for name in order:
             code = {"ours": ours_code, "reference": reference_code, "ours_all_three": all_code}[name]
-            times[name].append(timed(code))
-            print(f"rep {rep}: {name} {times[name][-1]:.2f} s", flush=True)
+            wall, used = timed(code)
+            times[name].append(wall)
+            cpu[name].append(used)
+            print(f"rep {rep}: {name} {wall:.2f} s (CPU {used:.2f} s)", flush=True)
     ours, reference = json.loads(ours_out.read_text()), json.loads(reference_out.read_text())
     worst = max(abs(ours[k] / 100 - reference[k]) for k in reference)
     assert worst < 1e-9, (ours, reference)
@@ -136,6 +144,10 @@ def main() -> int:
         "ours_s": round(median["ours"], 3), "reference_s": round(median["reference"], 3),
         "reference_over_ours": round(median["reference"] / median["ours"], 2),
         "ours_all_three_s": round(median["ours_all_three"], 3),
+        "ours_cpu_s": round(statistics.median(cpu["ours"]), 3),
+        "reference_cpu_s": round(statistics.median(cpu["reference"]), 3),
+        "reference_over_ours_cpu": round(statistics.median(cpu["reference"]) / statistics.median(cpu["ours"]), 2),
+        "ours_all_three_cpu_s": round(statistics.median(cpu["ours_all_three"]), 3),
         "ours_runs_s": [round(t, 3) for t in times["ours"]], "reference_runs_s": [round(t, 3) for t in times["reference"]],
         "max_abs_difference": worst,
         "miou": round(ours["miou"], 3), "iiou": round(ours["iiou"], 3), "ap": round(ours["ap"], 3),

@@ -252,3 +252,30 @@ def test_loader_workers_give_the_same_files_in_order(tmp_path):
     for annotation in a["annotations"]:
         assert (_decode(tmp_path / "a" / "predictions" / annotation["file_name"])
                 == _decode(tmp_path / "b" / "predictions" / annotation["file_name"])).all()
+
+
+def test_predict_writes_cityscapes_formats(tmp_path):
+    from detr_panoptic.utils.png_grey import read_grey8_png, read_mask_pixels
+
+    write_image(tmp_path / "in" / "berlin_000001_000019_leftImg8bit.png", size=(40, 30))
+    predict_to_folder(predictor(size=16, max_size=64), [str(tmp_path / "in")], tmp_path / "out", progress=False,
+                      num_workers=0, overlays=False, cityscapes=True)
+    stem = "berlin_000001_000019_leftImg8bit"
+    labels = read_grey8_png(tmp_path / "out" / "cityscapes" / "semantic" / f"{stem}.png")
+    assert labels.shape == (30, 40)
+    assert (labels[:, :20] == 7).all() and (labels[:15, 20:] == 26).all() and (labels[15:, 20:] == 0).all()
+    lines = (tmp_path / "out" / "cityscapes" / "instance" / f"{stem}.txt").read_text().splitlines()
+    assert lines[0] == f"masks/{stem}_0.png 26 0.950000"
+    shape, pixels = read_mask_pixels(tmp_path / "out" / "cityscapes" / "instance" / "masks" / f"{stem}_0.png")
+    expected = np.zeros((30, 40), bool)
+    expected[:15, 20:] = True
+    assert shape == (30, 40) and np.array_equal(pixels, np.flatnonzero(expected))
+
+
+def test_cityscapes_format_needs_cityscapes_categories(tmp_path):
+    write_image(tmp_path / "in" / "a.png")
+    other = CategoryMap.contiguous([Category(1, "car", True, (0, 0, 142)), Category(90, "toaster", False, (1, 2, 3))])
+    model = FakeModel()
+    with pytest.raises(UserInputError, match="toaster"):
+        predict_to_folder(PanopticPredictor(model, PredictorSettings(other, min_size=16, max_size=64), device="cpu"),
+                          [str(tmp_path / "in")], tmp_path / "out", progress=False, num_workers=0, cityscapes=True)

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--skip-bad", action="store_true",
                          help="skip missing or unreadable inputs with a warning instead of stopping")
     predict.add_argument("--no-overlays", dest="overlays", action="store_false", help="write only PNGs and JSON")
+    predict.add_argument("--format", choices=("coco", "cityscapes"), default="coco",
+                         help="cityscapes: also write Cityscapes' semantic and instance formats into OUT/cityscapes/ "
+                         "(a test-server submission; docs/metrics.md); needs a model with Cityscapes categories")
     add_out(predict, required=True)
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     predict.set_defaults(func=run_predict)
@@ -77,7 +80,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from detr_panoptic.inference import predict_to_folder
 
     summary = predict_to_folder(predictor_from_args(args), args.inputs, args.out, batch_size=args.batch_size,
-                                skip_bad=args.skip_bad, overlays=args.overlays, num_workers=args.loader_workers)
+                                skip_bad=args.skip_bad, overlays=args.overlays, num_workers=args.loader_workers,
+                                cityscapes=args.format == "cityscapes")
     print(f"predicted {len(summary.processed)} image(s) into {summary.out_dir} ({summary.predictions_json.name})"
           + (f"; {summary.resumed} kept from an interrupted run" if summary.resumed else "")
           + (f"; skipped {len(summary.skipped)}" if summary.skipped else ""))

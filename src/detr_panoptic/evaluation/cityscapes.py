@@ -40,7 +40,7 @@ from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, PixelLevelAccumulat
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.parallel import available_cores
 from detr_panoptic.utils.png import decode_grey16_png
-from detr_panoptic.utils.png_grey import read_grey8_png, read_mask_pixels
+from detr_panoptic.utils.png_grey import read_grey8_packed, read_mask_pixels
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +251,14 @@ def _score_image(job: _ImageJob, tables: _Tables) -> _ImageResult:
     values_and_sizes = value_counts(gt_instances) if job.instance or job.panoptic_png else None
     result = _ImageResult()
     if job.semantic is not None:
-        gt_labels = read_grey8_png(image.label_ids, what="ground truth")
+        gt_labels = read_grey8_packed(image.label_ids, what="ground truth")  # values in the low byte
         _check_shape(gt_labels.shape, gt_instances, "ground truth", image.label_ids, image.instance_ids)
-        prediction = read_grey8_png(job.semantic, what="semantic result")
+        prediction = read_grey8_packed(job.semantic, what="semantic result")
         _check_shape(prediction.shape, gt_instances, "semantic result", job.semantic, image.instance_ids)
         result.pixel = PixelLevelAccumulator()
         label_runs, instance_runs, pred_runs, lengths = runs(gt_labels, gt_instances, prediction)
-        result.pixel.add_runs(label_runs.astype(np.int64), instance_runs.astype(np.int64),
-                              pred_runs.astype(np.int64), lengths, source=f"semantic result {job.semantic}",
+        result.pixel.add_runs(label_runs.astype(np.int64) & 0xFF, instance_runs.astype(np.int64),
+                              pred_runs.astype(np.int64) & 0xFF, lengths, source=f"semantic result {job.semantic}",
                               gt_source=f"ground truth {image.label_ids}")
     if job.instance is not None:
         predictions = []

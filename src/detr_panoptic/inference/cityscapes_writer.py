@@ -65,7 +65,8 @@ def result_stem(sample: InferenceSample) -> str:
 def semantic_from_panoptic(result: PanopticResult, label_ids: Mapping[int, int]) -> np.ndarray:
     """uint8 ``[H, W]`` labelIds: each segment's category's labelId, VOID -> 0."""
     id_map = result.id_map.cpu().numpy()
-    lookup = np.zeros(int(id_map.max(initial=0)) + 1, np.uint8)
+    largest = max([int(id_map.max(initial=0))] + [int(s["id"]) for s in result.segments_info])
+    lookup = np.zeros(largest + 1, np.uint8)
     for segment in result.segments_info:
         lookup[int(segment["id"])] = label_ids[int(segment["category_id"])]
     return lookup[id_map]

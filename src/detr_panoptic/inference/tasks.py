@@ -63,12 +63,15 @@ class PredictSummary:
 
 def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                       *, batch_size: int = 1, skip_bad: bool = False, overlays: bool = True,
-                      progress: bool = True, num_workers: int | None = None) -> PredictSummary:
+                      progress: bool = True, num_workers: int | None = None, cityscapes: bool = False
+                      ) -> PredictSummary:
     """Predict every input image (files, folders, globs) and write, under ``out_dir``:
 
     * ``predictions/<name>.png``: COCO panoptic PNG at the original image size (id = R + 256 G + 256^2 B);
     * ``overlays/<name>.png``: the prediction drawn over the image;
-    * ``predictions.json``: COCO panoptic ``images``, ``annotations`` and ``categories``.
+    * ``predictions.json``: COCO panoptic ``images``, ``annotations`` and ``categories``;
+    * with ``cityscapes``: ``cityscapes/semantic/<name>.png`` and ``cityscapes/instance/<name>.txt`` + masks
+      (``CityscapesWriter``; the model must have Cityscapes categories).
 
     ``<name>`` is the input's stem (made unique). Killed and started again with the same weights and
     settings, it keeps the images already written and predicts the rest. Raises ``UserInputError`` if
@@ -82,11 +85,13 @@ def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.Pa
     files = ImageFiles(paths, min_size=settings.min_size, max_size=settings.max_size, skip_bad=skip_bad,
                        keep_original=overlays)
     writer = PanopticWriter(out_dir / PREDICTIONS_JSON, out_dir / "predictions", categories=settings.category_map,
-                            resume=True, fingerprint=_fingerprint(predictor, overlays=overlays))
+                            resume=True, fingerprint=_fingerprint(predictor, overlays=overlays, cityscapes=cityscapes))
     todo = [i for i, name in enumerate(files.names) if f"{name}.png" not in writer.done]
     evaluators: list[Any] = [writer]
     if overlays:  # before the writer: an image is journalled as done only once its overlay exists too
         evaluators.insert(0, OverlayWriter(out_dir / "overlays", settings.category_map))
+    if cityscapes:
+        evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, settings.category_map))
     loader = make_loader(torch.utils.data.Subset(files, todo), batch_size=batch_size,
                          num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="predict",

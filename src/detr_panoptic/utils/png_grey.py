@@ -25,6 +25,7 @@ from detr_panoptic.utils import png as _png
 from detr_panoptic.utils.errors import UserInputError
 
 _NONE, _SUB, _UP = 0, 1, 2
+_PACKED_ZERO = np.uint32(0xFF000000)
 
 
 def _read(path: str | os.PathLike, what: str) -> bytes:
@@ -73,6 +74,14 @@ def read_grey8_png(path: str | os.PathLike, *, what: str = "PNG") -> np.ndarray:
     """``[H, W]`` uint8 of the PNG at ``path`` (greyscale sample, else Pillow's ``convert("L")``).
 
     ``FileNotFoundError`` names the path; an undecodable file is a ``UserInputError``."""
+    values = read_grey8_packed(path, what=what)
+    return values if values.dtype == np.uint8 else (values & np.uint32(0xFF)).astype(np.uint8)
+
+
+def read_grey8_packed(path: str | os.PathLike, *, what: str = "PNG") -> np.ndarray:
+    """``read_grey8_png``'s values in the low byte of each element, without a copy: ``[H, W]`` uint32
+    packed pixels (``utils.png``) for 8-bit greyscale files, else uint8. Equal neighbours stay equal,
+    so run-length counting can work on it and mask the run values with ``& 0xFF``."""
     data = _read(path, what)
     source = f"{what} {path}"
     header = _png._png_header(data)
@@ -80,7 +89,7 @@ def read_grey8_png(path: str | os.PathLike, *, what: str = "PNG") -> np.ndarray:
     if fast and header is not None and header[2:4] == (8, 0):  # 8-bit grey: the packed pixels' low byte
         pixels = _png._decode_unfilter(data, source, None)
         if pixels is not None:
-            return np.ascontiguousarray(pixels.view(np.uint8)[:, ::4])
+            return pixels
     return _pillow_grey(data, source)
 
 
@@ -121,8 +130,8 @@ def _sparse_nonzero(rows: np.ndarray) -> np.ndarray | None:
     if _png._unfilter is not None:
         pixels = np.empty((end - first, width), "<u4")
         _png._unfilter(span.data, width, end - first, 1, pixels)
-        pixels &= np.uint32(0xFF)  # grey v is packed as (v, v, v, 255)
-        return np.flatnonzero(pixels) + first * width
+        # Grey v is packed as (v, v, v, 255): zero is 0xFF000000 (one comparison of whole words).
+        return np.flatnonzero(pixels != _PACKED_ZERO) + first * width
     return _sparse_nonzero_numpy(span, first, width)
 
 
