@@ -149,6 +149,7 @@ def worker(path_name: str, weights: str, reps: int, queue, variants: tuple[str, 
     torch.manual_seed(0)
     from torch.utils.flop_counter import FlopCounterMode
 
+    from detr_panoptic.inference import PanopticPredictor, PredictorSettings
     from detr_panoptic.models.postprocess import panoptic_postprocess
 
     model = build_model()
@@ -160,10 +161,13 @@ def worker(path_name: str, weights: str, reps: int, queue, variants: tuple[str, 
 
     def predictor(name: str):
         dtype, channels_last = PREDICT_PATHS[name]
+        # the predictor's network + post-processing on the already preprocessed image
+        runner = PanopticPredictor(model, PredictorSettings(category_map, threshold=THRESHOLD), device="cpu",
+                                   dtype=dtype)
 
         def run():
             model.set_channels_last(backbone=channels_last, mask_head=channels_last)
-            return model.predict([image], threshold=THRESHOLD, target_sizes=[ORIGINAL_SIZE], autocast_dtype=dtype)
+            return runner.predict_tensors([image], [ORIGINAL_SIZE])
         return run
 
     if path_name == "predict_variants":

@@ -72,7 +72,7 @@ def detection_figures(checkpoint: Path, dataset: Any, threshold: float) -> dict[
     from torchvision.ops import box_convert
 
     from detr_panoptic.checkpoints import load_checkpoint
-    from detr_panoptic.models.postprocess import kept_queries
+    from detr_panoptic.models.postprocess import PanopticPostProcessor, PostprocessSettings, kept_queries
 
     loaded = load_checkpoint(checkpoint)
     model = loaded.model.eval()
@@ -84,7 +84,7 @@ def detection_figures(checkpoint: Path, dataset: Any, threshold: float) -> dict[
         h, w = image.shape[-2:]
         output = model([image])
         keep = kept_queries(output.pred_logits, threshold)[0]
-        result = model.predict([image], threshold=threshold, is_thing=is_thing)[0]
+        result = PanopticPostProcessor(is_thing, settings=PostprocessSettings(threshold=threshold))(output)[0]
         labels = output.pred_logits[0].argmax(-1)
         chosen = (keep & is_thing[labels.clamp(max=len(is_thing) - 1)]).nonzero().squeeze(1)
         scale = torch.tensor([w, h, w, h], dtype=torch.float)

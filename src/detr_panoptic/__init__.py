@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "PanopticResult": "detr_panoptic.models.outputs",
     "KeptQueries": "detr_panoptic.models.outputs",
     "panoptic_postprocess": "detr_panoptic.models.postprocess",
+    "PanopticPostProcessor": "detr_panoptic.models.postprocess",
+    "PostprocessSettings": "detr_panoptic.models.postprocess",
     "build_criterion": "detr_panoptic.models.criterion",
     "build_matcher": "detr_panoptic.models.matcher",
     # checkpoints

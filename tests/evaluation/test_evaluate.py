@@ -57,16 +57,22 @@ class Oracle(torch.nn.Module):
             self.queue.append(PanopticResult(torch.from_numpy(renumbered), segments))
         self.sizes = []
 
-    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category, merge_stuff, min_area,
-                autocast_dtype):
+    def predict(self, images, *, target_sizes):
         self.sizes.extend(tuple(s) for s in target_sizes)
         return [self.queue.pop(0) for _ in images]
+
+
+class OraclePredictor(PanopticPredictor):
+    """The real predictor around an ``Oracle``: its results come straight from the model's ``predict``."""
+
+    def predict_tensors(self, images, orig_sizes):
+        return self.model.predict(images, target_sizes=list(orig_sizes))
 
 
 def evaluate_model(model, dataset, out, *, batch_size=1, device="cpu", **kwargs):
     """``evaluate_dataset`` with a predictor around ``model`` (its categories, the dataset's input size)."""
     settings = PredictorSettings(model.category_map, min_size=dataset.min_size, max_size=dataset.max_size)
-    return evaluate_dataset(PanopticPredictor(model, settings, device=device), dataset, out, batch_size=batch_size,
+    return evaluate_dataset(OraclePredictor(model, settings, device=device), dataset, out, batch_size=batch_size,
                             num_workers=0, **kwargs)
 
 

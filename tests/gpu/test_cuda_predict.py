@@ -1,10 +1,14 @@
-"""Inference on CUDA gives the CPU's panoptic result: ``PanopticDETR.predict`` and, where the package
-has it, ``inference.PanopticPredictor(device="cuda")``; bf16/fp16 on CUDA run and keep the segments."""
+"""Inference on CUDA gives the CPU's panoptic result: the model's kept-query forward + the
+``PanopticPostProcessor``, and ``inference.PanopticPredictor(device="cuda")``; bf16/fp16 on CUDA run and keep
+the segments."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+from detr_panoptic.models.postprocess import PanopticPostProcessor, PostprocessSettings
 from tests.gpu.common import tiny_model
 
 SIZE = (96, 144)
@@ -53,6 +57,20 @@ def _agreement(a, b) -> float:
     return float((by_query(a) == by_query(b)).float().mean())
 
 
+def _predict(model, images, *, is_thing=None, target_sizes=None, dtype=None):
+    """The model's forward with masks of the kept queries (under ``dtype`` autocast), then the post-processor."""
+    if is_thing is None:
+        is_thing = torch.zeros(model.num_classes, dtype=torch.bool)
+    processor = PanopticPostProcessor(is_thing, settings=PostprocessSettings(threshold=THRESHOLD))
+    device_type = images[0].device.type
+    precision = torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with torch.inference_mode():
+        with precision:
+            output = model(images, mask_queries=processor.kept_queries)
+        output.pred_masks = output.pred_masks.float()
+        return processor(output, target_sizes)
+
+
 def _summary(result):
     return [(s["query"], s["category_id"], s["isthing"]) for s in result.segments_info]
 
@@ -61,11 +79,10 @@ def test_predict_on_cuda_equals_the_cpu_result(cuda, strict_fp32):
     model = steered_model()
     images = [_image(0), _image(1)[:, :80, :120]]
     is_thing = torch.tensor([False, True, True])
-    cpu = model.predict(images, threshold=THRESHOLD, is_thing=is_thing, target_sizes=[(192, 288), (160, 240)])
+    cpu = _predict(model, images, is_thing=is_thing, target_sizes=[(192, 288), (160, 240)])
     assert cpu[0].segments_info, "the steered model keeps queries"
     gpu_model = model.to(cuda)
-    gpu = gpu_model.predict([i.to(cuda) for i in images], threshold=THRESHOLD, is_thing=is_thing.to(cuda),
-                            target_sizes=[(192, 288), (160, 240)])
+    gpu = _predict(gpu_model, [i.to(cuda) for i in images], is_thing=is_thing, target_sizes=[(192, 288), (160, 240)])
     for c, g in zip(cpu, gpu):
         assert _summary(g) == _summary(c)
         assert g.id_map.shape == c.id_map.shape
@@ -77,18 +94,12 @@ def test_predict_on_cuda_equals_the_cpu_result(cuda, strict_fp32):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_predict_on_cuda_keeps_the_segments(cuda, dtype):
-    import inspect
-
-    from detr_panoptic.models.detr import PanopticDETR
-
-    if "autocast_dtype" not in inspect.signature(PanopticDETR.predict).parameters:
-        pytest.skip("PanopticDETR.predict has no autocast_dtype yet")
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("no native bf16 on this GPU")
     model = steered_model().to(cuda)
     image = _image().to(cuda)
-    reference = model.predict([image], threshold=THRESHOLD)[0]
-    result = model.predict([image], threshold=THRESHOLD, autocast_dtype=dtype)[0]
+    reference = _predict(model, [image])[0]
+    result = _predict(model, [image], dtype=dtype)[0]
     assert _summary(result) == _summary(reference)
     # random weights: segment borders are soft, so reduced precision moves some (bf16 on the CPU: 92.7%)
     assert _agreement(reference, result) >= 0.85

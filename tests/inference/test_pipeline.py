@@ -93,18 +93,28 @@ class DegradedOracle(torch.nn.Module):
     def _key(image: torch.Tensor) -> tuple:
         return (tuple(image.shape), round(float(image.double().sum()), 4))
 
-    def predict(self, images, *, target_sizes, **kwargs):
+    def predict(self, images, *, target_sizes):
         return [self.truth[self._key(image)] for image in images]
 
 
-def test_training_validation_pq_equals_evaluate_pq(cityscapes, tmp_path):
+class OraclePredictor(PanopticPredictor):
+    """The real predictor (preprocessing, batching) around a ``DegradedOracle``'s canned results."""
+
+    def predict_tensors(self, images, orig_sizes):
+        return self.model.predict(images, target_sizes=list(orig_sizes))
+
+
+def test_training_validation_pq_equals_evaluate_pq(cityscapes, tmp_path, monkeypatch):
+    import detr_panoptic.inference
+
+    monkeypatch.setattr(detr_panoptic.inference, "PanopticPredictor", OraclePredictor)  # make_validator's
     dataset = val_set(cityscapes)
     model = DegradedOracle(dataset)
     validate = make_validator(dataset, dataset.category_map, min_size=48, max_size=96, threshold=0.5,
                               batch_size=2, rank=0, world_size=1, device=torch.device("cpu"))
     during_training = validate(model)
     settings = PredictorSettings(dataset.category_map, min_size=48, max_size=96, threshold=0.5)
-    predictor = PanopticPredictor(model, settings, device="cpu")
+    predictor = OraclePredictor(model, settings, device="cpu")
     files = evaluate_dataset(predictor, dataset, tmp_path / "eval", workers=1, progress=False, chart=False)
     in_memory = evaluate_dataset(predictor, dataset, tmp_path / "mem", write=False, progress=False, chart=False)
     assert files["num_images"] == 4

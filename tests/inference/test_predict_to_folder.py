@@ -32,7 +32,8 @@ def write_image(path, size=(40, 30), color=(10, 200, 30)):
 
 
 class FakeModel(torch.nn.Module):
-    """``predict`` returns road on the left half and a car in the top-right quarter, at target size."""
+    """``predict`` returns road on the left half and a car in the top-right quarter, at target size (through
+    ``FakePredictor``: results straight from the model, no network, no post-processing)."""
 
     num_classes = 2
 
@@ -40,8 +41,7 @@ class FakeModel(torch.nn.Module):
         super().__init__()
         self.calls: list[dict] = []
 
-    def predict(self, images, *, threshold, is_thing, target_sizes, class_to_category, merge_stuff, min_area,
-                autocast_dtype):
+    def predict(self, images, *, threshold, target_sizes):
         self.calls.append({"batch": len(images), "shapes": [tuple(i.shape) for i in images],
                            "sizes": list(target_sizes), "threshold": threshold})
         results = []
@@ -57,9 +57,16 @@ class FakeModel(torch.nn.Module):
         return results
 
 
+class FakePredictor(PanopticPredictor):
+    """The real predictor (preprocessing, batching, attention) with the model's canned results."""
+
+    def predict_tensors(self, images, orig_sizes):
+        return self.model.predict(images, threshold=self.settings.threshold, target_sizes=list(orig_sizes))
+
+
 def predictor(model=None, **settings):
     sizes = {"min_size": settings.pop("size", 16), "max_size": settings.pop("max_size", 1333)}
-    return PanopticPredictor(model or FakeModel(), PredictorSettings(CATEGORIES, **sizes, **settings), device="cpu")
+    return FakePredictor(model or FakeModel(), PredictorSettings(CATEGORIES, **sizes, **settings), device="cpu")
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -206,7 +213,7 @@ class FakeAttentionModel(FakeModel):
         masks[0, 0, :2] = 5.0
         cross = torch.arange(2 * 3 * feat_h * feat_w, dtype=torch.float).reshape(1, 2, 3, feat_h * feat_w)
         encoder = torch.rand(1, 2, feat_h * feat_w, feat_h * feat_w)
-        output = DETROutput(pred_logits=logits, pred_boxes=boxes,
+        output = DETROutput(pred_logits=logits, pred_boxes=boxes, image_sizes=[tuple(image.shape[-2:])],
                             attentions={"decoder_cross": [cross * 0, cross], "encoder_self": encoder,
                                         "feature_size": (feat_h, feat_w)})
         selected = [torch.as_tensor(q, dtype=torch.long) for q in mask_queries(output)]

@@ -1,4 +1,5 @@
-"""PanopticDETR.predict (masks for kept queries only) == full forward + panoptic_postprocess."""
+"""Masks for the kept queries only (``model(images, mask_queries=processor.kept_queries)``) + the
+``PanopticPostProcessor`` == full forward + ``panoptic_postprocess``; settings re-run on cached outputs."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,12 @@ import torch
 
 from detr_panoptic.data.categories import coco_category_map
 from detr_panoptic.models.detr import PanopticDETR, image_sizes
-from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
+from detr_panoptic.models.postprocess import (
+    PanopticPostProcessor,
+    PostprocessSettings,
+    kept_queries,
+    panoptic_postprocess,
+)
 from detr_panoptic.utils.batching import pad_images
 
 NUM_CLASSES = 5
@@ -51,12 +57,19 @@ def assert_same_results(expected, actual):
         assert torch.equal(e.id_map, a.id_map)
 
 
+def kept_forward(model, images, processor, mask=None):
+    """The model's forward with masks for the processor's kept queries only (what the predictor runs)."""
+    with torch.inference_mode():
+        return model(images, mask, mask_queries=processor.kept_queries)
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.85, 0.95, 1.0])
-def test_predict_equals_forward_and_postprocess(setup, threshold):
+def test_kept_query_masks_equal_forward_and_postprocess(setup, threshold):
     model, images, full = setup
     sizes = [tuple(i.shape[-2:]) for i in images]
     expected = panoptic_postprocess(full, sizes, is_thing=IS_THING, threshold=threshold)
-    actual = model.predict(images, threshold=threshold, is_thing=IS_THING)
+    processor = PanopticPostProcessor(IS_THING, settings=PostprocessSettings(threshold=threshold))
+    actual = processor(kept_forward(model, images, processor))
     assert_same_results(expected, actual)
     kept = kept_queries(full.pred_logits, threshold).sum().item()
     assert sum(len(r.segments_info) for r in actual) <= kept
@@ -67,21 +80,23 @@ def test_predict_equals_forward_and_postprocess(setup, threshold):
         assert kept >= 10 and sum(len(r.segments_info) for r in actual) >= 4
 
 
-def test_predict_with_target_sizes_padded_batch_and_categories(setup):
+def test_kept_query_masks_with_target_sizes_padded_batch_and_categories(setup):
     model, images, full = setup
     batch, mask = pad_images(images)
     targets = [(100, 150), (40, 60)]
     to_category = torch.tensor([11, 12, 13, 14, 15])
     expected = panoptic_postprocess(full, image_sizes(mask), targets, is_thing=IS_THING, threshold=0.5,
                                     class_to_category=to_category)
-    actual = model.predict(batch, mask, threshold=0.5, is_thing=IS_THING, target_sizes=targets,
-                           class_to_category=to_category)
+    processor = PanopticPostProcessor(IS_THING, to_category, PostprocessSettings(threshold=0.5))
+    output = kept_forward(model, batch, processor, mask)
+    assert output.image_sizes == [tuple(i.shape[-2:]) for i in images]  # measured on the given mask
+    actual = processor(output, targets)
     assert_same_results(expected, actual)
     assert actual[0].id_map.shape == (100, 150)
     assert {s["category_id"] for r in actual for s in r.segments_info} <= {11, 12, 13, 14, 15}
 
 
-def test_predict_uses_the_category_tensors_given():
+def test_the_processor_uses_the_category_tensors_given():
     model = PanopticDETR(250, backbone="resnet18", hidden_dim=32, enc_layers=1, dec_layers=1,
                          dim_feedforward=32, num_queries=4).eval()
     categories = coco_category_map()
@@ -89,12 +104,54 @@ def test_predict_uses_the_category_tensors_given():
         model.detr.class_embed.weight.zero_()
         model.detr.class_embed.bias.zero_()
         model.detr.class_embed.bias[1] = 20.0  # COCO id 1, "person": a thing
-    results = model.predict([torch.randn(3, 64, 64)], threshold=0.5, is_thing=categories.is_thing(),
-                            class_to_category=categories.class_to_category_tensor())
+    processor = PanopticPostProcessor.for_categories(categories, PostprocessSettings(threshold=0.5))
+    results = processor(kept_forward(model, [torch.randn(3, 64, 64)], processor))
     assert results[0].segments_info and all(s["category_id"] == 1 and s["isthing"] for s in results[0].segments_info)
 
 
-def test_predict_runs_under_inference_mode(setup):
+def test_cached_outputs_post_processed_again_with_other_settings(setup):
+    """Masks computed once at a low threshold serve every higher threshold and any merge mode / min area."""
+    model, images, full = setup
+    low = PanopticPostProcessor(IS_THING, settings=PostprocessSettings(threshold=0.6))
+    cached = kept_forward(model, images, low)
+    for settings in (PostprocessSettings(0.6), PostprocessSettings(0.7, "merge"), PostprocessSettings(0.9, min_area=0)):
+        again = low.replace(**settings.as_dict())
+        assert again.settings == settings and low.settings.threshold == 0.6
+        assert_same_results(again(full), again(cached))
+    assert kept_queries(full.pred_logits, 0.3).sum() > kept_queries(full.pred_logits, 0.6).sum()
+    with pytest.raises(ValueError, match="not computed"):  # a lower threshold needs masks that were not computed
+        low.replace(threshold=0.3)(cached)
+
+
+def test_sweep_equals_one_run_per_setting(setup):
+    model, images, full = setup
+    grid = [PostprocessSettings(t, mode, area) for t in (0.3, 0.5, 0.9) for mode in ("reference", "merge")
+            for area in (0, 4)]
+    processor = PanopticPostProcessor(IS_THING)
+    cached = kept_forward(model, images, processor.replace(threshold=0.3))
+    targets = [(70, 100), (50, 78)]
+    swept = list(processor.sweep(cached, grid, targets))
+    assert len(swept) == len(images)
+    for b, groups in enumerate(swept):
+        assert sorted(s for group, _ in groups for s in group) == sorted(grid)  # every setting answered once
+        for group, result in groups:
+            for setting in group:
+                alone = processor.replace(**setting.as_dict())(full, targets)[b]
+                assert torch.equal(alone.id_map, result.id_map) and alone.segments_info == result.segments_info
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="merge_stuff"):
+        PostprocessSettings(0.5, "nope")
+    with pytest.raises(ValueError, match="min_area"):
+        PostprocessSettings(0.5, min_area=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        PostprocessSettings(1.5)
+    assert PostprocessSettings.from_dict({"threshold": "0.7"}) == PostprocessSettings(0.7)
+
+
+def test_forward_with_kept_queries_runs_under_inference_mode(setup):
     model, images, _ = setup
-    result = model.predict(images, threshold=0.5, is_thing=IS_THING)
-    assert result[0].id_map.is_inference()
+    processor = PanopticPostProcessor(IS_THING, settings=PostprocessSettings(threshold=0.5))
+    output = kept_forward(model, images, processor)
+    assert output.pred_masks.is_inference() and output.pred_logits.is_inference()

@@ -10,6 +10,7 @@ from detr_panoptic.models.criterion import build_criterion
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.models.matcher import HungarianMatcher, QuerySelector
 from detr_panoptic.models.outputs import DETROutput
+from detr_panoptic.models.postprocess import PanopticPostProcessor, PostprocessSettings
 from detr_panoptic.models.transformer import group_attention_mask
 from detr_panoptic.utils.errors import UserInputError
 
@@ -116,8 +117,10 @@ def test_checkpoint_keys_and_inference_unchanged():
     fresh.load_state_dict(grouped.state_dict())
     image = torch.randn(3, 64, 96)
     is_thing = torch.tensor([False, True, True])
-    a = plain.eval().predict([image], threshold=0.0, is_thing=is_thing)[0]
-    b = grouped.eval().predict([image], threshold=0.0, is_thing=is_thing)[0]
+    processor = PanopticPostProcessor(is_thing, settings=PostprocessSettings(threshold=0.0))
+    with torch.inference_mode():
+        a = processor(plain.eval()([image], mask_queries=processor.kept_queries))[0]
+        b = processor(grouped.eval()([image], mask_queries=processor.kept_queries))[0]
     assert torch.equal(a.id_map, b.id_map) and a.segments_info == b.segments_info
 
 

@@ -2,7 +2,7 @@
 
 Same settings object (``inference.PredictorSettings``, restored from ``metadata.json``), same
 preprocessing (``inference.preprocess``, padding with ``utils.batching.pad_images``), same kept-query
-rule (``models.postprocess.kept_queries``) and same post-processing (``models.postprocess.panoptic_postprocess``)
+rule and post-processing (``models.postprocess.PanopticPostProcessor``)
 as ``inference.PanopticPredictor``; only the network differs: ``trunk.onnx`` for the batch, then
 ``masks.onnx`` for the kept queries of each image (see ``export.onnx``). Results are on the CPU.
 """
@@ -33,7 +33,6 @@ from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.settings import PredictorSettings
 from detr_panoptic.models.detr import image_sizes
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
-from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
 from detr_panoptic.utils.batching import pad_images
 from detr_panoptic.utils.errors import UserInputError
 
@@ -117,8 +116,7 @@ class OnnxPredictor(PanopticPredictor):
             options.intra_op_num_threads = int(threads)
         self.trunk = ort.InferenceSession(str(self.folder / TRUNK_FILE), options, providers=providers)
         self.masks = ort.InferenceSession(str(self.folder / MASKS_FILE), options, providers=providers)
-        self._is_thing = settings.category_map.is_thing()
-        self._class_to_category = settings.category_map.class_to_category_tensor()
+        self.postprocessor = settings.postprocessor()
 
     @property
     def model(self) -> None:  # type: ignore[override]
@@ -186,16 +184,19 @@ class OnnxPredictor(PanopticPredictor):
         """Results for preprocessed images (``preprocess``), each resized to its ``orig_sizes`` entry."""
         if not images:
             return []
-        s = self.settings
+        return self.postprocessor(self.forward(images), list(orig_sizes))
+
+    def forward(self, images: Sequence[torch.Tensor], *, mask_threshold: float | None = None) -> DETROutput:
+        """The graphs' raw outputs for preprocessed images, with the masks of the queries kept at
+        ``mask_threshold`` (default: the settings') only (as ``PanopticPredictor.forward``)."""
+        keep = self.postprocessor if mask_threshold is None else self.postprocessor.replace(threshold=mask_threshold)
         batch, padding_mask = pad_images([image.cpu() for image in images])
         trunk = self.run_trunk(batch, padding_mask)
-        logits = torch.from_numpy(trunk["logits"])
-        selected = [k.nonzero().squeeze(1) for k in kept_queries(logits, s.threshold, self._class_to_category)]
+        output = DETROutput(pred_logits=torch.from_numpy(trunk["logits"]), pred_boxes=torch.from_numpy(trunk["boxes"]),
+                            input_size=tuple(batch.shape[-2:]), image_sizes=image_sizes(padding_mask))
+        selected = keep.kept_queries(output)
         lateral = trunk["lateral3"]  # the masks' grid: 1/4 of the padded batch
         masks = [torch.from_numpy(self.run_masks(trunk, b, q.numpy())) for b, q in enumerate(selected) if len(q)]
-        pred_masks = torch.cat(masks) if masks else torch.zeros(0, *lateral.shape[-2:])
-        output = DETROutput(pred_logits=logits, pred_boxes=torch.from_numpy(trunk["boxes"]), pred_masks=pred_masks,
-                            mask_queries=selected, input_size=tuple(batch.shape[-2:]))
-        return panoptic_postprocess(output, image_sizes(padding_mask), list(orig_sizes), is_thing=self._is_thing,
-                                    threshold=s.threshold, class_to_category=self._class_to_category,
-                                    merge_stuff=s.merge_stuff, min_area=s.min_area)
+        output.pred_masks = torch.cat(masks) if masks else torch.zeros(0, *lateral.shape[-2:])
+        output.mask_queries = selected
+        return output

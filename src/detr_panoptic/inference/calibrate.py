@@ -30,7 +30,6 @@ the checkpoint's ``detr_panoptic.postprocess`` record, which ``PredictorSettings
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -46,15 +45,7 @@ from detr_panoptic.inference.evaluators import with_pixels
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader
 from detr_panoptic.inference.samples import InferenceSample
-from detr_panoptic.models.outputs import DETROutput, PanopticResult
-from detr_panoptic.models.postprocess import (
-    MERGE_MODES,
-    MIN_AREA,
-    PixelWinner,
-    assign_segments,
-    kept_queries,
-    upsampled_masks,
-)
+from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, PostprocessSettings
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
 
@@ -68,19 +59,7 @@ CALIBRATION_PNG = "calibration.png"
 CALIBRATED_CHECKPOINT = "calibrated.pth"
 
 
-@dataclass(frozen=True, order=True)
-class Setting:
-    """One post-processing setting (the keys of a checkpoint's ``detr_panoptic.postprocess`` record)."""
-
-    threshold: float
-    merge_stuff: str = "reference"
-    min_area: int = MIN_AREA
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area)}
-
-    def __str__(self) -> str:
-        return f"threshold {self.threshold:.2f}, merge_stuff {self.merge_stuff}, min_area {self.min_area}"
+Setting = PostprocessSettings  # one post-processing setting of the grid
 
 
 @dataclass
@@ -277,37 +256,16 @@ def _row(setting: Setting, accumulator: Any) -> CalibrationRow:
 
 
 class _Sweep:
-    """One forward pass per batch, then every distinct post-processing of each image."""
+    """One forward pass per batch (masks of the queries kept at the grid's lowest threshold), then every
+    distinct post-processing of each image (``PanopticPostProcessor.sweep``)."""
 
     def __init__(self, predictor: PanopticPredictor, grid: Sequence[Setting], lowest: float) -> None:
         self.predictor = predictor
         self.grid = list(grid)
         self.lowest = lowest
-        device = predictor.device
-        category_map = predictor.settings.category_map
-        self.is_thing = category_map.is_thing().to(device)
-        self.is_thing_list = self.is_thing.bool().tolist()
-        self.class_to_category = category_map.class_to_category_tensor().to(device)
-        self.categories = self.class_to_category.tolist()
         self.forward_seconds = 0.0
         self.postprocess_seconds = 0.0
         self.runs = 0
-
-    def _forward(self, images: list[torch.Tensor]) -> DETROutput:
-        """The model's outputs with masks for the queries kept at the lowest threshold, as ``predict`` has them."""
-        p = self.predictor
-
-        def kept(output: DETROutput) -> list[torch.Tensor]:
-            keep = kept_queries(output.pred_logits.float(), self.lowest, self.class_to_category)
-            return [k.nonzero().squeeze(1) for k in keep]
-
-        precision = torch.autocast(p.device.type, dtype=p.dtype) if p.dtype is not None else contextlib.nullcontext()
-        with torch.inference_mode(), precision:
-            output = p.model(images, mask_queries=kept)
-        output.pred_logits = output.pred_logits.float()
-        output.pred_boxes = output.pred_boxes.float()
-        output.pred_masks = output.pred_masks.float()
-        return output
 
     def run(self, batch: Sequence[Any]) -> Iterator[tuple[InferenceSample, list[tuple[list[Setting], Any]]]]:
         samples = [s for s in batch if isinstance(s, InferenceSample)]
@@ -316,44 +274,16 @@ class _Sweep:
         if not samples:
             return
         tick = time.perf_counter()
-        images = [s.image.to(self.predictor.device) for s in samples]
-        output = self._forward(images)
+        output = self.predictor.forward([s.image for s in samples], mask_threshold=self.lowest)
         self.forward_seconds += time.perf_counter() - tick
-        scores, labels = output.pred_logits.softmax(-1).max(-1)
-        offset = 0
-        for b, sample in enumerate(samples):
-            tick = time.perf_counter()
-            selected = output.mask_queries[b]
-            one = DETROutput(pred_logits=output.pred_logits[b:b + 1], pred_boxes=output.pred_boxes[b:b + 1],
-                             pred_masks=output.pred_masks[offset:offset + len(selected)], mask_queries=[selected],
-                             input_size=output.input_size)
-            offset += len(selected)
-            processed = tuple(int(v) for v in images[b].shape[-2:])
-            groups: dict[tuple, list[Setting]] = {}
-            for setting in self.grid:
-                kept = selected[scores[b, selected] > setting.threshold]
-                mode = setting.merge_stuff
-                if mode == "merge" and not self._repeats_stuff(labels[b, kept]):
-                    mode = "reference"  # without a stuff class kept twice the two modes give the same result
-                groups.setdefault((tuple(kept.tolist()), mode, setting.min_area), []).append(setting)
-            results = []
-            winner = PixelWinner(upsampled_masks(one, 0, selected, processed)) if len(selected) else None
-            for (kept_tuple, mode, min_area), group in groups.items():
-                kept = torch.tensor(kept_tuple, dtype=torch.long, device=selected.device)
-                if winner is None or not kept.numel():
-                    result = PanopticResult(id_map=torch.zeros(sample.orig_size, dtype=torch.long), segments_info=[])
-                else:
-                    result = assign_segments(winner, torch.searchsorted(selected, kept), kept, scores[b, kept],
-                                             labels[b, kept], tuple(sample.orig_size), self.is_thing_list,
-                                             self.categories, mode, min_area)
-                results.append((group, result.cpu()))
-            self.runs += len(groups)
+        tick = time.perf_counter()
+        per_image = self.predictor.postprocessor.sweep(output, self.grid, [tuple(s.orig_size) for s in samples])
+        for sample, results in zip(samples, per_image):
+            self.runs += len(results)
+            results = [(group, result.cpu()) for group, result in results]
             self.postprocess_seconds += time.perf_counter() - tick
             yield sample, results
-
-    def _repeats_stuff(self, labels: torch.Tensor) -> bool:
-        stuff = [label for label in labels.tolist() if not self.is_thing_list[label]]
-        return len(stuff) != len(set(stuff))
+            tick = time.perf_counter()
 
 
 # -- writing the result ----------------------------------------------------------------------------------

@@ -4,11 +4,13 @@
 and restores ``PredictorSettings`` from it (categories, training input size, calibrated
 post-processing). ``predictor(images)`` takes PIL images, paths or ``[3, H, W]`` tensors and returns
 ``PanopticResult``s at each image's original size; ``predict_batch(samples)`` is what ``run_inference``
-calls for a loader's batches. The network runs in float32, or under bf16/fp16 autocast (``dtype``);
-the kept-query decision and post-processing always run in float32.
+calls for a loader's batches. Both are ``forward`` (the network, masks for the kept queries only) then
+``postprocessor`` (``models.postprocess.PanopticPostProcessor``). The network runs in float32, or under
+bf16/fp16 autocast (``dtype``); the kept-query decision and post-processing always run in float32.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,8 +24,8 @@ from PIL import Image
 from detr_panoptic.inference.samples import InferenceSample, load_image, preprocess
 from detr_panoptic.inference.settings import PredictorSettings
 from detr_panoptic.models.detr import PanopticDETR
-from detr_panoptic.models.outputs import PanopticResult
-from detr_panoptic.models.postprocess import kept_queries, panoptic_postprocess
+from detr_panoptic.models.outputs import DETROutput, PanopticResult
+from detr_panoptic.models.postprocess import PanopticPostProcessor
 from detr_panoptic.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,7 @@ class PanopticPredictor:
         self.model = model.eval().to(self.device)
         self.settings = settings
         self.dtype = _resolve_dtype(dtype, self.device)
-        self._is_thing = settings.category_map.is_thing().to(self.device)
-        self._class_to_category = settings.category_map.class_to_category_tensor().to(self.device)
+        self.postprocessor: PanopticPostProcessor = settings.postprocessor()
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device: str | torch.device | None = "auto",
@@ -97,39 +98,51 @@ class PanopticPredictor:
         """Results for preprocessed images (``preprocess``), each resized to its ``orig_sizes`` entry."""
         if not images:
             return []
-        s = self.settings
         with torch.inference_mode():
-            results = self.model.predict([image.to(self.device) for image in images], threshold=s.threshold,
-                                         is_thing=self._is_thing, target_sizes=list(orig_sizes),
-                                         class_to_category=self._class_to_category, merge_stuff=s.merge_stuff,
-                                         min_area=s.min_area, autocast_dtype=self.dtype)
+            results = self.postprocessor(self.forward(images), list(orig_sizes))
         return [result.cpu() for result in results]
+
+    def forward(self, images: Sequence[torch.Tensor], *, mask_threshold: float | None = None,
+                return_attention: bool = False) -> DETROutput:
+        """The network's raw outputs (float32, on the device) for preprocessed images, with the masks of the
+        queries kept at ``mask_threshold`` (default: the settings' threshold) only.
+
+        ``self.postprocessor`` turns them into results; so does any ``self.postprocessor.replace(...)``
+        whose settings keep a subset of those queries (a threshold >= ``mask_threshold``), without a new
+        forward pass: compute once at the lowest threshold you will ask for, post-process many times.
+        """
+        keep = self.postprocessor if mask_threshold is None else self.postprocessor.replace(threshold=mask_threshold)
+        device_type = self.device.type
+
+        def kept(output: DETROutput) -> list[torch.Tensor]:
+            with torch.autocast(device_type, enabled=False):  # the decision in float32, as documented
+                return keep.kept_queries(output)
+
+        precision = torch.autocast(device_type, dtype=self.dtype) if self.dtype is not None \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            output = self.model([image.to(self.device) for image in images], mask_queries=kept,
+                                return_attention=return_attention)
+        output.pred_logits = output.pred_logits.float()
+        output.pred_boxes = output.pred_boxes.float()
+        output.pred_masks = output.pred_masks.float()
+        return output
 
     # -- attention --------------------------------------------------------------------------------------
     def attention(self, image: ImageInput) -> AttentionMaps:
         """One image with the kept queries' attention maps (``AttentionMaps``), from one forward pass.
 
-        The kept queries are those of the panoptic result (``postprocess.kept_queries``, the same rule).
+        The kept queries are those of the panoptic result (the post-processor's rule).
         """
         picture = load_image(image) if isinstance(image, (str, os.PathLike)) else image
         if isinstance(picture, torch.Tensor):
             from torchvision.transforms.v2 import functional as TF
 
             picture = TF.to_pil_image(picture)
-        height, width = picture.height, picture.width
-        tensor = self.preprocess(picture).to(self.device)
-        s = self.settings
-
-        def kept(output: Any) -> list[torch.Tensor]:
-            keep = kept_queries(output.pred_logits.float(), s.threshold, self._class_to_category)
-            return [k.nonzero().squeeze(1) for k in keep]
-
+        tensor = self.preprocess(picture)
         with torch.inference_mode():
-            output = self.model([tensor], return_attention=True, mask_queries=kept)
-            result = panoptic_postprocess(output, [tuple(tensor.shape[-2:])], [(height, width)],
-                                          is_thing=self._is_thing, threshold=s.threshold,
-                                          class_to_category=self._class_to_category, merge_stuff=s.merge_stuff,
-                                          min_area=s.min_area)[0].cpu()
+            output = self.forward([tensor], return_attention=True)
+            result = self.postprocessor(output, [(picture.height, picture.width)])[0].cpu()
         return _attention_maps(output, picture, tensor, result)
 
 

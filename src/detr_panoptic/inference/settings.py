@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from detr_panoptic.data.categories import CategoryMap
-from detr_panoptic.models.postprocess import DEFAULT_THRESHOLD, MERGE_MODES, MIN_AREA
+from detr_panoptic.models.postprocess import (
+    DEFAULT_THRESHOLD,
+    MERGE_MODES,
+    MIN_AREA,
+    PanopticPostProcessor,
+    PostprocessSettings,
+)
 from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ class PredictorSettings:
     min_size / max_size: inputs are resized to a shorter side of ``min_size``, the longer at most
         ``max_size`` (DETR's rule, ``data.transforms.detr_resize_size``).
     threshold: a query is kept when its best class is not "no object", has a category, and scores above this.
-    merge_stuff: ``"reference"`` or ``"merge"`` (``models.postprocess.panoptic_postprocess``).
+    merge_stuff: ``"reference"`` or ``"merge"`` (``models.postprocess.PostprocessSettings``).
     min_area: segments of at most this many pixels are dropped (reference: 4).
     """
 
@@ -61,9 +67,18 @@ class PredictorSettings:
         """A copy with ``changes`` (None values are ignored, so optional flags pass straight through)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    @property
+    def postprocess(self) -> PostprocessSettings:
+        """The post-processing part (threshold, merge_stuff, min_area)."""
+        return PostprocessSettings(float(self.threshold), self.merge_stuff, int(self.min_area))
+
+    def postprocessor(self) -> PanopticPostProcessor:
+        """The ``PanopticPostProcessor`` of these settings and categories."""
+        return PanopticPostProcessor.for_categories(self.category_map, self.postprocess)
+
     def postprocess_metadata(self) -> dict[str, Any]:
         """The post-processing part, as stored in a checkpoint's ``detr_panoptic.postprocess``."""
-        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area)}
+        return self.postprocess.as_dict()
 
     def input_size_metadata(self) -> dict[str, int | None]:
         return {"min_size": int(self.min_size), "max_size": self.max_size}

@@ -1,6 +1,7 @@
 """DETR panoptic model, its parts, outputs and post-processing."""
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
-from detr_panoptic.models.postprocess import panoptic_postprocess
+from detr_panoptic.models.postprocess import PanopticPostProcessor, PostprocessSettings, panoptic_postprocess
 
-__all__ = ["DETROutput", "PanopticDETR", "PanopticResult", "panoptic_postprocess"]
+__all__ = ["DETROutput", "PanopticDETR", "PanopticPostProcessor", "PanopticResult", "PostprocessSettings",
+           "panoptic_postprocess"]

@@ -5,7 +5,6 @@ Module names follow the official checkpoint (``detr.backbone.0.body...``, ``detr
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -15,9 +14,8 @@ from torch import nn
 
 from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone, thaw_batch_norms
 from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
-from detr_panoptic.models.outputs import DETROutput, PanopticResult
+from detr_panoptic.models.outputs import DETROutput
 from detr_panoptic.models.position import PositionEmbeddingSine
-from detr_panoptic.models.postprocess import DEFAULT_THRESHOLD, MIN_AREA, kept_queries, panoptic_postprocess
 from detr_panoptic.models.query_branches import QueryBranch, compose_queries
 from detr_panoptic.models.transformer import Transformer, group_attention_mask
 from detr_panoptic.utils.batching import pad_images
@@ -60,7 +58,9 @@ class PanopticDETR(nn.Module):
     """DETR for panoptic segmentation (the reference's ``DETRsegm``), with official parameter names.
 
     Input: a list of normalised ``[3, H_i, W_i]`` images, or a padded batch ``[B, 3, H, W]`` plus
-    ``mask [B, H, W]`` (True on padding). See ``forward`` and ``predict``.
+    ``mask [B, H, W]`` (True on padding). See ``forward``. The model returns raw outputs; panoptic results
+    come from ``models.postprocess.PanopticPostProcessor`` (``model(images, mask_queries=processor.kept_queries)``
+    computes masks for the kept queries only).
     """
 
     def __init__(self, num_classes: int = 250, *, backbone: str = "resnet50", dilation: bool = False,
@@ -222,8 +222,8 @@ class PanopticDETR(nn.Module):
         """Mask logits [N, H/4, W/4] for the packed queries ``query_indices`` (per image).
 
         Without autograd, each query runs on its own (batch of one) after the per-image parts: a query's
-        mask is then bit-for-bit the same whichever other queries are computed, so ``predict`` (kept
-        queries only) reproduces the all-queries forward exactly, and no per-query copy of the
+        mask is then bit-for-bit the same whichever other queries are computed, so a forward with
+        ``mask_queries`` (kept queries only) reproduces the all-queries forward exactly, and no per-query copy of the
         1/4-resolution maps is ever held for all queries at once. With autograd, one batched pass.
         """
         hs_last, memory, pad_mask = trunk["hs"][-1], trunk["memory"], trunk["mask"]
@@ -284,7 +284,8 @@ class PanopticDETR(nn.Module):
         aux = [DETROutput(pred_logits=lg, pred_boxes=bx, query_groups=groups) for lg, bx in zip(logits[:-1], boxes[:-1])] \
             if self.aux_loss else []
         output = DETROutput(pred_logits=logits[-1], pred_boxes=boxes[-1], aux_outputs=aux,
-                            input_size=tuple(batch.shape[-2:]), query_groups=groups, branches=trunk["branches"])
+                            input_size=tuple(batch.shape[-2:]), query_groups=groups, branches=trunk["branches"],
+                            image_sizes=_unpadded_sizes(images, mask, pad_mask))
         b, q = logits.shape[1], logits.shape[2]
         if mask_queries is None:
             all_queries = [torch.arange(q, device=batch.device)] * b
@@ -299,44 +300,6 @@ class PanopticDETR(nn.Module):
         if return_attention:
             output.attentions = dict(trunk["attentions"], feature_size=tuple(trunk["memory"].shape[-2:]))
         return output
-
-    @torch.inference_mode()
-    def predict(self, images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None, *,
-                threshold: float = DEFAULT_THRESHOLD, is_thing: torch.Tensor | None = None,
-                target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None,
-                class_to_category: torch.Tensor | None = None,
-                merge_stuff: str = "reference", min_area: int = MIN_AREA,
-                autocast_dtype: torch.dtype | None = None) -> list[PanopticResult]:
-        """Panoptic results, computing masks only for the kept queries (``postprocess.kept_queries``).
-
-        Same result as ``panoptic_postprocess(self(images), sizes, target_sizes, ...)`` where ``sizes`` are
-        the unpadded image sizes. ``is_thing`` (Bool [C]) defaults to "no class is a thing" and
-        ``class_to_category`` (Long [C], -1: unused index) to "category id = class index"; the
-        ``inference.PanopticPredictor`` passes its checkpoint's categories. ``autocast_dtype``
-        (``torch.bfloat16``/``torch.float16``): the network runs under autocast; the kept-query decision
-        and post-processing run in float32 on its outputs.
-        """
-        batch, pad_mask = self._batch(images, mask)
-        processed_sizes = image_sizes(pad_mask)
-        precision = torch.autocast(batch.device.type, dtype=autocast_dtype) if autocast_dtype is not None \
-            else contextlib.nullcontext()
-        with precision:
-            trunk = self._trunk(batch, pad_mask)
-        output = DETROutput(pred_logits=trunk["logits"][-1].float(), pred_boxes=trunk["boxes"][-1].float(),
-                            input_size=tuple(batch.shape[-2:]))
-        if class_to_category is not None:
-            class_to_category = class_to_category.to(output.pred_logits.device)
-        keep = kept_queries(output.pred_logits, threshold, class_to_category)
-        selected = [k.nonzero().squeeze(1) for k in keep]
-        with precision:
-            masks = self._masks(trunk, selected)
-        output.pred_masks = masks.float()
-        output.mask_queries = selected
-        if is_thing is None:
-            is_thing = torch.zeros(self.num_classes, dtype=torch.bool)
-        return panoptic_postprocess(output, processed_sizes, target_sizes, is_thing=is_thing, threshold=threshold,
-                                    class_to_category=class_to_category, merge_stuff=merge_stuff,
-                                    min_area=min_area)
 
 
 def _is_training_only(key: str, names: set[str]) -> bool:
@@ -354,6 +317,19 @@ def _training_only_not_missing(module: nn.Module, incompatible: nn.modules.modul
     """Loading the (official) weights into a model with training-only parts keeps those as they are."""
     names: set[str] = module.training_only  # type: ignore[assignment]
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _is_training_only(k, names)]
+
+
+def _unpadded_sizes(images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None,
+                    padding_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Each image's (h, w): from the list's shapes, or the padded batch's size, without reading a device
+    tensor (no synchronisation in a training step); only a batch given with its own mask is measured."""
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        images = [images]
+    if not isinstance(images, torch.Tensor):
+        return [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+    if mask is None:
+        return [(int(images.shape[-2]), int(images.shape[-1]))] * int(images.shape[0])
+    return image_sizes(padding_mask)
 
 
 def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -23,6 +23,8 @@ class DETROutput:
     attentions:  optional attention weights, filled only when asked for (visualisation).
     input_size:  (H, W) of the padded batch the model saw (set by ``PanopticDETR``); lets the
                  post-processor crop each image's valid part of the masks. None: masks are unpadded.
+    image_sizes: (h, w) of each image's unpadded part of the batch (set by ``PanopticDETR``): the size the
+                 post-processor resizes masks to before the final resize.
     query_groups: K > 1 only in training with query groups (``PanopticDETR.enable_query_groups``): the
                  Q queries are K groups of Q / K, one after the other, each matched on its own.
     branches:    in training with query branches (``models.query_branches``): each branch's output
@@ -38,6 +40,7 @@ class DETROutput:
     input_size: tuple[int, int] | None = None
     query_groups: int = 1
     branches: dict[str, Any] = field(default_factory=dict)
+    image_sizes: list[tuple[int, int]] | None = None
 
 
 @dataclass

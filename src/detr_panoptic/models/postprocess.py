@@ -6,14 +6,21 @@ padded batch each image's masks are cropped to its valid region before resizing,
 class is an index the category map does not use (117 of the official checkpoint's 250) is "no object".
 Pure torch, per image, on whatever device the predictions are on.
 
-``kept_queries`` is the one kept-query rule: post-processing, the predictor (which computes masks only
-for kept queries), the attention figures and the mask grid all call it.
+``PanopticPostProcessor`` is the one object that turns a model's raw outputs into ``PanopticResult``s:
+its settings (``PostprocessSettings``: keep threshold, stuff merge mode, minimum area) plus the
+categories. ``kept_queries`` is the one kept-query rule; the processor's ``kept_queries(output)`` is
+what a forward pass takes as ``mask_queries`` (masks only for the kept queries), and the same outputs
+can be post-processed again with other settings (``processor.replace(threshold=...)(output)``) as long
+as the new settings keep a subset of the queries whose masks were computed.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from detr_panoptic.models.outputs import DETROutput, KeptQueries, PanopticResult
+from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.85  # keep threshold of the reference's panoptic post-processing (and our default)
 MIN_AREA = 4  # segments with area <= MIN_AREA pixels (at the target size) are dropped, as in the reference
 MERGE_MODES = ("reference", "merge")
+SizesLike = Sequence[Sequence[int]] | torch.Tensor
 
 
 def kept_queries(pred_logits: torch.Tensor, threshold: float,
@@ -114,47 +123,207 @@ def _image_masks(outputs: DETROutput, b: int, queries: torch.Tensor) -> torch.Te
     return outputs.pred_masks[start + match.float().argmax(1)]
 
 
-def panoptic_postprocess(outputs: DETROutput, processed_sizes: Sequence[Sequence[int]] | torch.Tensor,
-                         target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None, *,
+@dataclass(frozen=True, order=True)
+class PostprocessSettings:
+    """How kept queries become segments (the keys of a checkpoint's ``detr_panoptic.postprocess`` record).
+
+    threshold: a query is kept when its best class is not "no object", has a category, and its
+        probability is above this (reference: 0.85).
+    merge_stuff: "reference" (several kept queries of one stuff class: only the first survives, its pixels
+        re-assigned by argmax among the survivors) or "merge" (their pixels form one segment).
+    min_area: segments of at most this many pixels (at the target size) are dropped (reference: 4).
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    merge_stuff: str = "reference"
+    min_area: int = MIN_AREA
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise UserInputError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.merge_stuff not in MERGE_MODES:
+            raise UserInputError(f"merge_stuff must be one of {', '.join(MERGE_MODES)}, got {self.merge_stuff!r}")
+        if int(self.min_area) != self.min_area or int(self.min_area) < 0:
+            raise UserInputError(f"min_area must be an integer >= 0, got {self.min_area}")
+
+    def replace(self, **changes: Any) -> PostprocessSettings:
+        """A copy with ``changes`` (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area)}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> PostprocessSettings:
+        """From ``as_dict``'s keys (missing keys: defaults); bad values raise ``UserInputError``."""
+        try:
+            return cls(**{k: t(record[k]) for k, t in (("threshold", float), ("merge_stuff", str),
+                                                        ("min_area", int)) if k in record})
+        except (TypeError, ValueError) as exc:
+            raise UserInputError(f"malformed post-processing settings {dict(record)!r}: {exc}") from None
+
+    def __str__(self) -> str:
+        return f"threshold {self.threshold:.2f}, merge_stuff {self.merge_stuff}, min_area {self.min_area}"
+
+
+class PanopticPostProcessor:
+    """Raw ``DETROutput`` -> one ``PanopticResult`` per image: the settings plus the categories.
+
+    is_thing: Bool [C] per class index. class_to_category: Long [C], the ``category_id`` reported per class
+    index, -1 for an unused index (default: the class index itself, every index used).
+    ``for_categories(category_map, settings)`` builds one from a ``data.categories.CategoryMap``.
+
+    Use: ``output = model(images, mask_queries=processor.kept_queries)`` (masks of the kept queries only),
+    then ``processor(output, target_sizes)``. The same output can be processed again with settings that
+    keep a subset of those queries (a higher threshold, any merge mode or minimum area) without a new
+    forward: ``processor.replace(threshold=0.9)(output, target_sizes)``; ``sweep`` runs many settings at
+    once, sharing the per-pixel work.
+    """
+
+    def __init__(self, is_thing: torch.Tensor, class_to_category: torch.Tensor | None = None,
+                 settings: PostprocessSettings | None = None) -> None:
+        self.settings = settings if settings is not None else PostprocessSettings()
+        self.is_thing = is_thing.bool().cpu()
+        self.class_to_category = None if class_to_category is None else class_to_category.long().cpu()
+        if self.class_to_category is not None and self.class_to_category.numel() != self.is_thing.numel():
+            raise ValueError(f"class_to_category has {self.class_to_category.numel()} entries, is_thing "
+                             f"{self.is_thing.numel()}")
+        self._is_thing_list = self.is_thing.tolist()
+        self._categories = None if self.class_to_category is None else self.class_to_category.tolist()
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def for_categories(cls, category_map: Any, settings: PostprocessSettings | None = None) -> PanopticPostProcessor:
+        """From a ``CategoryMap`` (anything with ``is_thing()`` and ``class_to_category_tensor()``)."""
+        return cls(category_map.is_thing(), category_map.class_to_category_tensor(), settings)
+
+    def replace(self, **changes: Any) -> PanopticPostProcessor:
+        """The same categories with some settings changed (``threshold=0.5`` ...; None values ignored)."""
+        processor = copy.copy(self)
+        processor.settings = self.settings.replace(**changes)
+        return processor
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.is_thing.numel())
+
+    # -- the kept-query rule ----------------------------------------------------------------------------
+    def _class_to_category_on(self, device: torch.device) -> torch.Tensor | None:
+        if self.class_to_category is None:
+            return None
+        if device not in self._on_device:
+            self._on_device[device] = self.class_to_category.to(device)
+        return self._on_device[device]
+
+    def keep(self, pred_logits: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Bool [B, Q]: ``kept_queries`` at the settings' threshold (or ``threshold``), in float32."""
+        logits = pred_logits.float()
+        limit = self.settings.threshold if threshold is None else threshold
+        return kept_queries(logits, limit, self._class_to_category_on(logits.device))
+
+    def kept_queries(self, output: DETROutput) -> list[torch.Tensor]:
+        """Per image, the kept query indices (Long [K]): what ``PanopticDETR.forward`` takes as ``mask_queries``."""
+        return [k.nonzero().squeeze(1) for k in self.keep(output.pred_logits)]
+
+    # -- post-processing --------------------------------------------------------------------------------
+    def _sizes(self, output: DETROutput, target_sizes: SizesLike | None, processed_sizes: SizesLike | None
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        batch, _, num_classes_plus_one = output.pred_logits.shape
+        if self.num_classes != num_classes_plus_one - 1:
+            raise ValueError(f"is_thing has {self.num_classes} entries for {num_classes_plus_one - 1} classes")
+        if processed_sizes is None:
+            processed_sizes = output.image_sizes
+        if processed_sizes is None:
+            raise ValueError("the output carries no image_sizes: pass processed_sizes (unpadded (h, w) per image)")
+        processed = _as_sizes(processed_sizes, batch, "processed_sizes")
+        return processed, processed if target_sizes is None else _as_sizes(target_sizes, batch, "target_sizes")
+
+    def __call__(self, output: DETROutput, target_sizes: SizesLike | None = None, *,
+                 processed_sizes: SizesLike | None = None) -> list[PanopticResult]:
+        """One ``PanopticResult`` per image.
+
+        output: pred_logits [B, Q, C+1] and pred_masks (all queries [B, Q, h4, w4], or packed with
+            ``mask_queries`` covering at least the kept queries).
+        target_sizes: (h, w) per image of the final id map (nearest, Pillow-exact); default: processed sizes.
+        processed_sizes: (h, w) per image of the unpadded model input, to which masks are resized
+            (bilinear); default: ``output.image_sizes`` (set by ``PanopticDETR.forward``).
+        Each result's ``kept`` lists the kept queries with their boxes in target-size pixels.
+        """
+        processed, targets = self._sizes(output, target_sizes, processed_sizes)
+        logits = output.pred_logits.float()
+        scores, labels = logits.softmax(-1).max(-1)
+        keep = self.keep(logits)
+        class_to_category = self._class_to_category_on(logits.device)
+        results = []
+        for b in range(logits.shape[0]):
+            queries = keep[b].nonzero().squeeze(1)
+            if queries.numel() == 0:
+                result = PanopticResult(id_map=torch.zeros(targets[b], dtype=torch.long, device=logits.device),
+                                        segments_info=[])
+            else:
+                winner = PixelWinner(upsampled_masks(output, b, queries, processed[b]))
+                result = self._assign(winner, torch.arange(queries.numel(), device=logits.device), queries,
+                                      scores[b], labels[b], targets[b], self.settings)
+            result.kept = _kept(output.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
+                                class_to_category, targets[b])
+            results.append(result)
+        return results
+
+    def _assign(self, winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
+                labels: torch.Tensor, target_size: tuple[int, int], settings: PostprocessSettings) -> PanopticResult:
+        return assign_segments(winner, positions, queries, scores[queries], labels[queries], target_size,
+                               self._is_thing_list, self._categories, settings.merge_stuff, settings.min_area)
+
+    def sweep(self, output: DETROutput, grid: Sequence[PostprocessSettings], target_sizes: SizesLike | None = None,
+              *, processed_sizes: SizesLike | None = None) -> Iterator[list[tuple[list[PostprocessSettings],
+                                                                                     PanopticResult]]]:
+        """Per image, every setting of ``grid`` at once: ``[(settings that give this result, result), ...]``.
+
+        Each result equals ``self.replace(**setting.as_dict())(output)``'s (without ``kept``). The masks are
+        upsampled once per image and one ``PixelWinner`` answers every setting; settings that give the same
+        input (thresholds keeping the same queries; both merge modes when no stuff class is kept twice) share
+        one run. ``output``'s masks must cover the queries kept at the grid's lowest threshold.
+        """
+        processed, targets = self._sizes(output, target_sizes, processed_sizes)
+        logits = output.pred_logits.float()
+        scores, labels = logits.softmax(-1).max(-1)
+        keeps = {t: self.keep(logits, t) for t in sorted({s.threshold for s in grid})}
+        lowest = next(iter(keeps.values()))
+        for b in range(logits.shape[0]):
+            selected = lowest[b].nonzero().squeeze(1)
+            groups: dict[tuple, list[PostprocessSettings]] = {}
+            for setting in grid:
+                kept = keeps[setting.threshold][b].nonzero().squeeze(1)
+                mode = setting.merge_stuff
+                if mode == "merge" and not self._repeats_stuff(labels[b, kept]):
+                    mode = "reference"  # without a stuff class kept twice the two modes give the same result
+                groups.setdefault((tuple(kept.tolist()), mode, setting.min_area), []).append(setting)
+            winner = PixelWinner(upsampled_masks(output, b, selected, processed[b])) if len(selected) else None
+            results = []
+            for (kept_tuple, mode, min_area), group in groups.items():
+                kept = torch.tensor(kept_tuple, dtype=torch.long, device=selected.device)
+                if winner is None or not kept.numel():
+                    result = PanopticResult(id_map=torch.zeros(targets[b], dtype=torch.long), segments_info=[])
+                else:
+                    result = self._assign(winner, torch.searchsorted(selected, kept), kept, scores[b], labels[b],
+                                          targets[b], PostprocessSettings(group[0].threshold, mode, min_area))
+                results.append((group, result))
+            yield results
+
+    def _repeats_stuff(self, labels: torch.Tensor) -> bool:
+        stuff = [label for label in labels.tolist() if not self._is_thing_list[label]]
+        return len(stuff) != len(set(stuff))
+
+
+def panoptic_postprocess(outputs: DETROutput, processed_sizes: SizesLike, target_sizes: SizesLike | None = None, *,
                          is_thing: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, merge_stuff: str = "reference",
                          class_to_category: torch.Tensor | None = None, min_area: int = MIN_AREA
                          ) -> list[PanopticResult]:
-    """One ``PanopticResult`` per image.
-
-    outputs: ``DETROutput`` with pred_logits [B, Q, C+1] and pred_masks (all queries [B, Q, h4, w4], or
-        packed with ``mask_queries`` covering at least the kept queries).
-    processed_sizes: (h, w) per image of the unpadded model input; masks are resized to it (bilinear).
-    target_sizes: (h, w) per image of the final id map (nearest); default: processed_sizes.
-    is_thing: Bool [C] per class index. class_to_category: Long [C], the ``category_id`` reported per
-        class index (default: the class index itself).
-    merge_stuff: "reference" (several kept queries of one stuff class: only the first survives, its
-        pixels re-assigned by argmax among the survivors) or "merge" (their pixels form one segment).
-    min_area: segments of at most this many pixels (at the target size) are dropped (reference: 4).
-    Each result's ``kept`` lists the kept queries with their boxes in target-size pixels.
-    """
-    if merge_stuff not in MERGE_MODES:
-        raise ValueError(f"merge_stuff must be one of {MERGE_MODES}, got {merge_stuff!r}")
-    logits = outputs.pred_logits
-    batch, _, num_classes_plus_one = logits.shape
-    if is_thing.numel() != num_classes_plus_one - 1:
-        raise ValueError(f"is_thing has {is_thing.numel()} entries for {num_classes_plus_one - 1} classes")
-    processed = _as_sizes(processed_sizes, batch, "processed_sizes")
-    targets = processed if target_sizes is None else _as_sizes(target_sizes, batch, "target_sizes")
-    if min_area < 0:
-        raise ValueError(f"min_area must be >= 0, got {min_area}")
-    scores, labels = logits.softmax(-1).max(-1)
-    keep = kept_queries(logits, threshold, class_to_category)
-    is_thing_list = is_thing.bool().tolist()
-    categories = None if class_to_category is None else class_to_category.tolist()
-    results = []
-    for b in range(batch):
-        queries = keep[b].nonzero().squeeze(1)
-        result = _one_image(outputs, b, queries, scores[b, queries], labels[b, queries], processed[b],
-                            targets[b], is_thing_list, categories, merge_stuff, min_area)
-        result.kept = _kept(outputs.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
-                            class_to_category, targets[b])
-        results.append(result)
-    return results
+    """``PanopticPostProcessor`` as one function call (the reference's ``PostProcessPanoptic`` signature):
+    ``PanopticPostProcessor(is_thing, class_to_category, PostprocessSettings(threshold, merge_stuff,
+    min_area))(outputs, target_sizes, processed_sizes=processed_sizes)``."""
+    processor = PanopticPostProcessor(is_thing, class_to_category, PostprocessSettings(threshold, merge_stuff, min_area))
+    return processor(outputs, target_sizes, processed_sizes=processed_sizes)
 
 
 def _kept(boxes: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
@@ -166,17 +335,6 @@ def _kept(boxes: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, scor
     category_ids = labels if class_to_category is None else class_to_category.to(labels.device)[labels]
     return KeptQueries(indices=queries, labels=labels, category_ids=category_ids, scores=scores.float(),
                        boxes=xyxy)
-
-
-def _one_image(outputs: DETROutput, b: int, queries: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-               processed_size: tuple[int, int], target_size: tuple[int, int], is_thing: list[bool],
-               categories: list[int] | None, merge_stuff: str, min_area: int) -> PanopticResult:
-    device = outputs.pred_logits.device
-    if queries.numel() == 0:
-        return PanopticResult(id_map=torch.zeros(target_size, dtype=torch.long, device=device), segments_info=[])
-    winner = PixelWinner(upsampled_masks(outputs, b, queries, processed_size))
-    return assign_segments(winner, torch.arange(queries.numel(), device=device), queries, scores, labels,
-                           target_size, is_thing, categories, merge_stuff, min_area)
 
 
 def upsampled_masks(outputs: DETROutput, b: int, queries: torch.Tensor,
