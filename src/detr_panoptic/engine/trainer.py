@@ -96,8 +96,10 @@ class SeededItems(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
+        # Only the CPU generator, which the transforms draw from and fork_rng restores: torch.manual_seed
+        # would also reseed every CUDA generator (dropout's stream on the GPU) on every item, unrestored.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.base + index) % 2**63)
+            torch.default_generator.manual_seed((self.base + index) % 2**63)
             return self.dataset[index]
 
 

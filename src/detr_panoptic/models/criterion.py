@@ -27,7 +27,9 @@ as in the reference).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from detr_panoptic.models.matcher import HungarianMatcher, MatchIndices, build_matcher
+from detr_panoptic.models.matcher import HungarianMatcher, MatchIndices, build_matcher, to_device
 from detr_panoptic.models.outputs import DETROutput
 
 Targets = Sequence[Mapping[str, Any]]
@@ -113,25 +115,74 @@ def sigmoid_mask_losses(mask_logits: torch.Tensor, target_masks: torch.Tensor, *
     return _SigmoidMaskLosses.apply(mask_logits.float(), target_masks.to(torch.bool), alpha)
 
 
+@dataclass(frozen=True)
+class DeviceMatch:
+    """One layer's matching as flat index tensors on the predictions' device, image by image (the order of
+    ``MatchIndices``): ``image``, ``query`` and ``target`` (the target's row in the batch's concatenated
+    targets) per matched pair; ``local_target`` is the row within its image; ``counts`` pairs per image (host)."""
+
+    image: torch.Tensor
+    query: torch.Tensor
+    target: torch.Tensor
+    local_target: torch.Tensor
+    counts: tuple[int, ...]
+
+    def flat_query(self, num_queries: int) -> torch.Tensor:
+        """Rows of a ``[B * Q, ...]`` flattening of per-query predictions."""
+        return self.image * num_queries + self.query
+
+    def per_image(self, values: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(values, list(self.counts)))
+
+
+def device_matches(layers: Sequence[MatchIndices], targets: Targets, device: torch.device) -> list[DeviceMatch]:
+    """Every layer's ``MatchIndices`` as ``DeviceMatch`` on ``device``, in one (asynchronous) copy."""
+    offsets = list(itertools.accumulate((int(t["labels"].shape[0]) for t in targets), initial=0))
+    rows = []
+    for indices in layers:
+        for b, (query_idx, target_idx) in enumerate(indices):
+            offset = offsets[b] if b < len(targets) else 0  # no targets given: only queries are needed
+            rows.append(torch.stack([torch.full_like(query_idx, b), query_idx, target_idx + offset, target_idx]))
+    host = torch.cat(rows, 1) if rows else torch.empty(4, 0, dtype=torch.int64)
+    flat = to_device(host, device)
+    matches, start = [], 0
+    for indices in layers:
+        counts = tuple(len(q) for q, _ in indices)
+        part = flat[:, start:start + sum(counts)]
+        start += sum(counts)
+        matches.append(DeviceMatch(part[0], part[1], part[2], part[3], counts))
+    return matches
+
+
 @torch.no_grad()
-def matched_class_accuracy(class_logits: torch.Tensor, targets: Targets, indices: MatchIndices) -> torch.Tensor:
+def matched_class_accuracy(class_logits: torch.Tensor, targets: Targets, indices: MatchIndices | DeviceMatch,
+                           target_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Percentage (0-d float tensor, on the logits' device) of matched queries whose arg-max class over the
     C+1 logits ``class_logits`` [B, Q, C+1] is their target's label; 0 when nothing is matched."""
-    device = class_logits.device
-    predicted = torch.cat([class_logits[b].index_select(0, q.to(device)).argmax(-1) for b, (q, _) in enumerate(indices)])
-    wanted = torch.cat([targets[b]["labels"].to(device)[t.to(device)] for b, (_, t) in enumerate(indices)])
+    match, labels = _on_device(indices, targets, class_logits.device, target_labels)
+    predicted = class_logits.flatten(0, 1).index_select(0, match.flat_query(class_logits.shape[1])).argmax(-1)
     if predicted.numel() == 0:
         return class_logits.new_zeros((), dtype=torch.float32)
-    return (predicted == wanted).float().mean() * 100
+    return (predicted == labels.index_select(0, match.target)).float().mean() * 100
 
 
-def average_num_boxes(targets: Targets, device: torch.device) -> float:
-    """Number of target segments in the batch, averaged over processes when distributed, at least 1."""
-    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num_boxes)
-        num_boxes = num_boxes / dist.get_world_size()
-    return max(float(num_boxes.item()), 1.0)
+def _on_device(indices: MatchIndices | DeviceMatch, targets: Targets, device: torch.device,
+               target_labels: torch.Tensor | None = None) -> tuple[DeviceMatch, torch.Tensor]:
+    match = indices if isinstance(indices, DeviceMatch) else device_matches([indices], targets, device)[0]
+    if target_labels is None:
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device, non_blocking=True)
+    return match, target_labels
+
+
+def average_num_boxes(targets: Targets, device: torch.device) -> float | torch.Tensor:
+    """Number of target segments in the batch, averaged over processes when distributed, at least 1: a
+    float, or a 0-d tensor on ``device`` when distributed (reading it back would cost a host sync)."""
+    count = float(sum(len(t["labels"]) for t in targets))
+    if not (dist.is_available() and dist.is_initialized()):
+        return max(count, 1.0)
+    num_boxes = torch.tensor(count, device=device)
+    dist.all_reduce(num_boxes)
+    return (num_boxes / dist.get_world_size()).clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):
@@ -160,18 +211,17 @@ class SetCriterion(nn.Module):
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     # -- the individual losses --------------------------------------------------------------------
-    def class_loss(self, class_logits: torch.Tensor, targets: Targets, indices: MatchIndices,
-                   query_groups: int = 1) -> torch.Tensor:
+    def class_loss(self, class_logits: torch.Tensor, targets: Targets, indices: MatchIndices | DeviceMatch,
+                   query_groups: int = 1, target_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted cross-entropy over all queries; ``class_logits`` [B, Q, C+1]. With ``query_groups`` K
         > 1: the mean over the K groups (consecutive Q / K queries) of each group's weighted mean."""
         if class_logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"criterion built for {self.num_classes} classes (+1 no-object) but the model "
                              f"predicts {class_logits.shape[-1]} logits per query")
+        match, labels = _on_device(indices, targets, class_logits.device, target_labels)
         target_classes = torch.full(class_logits.shape[:2], self.num_classes, dtype=torch.int64,
                                     device=class_logits.device)
-        for b, (query_idx, target_idx) in enumerate(indices):
-            target_classes[b, query_idx.to(class_logits.device)] = \
-                targets[b]["labels"].to(class_logits.device)[target_idx.to(class_logits.device)]
+        target_classes[match.image, match.query] = labels.index_select(0, match.target)
         weight = self.class_weight.to(class_logits.device)
         if query_groups > 1:
             logits = class_logits.float().transpose(1, 2)
@@ -180,14 +230,16 @@ class SetCriterion(nn.Module):
                                ).mean()
         return F.cross_entropy(class_logits.float().transpose(1, 2), target_classes, weight=weight)
 
-    def box_losses(self, boxes: torch.Tensor, targets: Targets, indices: MatchIndices,
-                   num_boxes: float) -> dict[str, torch.Tensor]:
+    def box_losses(self, boxes: torch.Tensor, targets: Targets, indices: MatchIndices | DeviceMatch,
+                   num_boxes: float | torch.Tensor, target_boxes: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
         """L1 and 1-GIoU over matched pairs; ``boxes`` [B, Q, 4] normalised cxcywh."""
-        device = boxes.device
+        match, _ = _on_device(indices, targets, boxes.device, target_boxes)
+        if target_boxes is None:
+            target_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes.device, non_blocking=True)
         # index_select: a backward that is deterministic on CPU, unlike advanced indexing's
-        matched = torch.cat([boxes[b].index_select(0, q.to(device)) for b, (q, _) in enumerate(indices)]).float()
-        target = torch.cat([targets[b]["boxes"].to(device)[t.to(device)] for b, (_, t) in enumerate(indices)])
-        target = target.to(matched)
+        matched = boxes.flatten(0, 1).index_select(0, match.flat_query(boxes.shape[1])).float()
+        target = target_boxes.index_select(0, match.target).to(matched)
         loss_bbox = F.l1_loss(matched, target, reduction="none").sum() / num_boxes
         if matched.shape[0] == 0:
             loss_giou = matched.sum() * 0  # keeps the graph (and DDP) happy with zero matches
@@ -197,21 +249,22 @@ class SetCriterion(nn.Module):
             loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
-    def mask_losses(self, outputs: DETROutput, targets: Targets, indices: MatchIndices,
-                    num_boxes: float) -> dict[str, torch.Tensor]:
+    def mask_losses(self, outputs: DETROutput, targets: Targets, indices: MatchIndices | DeviceMatch,
+                    num_boxes: float | torch.Tensor) -> dict[str, torch.Tensor]:
         """Focal and dice losses of matched masks upsampled to the padded target size."""
         pred_masks = outputs.pred_masks
         if pred_masks is None:
             raise ValueError("criterion: outputs.pred_masks is None but mask losses were requested")
-        matched = select_matched_masks(pred_masks, outputs.mask_queries, indices)
+        match, _ = _on_device(indices, targets, pred_masks.device, pred_masks.new_empty(0))
+        matched = select_matched_masks(pred_masks, outputs.mask_queries, match)
         if matched.shape[0] == 0:
             zero = pred_masks.sum() * 0
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         height = max(int(t["masks"].shape[-2]) for t in targets)
         width = max(int(t["masks"].shape[-1]) for t in targets)
         target_masks = torch.cat([
-            _pad_to(targets[b]["masks"][t.to(targets[b]["masks"].device)], height, width)
-            for b, (_, t) in enumerate(indices)
+            _pad_to(t["masks"].index_select(0, rows.to(t["masks"].device)), height, width)
+            for t, rows in zip(targets, match.per_image(match.local_target))
         ]).to(device=matched.device, dtype=torch.bool)
         upsampled = F.interpolate(matched[:, None].float(), size=(height, width), mode="bilinear",
                                   align_corners=False)[:, 0]
@@ -227,25 +280,36 @@ class SetCriterion(nn.Module):
         }
 
     # -- the whole set ----------------------------------------------------------------------------
-    def forward(self, outputs: DETROutput, targets: Targets, indices: MatchIndices | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: DETROutput, targets: Targets, indices: MatchIndices | None = None,
+                aux_indices: Sequence[MatchIndices] | None = None) -> dict[str, torch.Tensor]:
+        """``indices``/``aux_indices``: the final and auxiliary layers' matchings (``QuerySelector`` has
+        both); the matcher runs here for those not given. All layers' indices reach the device in one copy."""
+        aux_outputs = list(outputs.aux_outputs)
         if indices is None:
-            indices = self.matcher(outputs, targets)
-        num_boxes = average_num_boxes(targets, outputs.pred_logits.device)
+            indices, *aux_indices = self.matcher.match_layers([outputs, *aux_outputs], targets)
+        elif aux_indices is None:
+            aux_indices = self.matcher.match_layers(aux_outputs, targets) if aux_outputs else []
+        if len(aux_indices) != len(aux_outputs):
+            raise ValueError(f"{len(aux_indices)} auxiliary matchings for {len(aux_outputs)} auxiliary outputs")
+        device = outputs.pred_logits.device
+        match, *aux_matches = device_matches([indices, *aux_indices], targets, device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device, non_blocking=True)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device, non_blocking=True)
+        num_boxes = average_num_boxes(targets, device)
         # Query groups (Group-DETR training): every target is matched once per group, so the matched
         # sums are divided by groups x num_boxes -- the mean over groups of each group's loss.
         groups = outputs.query_groups
         per_group = num_boxes * groups
-        losses: dict[str, torch.Tensor] = {"loss_ce": self.class_loss(outputs.pred_logits, targets, indices, groups)}
-        losses.update(self.box_losses(outputs.pred_boxes, targets, indices, per_group))
+        losses: dict[str, torch.Tensor] = {"loss_ce": self.class_loss(outputs.pred_logits, targets, match, groups, labels)}
+        losses.update(self.box_losses(outputs.pred_boxes, targets, match, per_group, boxes))
         if self.masks:
-            losses.update(self.mask_losses(outputs, targets, indices, per_group))
-        accuracy = matched_class_accuracy(outputs.pred_logits, targets, indices)
+            losses.update(self.mask_losses(outputs, targets, match, per_group))
+        accuracy = matched_class_accuracy(outputs.pred_logits, targets, match, labels)
         losses.update({"class_accuracy": accuracy, "class_error": 100 - accuracy})
-        for i, aux in enumerate(outputs.aux_outputs):
-            aux_indices = self.matcher(aux, targets)
-            aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_indices, aux.query_groups)}
-            aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_indices, num_boxes * aux.query_groups))
+        for i, (aux, aux_match) in enumerate(zip(aux_outputs, aux_matches)):
+            aux_losses = {"loss_ce": self.class_loss(aux.pred_logits, targets, aux_match, aux.query_groups, labels)}
+            aux_losses.update(self.box_losses(aux.pred_boxes, targets, aux_match, num_boxes * aux.query_groups,
+                                              boxes))
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         for branch in outputs.branches.values():  # training-only query branches (models/query_branches.py)
             losses.update(branch.losses(self, targets, num_boxes))
@@ -260,29 +324,33 @@ class SetCriterion(nn.Module):
 
 
 def select_matched_masks(pred_masks: torch.Tensor, mask_queries: Sequence[torch.Tensor] | None,
-                         indices: MatchIndices) -> torch.Tensor:
+                         indices: MatchIndices | DeviceMatch) -> torch.Tensor:
     """The matched queries' mask logits [K, h, w], ordered like ``indices`` (image by image).
 
     ``pred_masks`` is either [B, Q, h, w] (``mask_queries`` None) or packed [N, h, w] holding, image by
-    image, the queries listed in ``mask_queries``; every matched query must be among them.
+    image, the queries listed in ``mask_queries``; every matched query must be among them (checked on the
+    CPU; on an accelerator an asynchronous device assertion, so that the check costs no host sync).
     """
+    match = indices if isinstance(indices, DeviceMatch) else device_matches([indices], [], pred_masks.device)[0]
     if mask_queries is None:
         if pred_masks.dim() != 4:
             raise ValueError(f"pred_masks must be [B, Q, h, w] when mask_queries is None, got {tuple(pred_masks.shape)}")
-        return torch.cat([pred_masks[b].index_select(0, q.to(pred_masks.device)) for b, (q, _) in enumerate(indices)])
+        return pred_masks.flatten(0, 1).index_select(0, match.flat_query(pred_masks.shape[1]))
     if pred_masks.dim() != 3:
         raise ValueError(f"packed pred_masks must be [N, h, w], got {tuple(pred_masks.shape)}")
     rows = []
     offset = 0
-    for b, (query_idx, _) in enumerate(indices):
+    for b, wanted in enumerate(match.per_image(match.query)):
         available = mask_queries[b].to(pred_masks.device)
-        wanted = query_idx.to(pred_masks.device)
         if wanted.numel():
             hits = wanted[:, None] == available[None, :]
-            if not bool(hits.any(1).all()):
-                missing = wanted[~hits.any(1)].tolist()
-                raise ValueError(f"image {b}: matched queries {missing} have no mask in pred_masks "
-                                 f"(mask_queries {available.tolist()})")
+            found = hits.any(1)
+            if pred_masks.device.type == "cpu":
+                if not bool(found.all()):
+                    raise ValueError(f"image {b}: matched queries {wanted[~found].tolist()} have no mask in "
+                                     f"pred_masks (mask_queries {available.tolist()})")
+            else:
+                torch._assert_async(found.all(), f"image {b}: a matched query has no mask in pred_masks")
             rows.append(offset + hits.int().argmax(1))
         offset += available.numel()
     if offset != pred_masks.shape[0]:

@@ -62,43 +62,62 @@ class HungarianMatcher(nn.Module):
         """With ``outputs.query_groups`` K > 1 (Group-DETR training) each of the K groups of queries is
         matched one-to-one on its own: every target gets one query per group; query indices count over
         all groups."""
-        if outputs.query_groups > 1:
-            return self._match_groups(outputs, targets)
-        batch_size = outputs.pred_logits.shape[0]
-        if len(targets) != batch_size:
-            raise ValueError(f"HungarianMatcher: {batch_size} images of predictions but {len(targets)} targets")
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: Sequence[DETROutput], targets: Sequence[Mapping[str, Any]]) -> list[MatchIndices]:
+        """``forward`` for several outputs (the decoder layers) of one batch: every layer's, group's and
+        image's cost is computed on the predictions' device and copied to the host in one transfer (one
+        host sync per batch, not one per image, layer and group), then assigned on the CPU."""
+        sizes = [int(t["labels"].shape[0]) for t in targets]
+        for output in layers:
+            if output.pred_logits.shape[0] != len(targets):
+                raise ValueError(f"HungarianMatcher: {output.pred_logits.shape[0]} images of predictions but "
+                                 f"{len(targets)} targets")
+            if output.pred_logits.shape[1] % output.query_groups:
+                raise ValueError(f"{output.pred_logits.shape[1]} queries cannot form {output.query_groups} equal "
+                                 f"query groups")
+        if sum(sizes) == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [[(empty, empty.clone()) for _ in targets] for _ in layers]
+        device = layers[0].pred_logits.device
+        labels = torch.cat([t["labels"] for t in targets]).to(device, non_blocking=True)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device, non_blocking=True)
+        # [B, Q, T] per layer (all images' targets, as the reference), flattened into one host copy
+        costs = [self.cost_matrix(o.pred_logits.flatten(0, 1), o.pred_boxes.flatten(0, 1), labels, boxes)
+                 for o in layers]
+        host = torch.cat([c.flatten() for c in costs]).cpu()
+        result, offset = [], 0
+        for output, cost in zip(layers, costs):
+            layer = host[offset:offset + cost.numel()].view(*output.pred_logits.shape[:2], -1)
+            offset += cost.numel()
+            result.append(self._assign(layer, sizes, output.query_groups))
+        return result
+
+    def _assign(self, cost: torch.Tensor, sizes: Sequence[int], groups: int) -> MatchIndices:
+        """Per image (its own targets' columns) and group (consecutive rows): the optimal assignment."""
+        per_group = cost.shape[1] // groups
         indices: MatchIndices = []
-        for b, target in enumerate(targets):
-            labels = target["labels"]
-            if labels.numel() == 0:
+        start = 0
+        for b, size in enumerate(sizes):
+            rows_all, cols_all = [], []
+            for g in range(groups if size else 0):
+                block = cost[b, g * per_group:(g + 1) * per_group, start:start + size]
+                if not torch.isfinite(block).all():
+                    if self.raise_on_nonfinite:
+                        raise FloatingPointError(f"matching cost for image {b} is not finite: the model's "
+                                                 f"logits or boxes contain NaN/inf")
+                    block = torch.nan_to_num(block, nan=1e8, posinf=1e8, neginf=-1e8)
+                rows, cols = linear_sum_assignment(block.numpy())
+                rows_all.append(torch.as_tensor(rows, dtype=torch.int64) + g * per_group)
+                cols_all.append(torch.as_tensor(cols, dtype=torch.int64))
+            start += size
+            if not rows_all:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(outputs.pred_logits[b], outputs.pred_boxes[b], labels.to(outputs.pred_logits.device),
-                                    target["boxes"])
-            cost = cost.cpu()
-            if not torch.isfinite(cost).all():
-                if self.raise_on_nonfinite:
-                    raise FloatingPointError(
-                        f"matching cost for image {b} is not finite: the model's logits or boxes contain NaN/inf")
-                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            else:
+                indices.append((torch.cat(rows_all), torch.cat(cols_all)))
         return indices
-
-
-    def _match_groups(self, outputs: DETROutput, targets: Sequence[Mapping[str, Any]]) -> MatchIndices:
-        groups, total = outputs.query_groups, outputs.pred_logits.shape[1]
-        if total % groups:
-            raise ValueError(f"{total} queries cannot form {groups} equal query groups")
-        per_group = total // groups
-        matched: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for g in range(groups):
-            part = slice(g * per_group, (g + 1) * per_group)
-            group_output = DETROutput(pred_logits=outputs.pred_logits[:, part], pred_boxes=outputs.pred_boxes[:, part])
-            matched.append([(rows + g * per_group, cols) for rows, cols in self(group_output, targets)])
-        return [(torch.cat([m[b][0] for m in matched]), torch.cat([m[b][1] for m in matched]))
-                for b in range(len(targets))]
 
 
 class QuerySelector:
@@ -115,11 +134,26 @@ class QuerySelector:
         self.matcher = matcher
         self.targets = targets
         self.indices: MatchIndices | None = None
+        self.aux_indices: list[MatchIndices] | None = None
 
     def __call__(self, outputs: DETROutput) -> list[torch.Tensor]:
-        self.indices = self.matcher(outputs, self.targets)
-        device = outputs.pred_logits.device
-        return [query_idx.to(device) for query_idx, _ in self.indices]
+        # the auxiliary layers are matched here too: all layers' costs reach the host in one copy
+        self.indices, *aux = self.matcher.match_layers([outputs, *outputs.aux_outputs], self.targets)
+        self.aux_indices = aux
+        queries = [query_idx for query_idx, _ in self.indices]
+        return split_sizes(to_device(torch.cat(queries), outputs.pred_logits.device), [len(q) for q in queries])
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: pinned and copied asynchronously on CUDA."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def split_sizes(tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """``tensor`` cut into consecutive pieces of ``sizes`` (host-known, so no host sync)."""
+    return list(torch.split(tensor, list(sizes)))
 
 
 def build_matcher(*, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
