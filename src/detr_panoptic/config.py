@@ -110,6 +110,13 @@ class TrainConfig:
     seed: int = 42
     amp: Literal["none", "bf16", "fp16"] = "none"
     device: str = "auto"
+    # TF32 matmuls and convolutions on Ampere and newer GPUs (docs/gpu.md): ~10-bit mantissa products, several
+    # times the float32 throughput. false leaves PyTorch's defaults. No effect on the CPU.
+    tf32: bool = False
+    # DistributedDataParallel searches each step's graph for parameters without a gradient: a process whose
+    # images have no targets computes no mask, so the mask head gets none. false saves that search when every
+    # training image has at least one segment (else DDP stops with a collective mismatch).
+    ddp_find_unused_parameters: bool = True
     eval_every_epochs: int = 1
     checkpoint_every_steps: int | None = None
     eval_threshold: float = 0.85

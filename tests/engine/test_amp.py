@@ -57,3 +57,41 @@ def test_autocast_dtype_per_device():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(UserInputError, match="train.amp must be none, bf16 or fp16"):
         autocast_dtype("fp8", cpu)
+
+
+def test_non_finite_loss_under_a_grad_scaler_skips_the_step_and_stops_only_after_several_in_a_row():
+    """fp16's GradScaler (here on the CPU, which fp16 autocast is not): a non-finite loss costs one skipped
+    step (weights untouched, the scale halved); ``max_nonfinite_steps`` of them in a row stop the run."""
+    from detr_panoptic.data.coco_panoptic import collate
+    from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, TrainingDiverged
+    from detr_panoptic.models.criterion import build_criterion
+    from detr_panoptic.models.detr import PanopticDETR
+    from tests.engine.toys import TINY_MODEL, ToyPanoptic
+
+    torch.manual_seed(0)
+    model = PanopticDETR(3, **dict(TINY_MODEL, dropout=0.0))
+    dataset = ToyPanoptic(2)
+    criterion = build_criterion(3, aux_loss=True, num_decoder_layers=2, raise_on_nonfinite=False)  # as training
+    trainer = Trainer(model=model, criterion=criterion,
+                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), scheduler=None,
+                      batches=EpochBatches(dataset, batch_size=2, seed=0), state=RunState(),
+                      device=torch.device("cpu"), max_nonfinite_steps=3)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    good = collate([dataset[0], dataset[1]])
+    bad = ([torch.full_like(image, float("nan")) for image in good[0]], good[1])
+
+    def weights():
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert "skipped" not in trainer.step([good])
+    before = weights()
+    record = trainer.step([bad])
+    assert record["skipped"] == 1.0 and record["loss"] != record["loss"]  # NaN, logged as such
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))
+    assert trainer.scaler.get_scale() == 512.0
+    trainer.step([bad])
+    assert trainer.step([good])["loss"] > 0 and trainer.nonfinite_in_a_row == 0  # a good step resets the count
+    trainer.step([bad])
+    trainer.step([bad])
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss \(3 steps in a row under fp16\)"):
+        trainer.step([bad])

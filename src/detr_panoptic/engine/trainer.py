@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class Trainer:
     def __init__(self, *, model: nn.Module, criterion: SetCriterion, optimizer: torch.optim.Optimizer,
                  scheduler: Any, batches: EpochBatches, state: RunState, device: torch.device,
                  hooks: Sequence[Hook] = (), clip_max_norm: float = 0.0, amp: str = "none",
-                 matched_masks_only: bool = True, name: str = "train") -> None:
+                 matched_masks_only: bool = True, name: str = "train", max_nonfinite_steps: int = 5) -> None:
         self.model = model
         self.criterion = criterion
         self.optimizer = optimizer
@@ -178,6 +179,8 @@ class Trainer:
         self.name = name
         self.autocast_dtype = autocast_dtype(amp, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.autocast_dtype == torch.float16 else None
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -202,14 +205,20 @@ class Trainer:
         branch_targets = {"targets": targets} if len(getattr(self.unwrapped_model, "query_branches", ())) else {}
         with autocast(self.device, self.autocast_dtype):  # the network only; losses run in float32
             outputs = self.model(batch, mask, mask_queries=selector, **branch_targets)
-        losses = self.criterion(outputs, targets, indices=selector.indices if selector is not None else None)
+        matched = {"indices": selector.indices, "aux_indices": selector.aux_indices} if selector is not None else {}
+        losses = self.criterion(outputs, targets, **matched)
         return losses, self.criterion.weighted_total(losses)
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def step(self, micro_batches: Sequence[tuple[Sequence[torch.Tensor], Sequence[Mapping[str, Any]]]]
              ) -> dict[str, float]:
         """Forward/backward every micro-batch, clip, optimizer step; returns the mean losses over
-        micro-batches and processes (``loss`` = weighted total)."""
+        micro-batches and processes (``loss`` = weighted total).
+
+        The losses reach the host once per step, after the backward passes (logging needs them; a check
+        per micro-batch would stall the GPU each time). A non-finite loss then skips the optimizer step:
+        under fp16 (an overflow) the run goes on and stops only after ``max_nonfinite_steps`` such steps in
+        a row; otherwise it stops at once (``TrainingDiverged``)."""
         self.optimizer.zero_grad(set_to_none=True)
         is_ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         totals: torch.Tensor | None = None
@@ -220,13 +229,16 @@ class Trainer:
                 losses, total = self.forward_losses(images, targets)
                 names = ["loss", *sorted(losses)]
                 values = torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names[1:])])
-                values = distributed.all_reduce_mean(values)
-                if not bool(torch.isfinite(values).all()):
-                    parts = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist()))
-                    raise self._diverged(f"non-finite loss ({parts})")
                 scaled = total / len(micro_batches)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             totals = values if totals is None else totals + values
+        assert totals is not None
+        # every process sees the same (all-reduced) values, so all skip or stop together
+        mean = dict(zip(names, (distributed.all_reduce_mean(totals) / len(micro_batches)).tolist()))
+        if not all(math.isfinite(v) for v in mean.values()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip_nonfinite(mean)
+        self.nonfinite_in_a_row = 0
         if self.clip_max_norm > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -236,8 +248,18 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        assert totals is not None
-        return dict(zip(names, (totals / len(micro_batches)).tolist()))
+        return mean
+
+    def _skip_nonfinite(self, values: dict[str, float]) -> dict[str, float]:
+        parts = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
+        self.nonfinite_in_a_row += 1
+        if self.scaler is None or self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            in_a_row = f" ({self.nonfinite_in_a_row} steps in a row under fp16)" if self.scaler is not None else ""
+            raise self._diverged(f"non-finite loss{in_a_row} ({parts})")
+        log.warning("%s: step %d skipped: non-finite loss under fp16 (%s); %d in a row, the run stops at %d",
+                    self.name, self.state.step + 1, parts, self.nonfinite_in_a_row, self.max_nonfinite_steps)
+        self.scaler.update(self.scaler.get_scale() / 2)  # as after a gradient overflow: a smaller scale
+        return {**values, "skipped": 1.0}
 
     def _diverged(self, what: str) -> TrainingDiverged:
         step = self.state.step + 1

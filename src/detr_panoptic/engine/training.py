@@ -8,6 +8,7 @@ folder gets ``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/`` and ``checkpo
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -376,6 +377,41 @@ def build_hooks(config: Config, model: PanopticDETR, category_map: CategoryMap, 
     ]
 
 
+def set_tf32(enabled: bool, device: torch.device) -> None:
+    """``train.tf32``: TF32 in CUDA matmuls and cuDNN convolutions (process-wide), else PyTorch's defaults."""
+    if device.type != "cuda" or not enabled:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    log.info("train.tf32: TF32 matmuls and convolutions on %s", device)
+
+
+def wrap_distributed(model: PanopticDETR, ctx: DistributedContext, *, find_unused_parameters: bool,
+                     broadcast_buffers: bool) -> nn.Module:
+    """``model`` in DistributedDataParallel when distributed, else itself.
+
+    ``find_unused_parameters`` (``train.ddp_find_unused_parameters``, default true): a process whose images
+    have no targets matches no query, computes no mask, and the mask head gets no gradient
+    (tests/engine/test_distributed.py shows it, and trains with such images).
+    Buffers are synchronised at each forward only when batch norms train (``freeze.batch_norm: false``);
+    frozen norms' buffers never change. The convolutions of the
+    channels-last parts get channels-last weights, as their gradients are: DDP's gradient buckets take the
+    parameters' strides, and a mismatch costs a copy of every such gradient per step (and a warning)."""
+    if not ctx.is_distributed:
+        return model
+    for part in (model.detr.backbone[0], model.mask_head):
+        if getattr(part, "channels_last", False):
+            for module in part.modules():
+                if isinstance(module, nn.Conv2d) and module.weight.requires_grad:
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    ddp = nn.parallel.DistributedDataParallel
+    # newer torch names it forward_sync_buffers (and warns that broadcast_buffers is deprecated)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else "broadcast_buffers"
+    return ddp(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters, **{sync: broadcast_buffers})
+
+
 def train_stage(config: Config, ctx: DistributedContext | None = None, *,
                 evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
                 datasets: tuple[Dataset, Dataset, CategoryMap] | None = None) -> StageResult:
@@ -413,11 +449,9 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
         prepare_run_folder(config, resumed_step=parts.state.step if resume is not None else None)
     distributed.barrier()
 
-    train_model: nn.Module = model
-    if ctx.is_distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            find_unused_parameters=True)  # an image without targets leaves the mask head out of the graph
+    set_tf32(tc.tf32, ctx.device)
+    train_model = wrap_distributed(model, ctx, find_unused_parameters=tc.ddp_find_unused_parameters,
+                                   broadcast_buffers=not config.freeze.batch_norm)
     wandb = None
     if config.logging.wandb and ctx.is_main:
         wandb = WandbWriter(project=config.logging.wandb_project, mode=config.logging.wandb_mode, run_dir=out,
@@ -427,7 +461,7 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
         evaluate = make_validator(val_set, category_map, min_size=config.data.min_size,
                                   max_size=config.data.max_size, threshold=tc.eval_threshold,
                                   batch_size=tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                  device=ctx.device)
+                                  device=ctx.device, num_workers=config.data.workers)
     hooks = build_hooks(config, model, category_map, ctx, evaluate, wandb)
     trainer = Trainer(model=train_model, criterion=parts.criterion, optimizer=parts.optimizer,
                       scheduler=parts.scheduler, batches=parts.batches, state=parts.state, device=ctx.device,

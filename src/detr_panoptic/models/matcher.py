@@ -146,7 +146,9 @@ class QuerySelector:
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device`` without blocking the host: pinned and copied asynchronously on CUDA."""
-    if device.type == "cuda":
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
