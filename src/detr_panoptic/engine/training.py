@@ -232,8 +232,8 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
 
 
 def add_query_branches(model: PanopticDETR, tc: TrainConfig, *, verbose: bool, name: str) -> None:
-    """``train.denoising_*`` and ``train.one_to_many_*``: the training-only query branches (after freezing,
-    like the query groups; docs/convergence.md)."""
+    """``train.denoising_*`` and ``train.one_to_many_*``: the training-only query branches, whose parameters
+    train whatever is frozen (docs/convergence.md)."""
     hidden, num_queries = model.config["hidden_dim"], model.config["num_queries"]
     if tc.denoising_groups > 0:
         model.add_query_branch(DenoisingQueries(model.num_classes, hidden, groups=tc.denoising_groups,

@@ -157,9 +157,10 @@ class PanopticDETR(nn.Module):
         return self
 
     def add_query_branch(self, branch: QueryBranch) -> PanopticDETR:
-        """Register a training-only query branch (``models.query_branches``) under ``branch.name``, frozen
-        with the official queries (call it after the freeze policies). Returns the model."""
-        branch.to(self.detr.query_embed.weight.device).requires_grad_(self.detr.query_embed.weight.requires_grad)
+        """Register a training-only query branch (``models.query_branches``) under ``branch.name``. Its own
+        parameters always train, whatever the freeze policies leave of the model: they are never part of it
+        (with a frozen decoder they still train the heads through it). Returns the model."""
+        branch.to(self.detr.query_embed.weight.device)
         self.query_branches[branch.name] = branch
         return self
 
