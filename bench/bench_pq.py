@@ -250,7 +250,7 @@ def profile_stages(paths: dict[str, Path], reps: int = 5) -> dict:
 
     gt = load_panoptic_json(paths["gt_json"])
     pred = load_panoptic_json(paths["pred_json"])
-    categories = pq._Categories(gt["categories"])
+    categories = pq.CategoryTable(gt["categories"])
     pairs = pq.match_annotations(gt, pred)
     files = [(str(paths["gt_folder"] / g["file_name"]), str(paths["pred_folder"] / p["file_name"])) for g, p in pairs]
     stages: dict[str, list[float]] = {"read_files": [], "decode": [], "count": [], "whole_one_thread": []}

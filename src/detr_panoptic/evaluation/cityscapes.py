@@ -35,7 +35,7 @@ import numpy as np
 
 from detr_panoptic.evaluation.instance import InstanceAccumulator, InstancePrediction, value_counts
 from detr_panoptic.evaluation.panoptic_format import load_panoptic_json, read_id_png
-from detr_panoptic.evaluation.pq import _average, _Categories, image_pq_stats, runs
+from detr_panoptic.evaluation.pq import CategoryTable, average_pq, image_pq_stats, runs
 from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, PixelLevelAccumulator, cityscapes_labels
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.parallel import available_cores
@@ -191,7 +191,7 @@ class _Tables:
 
     panoptic_id: np.ndarray
     label_of: np.ndarray
-    categories: _Categories
+    categories: CategoryTable
 
 
 def _tables() -> _Tables:
@@ -204,7 +204,7 @@ def _tables() -> _Tables:
     panoptic_id = np.where(kept, values, 0).astype(np.uint32)
     records = [{"id": i, "name": labels.names[i], "isthing": int(i in labels.instance_classes)}
                for i in labels.scored_ids]
-    return _Tables(panoptic_id, label_of, _Categories(records))
+    return _Tables(panoptic_id, label_of, CategoryTable(records))
 
 
 def _gt_segments(values: np.ndarray, sizes: np.ndarray, tables: _Tables) -> list[dict[str, Any]]:
@@ -379,7 +379,7 @@ def evaluate_cityscapes_results(results: str | os.PathLike, cityscapes_root: str
         if result.instance is not None:
             instance.merge_records(result.instance.records())
     log.debug("cityscapes-eval: %d images, %s, %d threads", len(jobs), parts, workers)
-    pq = _average(pq_stats, tables.categories) if "panoptic" in parts else None
+    pq = average_pq(pq_stats, tables.categories) if "panoptic" in parts else None
     metrics = metrics_from_results(pq=pq, pixel=pixel.compute() if pixel else None,
                                    instance=instance.compute() if instance else None)
     metrics.update(parts=parts, num_images=len(jobs))

@@ -92,7 +92,7 @@ def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
-def _category_records(categories: Any) -> list[dict[str, Any]]:
+def category_records(categories: Any) -> list[dict[str, Any]]:
     """COCO category records from a ``CategoryMap``, ``Category`` objects, dicts or ``{id: record}``."""
     if categories is None:
         return []
@@ -159,7 +159,7 @@ class PanopticPredictionWriter:
                  categories: Any = None) -> None:
         self.json_path = Path(json_path)
         self.png_folder = Path(png_folder) if png_folder is not None else self.json_path.with_suffix("")
-        self.categories = _category_records(categories)
+        self.categories = category_records(categories)
         self._known = {int(c["id"]) for c in self.categories}
         self.annotations: list[dict[str, Any]] = []
         self._file_names: set[str] = set()

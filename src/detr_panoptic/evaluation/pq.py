@@ -44,9 +44,9 @@ import numpy as np
 
 from detr_panoptic.evaluation.panoptic_format import (
     MAX_SEGMENT_ID,
-    _category_records,
     _describe,
     _to_numpy,
+    category_records,
     load_panoptic_json,
     read_id_png,
 )
@@ -62,11 +62,11 @@ IOU, TP, FP, FN = range(4)
 # --------------------------------------------------------------------------------------------
 # Categories
 # --------------------------------------------------------------------------------------------
-class _Categories:
+class CategoryTable:
     """Category records in their given order, with id -> row index (unknown ids -> the last row)."""
 
     def __init__(self, categories: Any) -> None:
-        records = _category_records(categories)
+        records = category_records(categories)
         self.records: list[dict[str, Any]] = records
         self.ids = np.array([int(r["id"]) for r in records], dtype=np.int64)
         if len(set(self.ids.tolist())) != len(records):
@@ -160,7 +160,7 @@ def runs(*maps: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any]],
                    pred_id_map: np.ndarray, pred_segments: Sequence[Mapping[str, Any]],
-                   categories: _Categories, *, image_id: Any = None,
+                   categories: CategoryTable, *, image_id: Any = None,
                    gt_source: str = "ground truth", pred_source: str = "prediction",
                    low_24_bits: bool = False) -> np.ndarray:
     """Statistics of one image: float64 ``[C + 1, 4]`` (summed IoU, TP, FP, FN per category row;
@@ -247,7 +247,7 @@ def image_pq_stats(gt_id_map: np.ndarray, gt_segments: Sequence[Mapping[str, Any
 # --------------------------------------------------------------------------------------------
 # Averages
 # --------------------------------------------------------------------------------------------
-def _average(stats: np.ndarray, categories: _Categories) -> dict[str, Any]:
+def average_pq(stats: np.ndarray, categories: CategoryTable) -> dict[str, Any]:
     """panopticapi's ``average_pq`` from ``[C, 4]`` statistics (same order of summation)."""
     results: dict[str, Any] = {}
     for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
@@ -293,7 +293,7 @@ class PQAccumulator:
     """
 
     def __init__(self, categories: Any) -> None:
-        self.categories = categories if isinstance(categories, _Categories) else _Categories(categories)
+        self.categories = categories if isinstance(categories, CategoryTable) else CategoryTable(categories)
         self.stats = np.zeros((len(self.categories) + 1, 4), dtype=np.float64)
         self.num_images = 0
 
@@ -350,7 +350,7 @@ class PQAccumulator:
 
     def compute(self) -> dict[str, Any]:
         """panopticapi's result dict (fractions); see the module docstring."""
-        return _average(self.stats, self.categories)
+        return average_pq(self.stats, self.categories)
 
     def counts(self) -> dict[int, dict[str, float]]:
         """Per category id: ``{"iou", "tp", "fp", "fn"}`` (extra detail panopticapi does not return)."""
@@ -384,7 +384,7 @@ class _Buffers(threading.local):
 
 
 def _pair_stats(pair: tuple[Mapping[str, Any], Mapping[str, Any]], gt_folder: str, pred_folder: str,
-                categories: _Categories, buffers: _Buffers) -> np.ndarray:
+                categories: CategoryTable, buffers: _Buffers) -> np.ndarray:
     gt_annotation, pred_annotation = pair
     gt_map, gt_path = _read_png(gt_folder, gt_annotation, "ground-truth", out=buffers.gt)
     pred_map, pred_path = _read_png(pred_folder, pred_annotation, "predicted", out=buffers.pred)
@@ -400,7 +400,7 @@ def _pair_stats(pair: tuple[Mapping[str, Any], Mapping[str, Any]], gt_folder: st
 
 
 def _pairs_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], gt_folder: str,
-                 pred_folder: str, categories: _Categories) -> np.ndarray:
+                 pred_folder: str, categories: CategoryTable) -> np.ndarray:
     """Statistics of all ``pairs``, one after the other in this thread."""
     total = np.zeros((len(categories) + 1, 4), dtype=np.float64)
     buffers = _Buffers()
@@ -410,7 +410,7 @@ def _pairs_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], g
 
 
 def _threaded_stats(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], workers: int,
-                    gt_folder: str, pred_folder: str, categories: _Categories) -> np.ndarray:
+                    gt_folder: str, pred_folder: str, categories: CategoryTable) -> np.ndarray:
     """Statistics of all ``pairs`` by a pool of ``workers`` threads, one image per task.
 
     Threads, not processes: the PNG reading, inflating (zlib-ng) and unfiltering (our C extension)
@@ -518,7 +518,7 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
     pred = load_panoptic_json(pred_json, what="prediction JSON")
     if not gt.get("categories"):
         raise UserInputError(f"ground-truth JSON {_describe(gt_json)} has no 'categories'")
-    categories = _Categories(gt["categories"])
+    categories = CategoryTable(gt["categories"])
     gt_dir = _folder(gt_folder, gt_json, "ground-truth")
     pred_dir = _folder(pred_folder, pred_json, "prediction")
     pairs = match_annotations(gt, pred, pred_source=f"prediction JSON {_describe(pred_json)}")
@@ -529,7 +529,7 @@ def pq_compute(gt_json: str | os.PathLike | Mapping[str, Any], pred_json: str | 
     else:
         stats = _threaded_stats(pairs, workers, gt_dir, pred_dir, categories)
     log.debug("PQ over %d images with %d threads", len(pairs), workers)
-    return _average(stats, categories)
+    return average_pq(stats, categories)
 
 
 def _folder(folder: str | os.PathLike | None, json_source: Any, what: str) -> str:
@@ -547,7 +547,7 @@ def format_results(results: Mapping[str, Any], categories: Any = None) -> str:
     """panopticapi-style table: per-class PQ/SQ/RQ (%) with names, then All/Things/Stuff with N."""
     names: dict[Any, str] = {}
     if categories is not None:
-        table = _Categories(categories)
+        table = CategoryTable(categories)
         names = {cid: name for cid, name in zip(table.ids.tolist(), table.names)}
     per_class = results.get("per_class", {})
     width = max([14] + [len(str(names.get(_key(k), k))) for k in per_class])
@@ -580,7 +580,7 @@ def results_to_metrics(results: Mapping[str, Any], categories: Any = None, *,
         {"pq", "sq", "rq", "n", "pq_things", ..., "n_stuff",
          "per_class": {"<id>": {"name", "isthing", "pq", "sq", "rq"}}, "panopticapi": {...}}
     """
-    table = _Categories(categories) if categories is not None else None
+    table = CategoryTable(categories) if categories is not None else None
     flat: dict[str, Any] = {}
     for name, suffix in (("All", ""), ("Things", "_things"), ("Stuff", "_stuff")):
         for metric in ("pq", "sq", "rq"):

@@ -32,9 +32,9 @@ NUM_LABEL_IDS = 34
 
 
 def thing_ids(categories: Any) -> set[int]:
-    from detr_panoptic.evaluation.panoptic_format import _category_records
+    from detr_panoptic.evaluation.panoptic_format import category_records
 
-    return {int(r["id"]) for r in _category_records(categories) if r.get("isthing") in (1, True)}
+    return {int(r["id"]) for r in category_records(categories) if r.get("isthing") in (1, True)}
 
 
 def cityscapes_label_ids(categories: Any) -> dict[int, int]:
@@ -42,10 +42,10 @@ def cityscapes_label_ids(categories: Any) -> dict[int, int]:
     sets both work); a category without a Cityscapes name keeps its id when that is a labelId."""
     from cityscapesscripts.helpers.labels import name2label
 
-    from detr_panoptic.evaluation.panoptic_format import _category_records
+    from detr_panoptic.evaluation.panoptic_format import category_records
 
     table = {}
-    for record in _category_records(categories):
+    for record in category_records(categories):
         category_id, name = int(record["id"]), str(record.get("name", ""))
         if name in name2label and name2label[name].id >= 0:
             table[category_id] = name2label[name].id
