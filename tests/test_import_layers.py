@@ -20,7 +20,6 @@ PACKAGE = "detr_panoptic"
 # other fails. Remove an entry once it is gone.
 KNOWN_CYCLES: set[tuple[str, ...]] = {("detr_panoptic.inference", "detr_panoptic.visualize")}
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
-    ("detr_panoptic.app.session", "detr_panoptic.inference.predictor._attention_maps"),
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._describe"),
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._to_numpy"),
     ("detr_panoptic.inference.calibrate", "detr_panoptic.checkpoints._metadata"),

@@ -10,7 +10,6 @@ table, the legend and the COCO panoptic downloads are built from a ``PanopticRes
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import math
@@ -24,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detr_panoptic.inference.predictor import PanopticPredictor, _attention_maps
+from detr_panoptic.inference.predictor import PanopticPredictor, attention_maps
 from detr_panoptic.inference.samples import load_image
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
-from detr_panoptic.models.postprocess import kept_queries, nearest_resize_ids, panoptic_postprocess
+from detr_panoptic.models.postprocess import nearest_resize_ids
 from detr_panoptic.utils.errors import UserInputError
 
 LOWEST_THRESHOLD = 0.25  # masks are computed once for every query above this; the threshold slider starts here
@@ -91,13 +90,9 @@ class Analysis:
         tick = time.perf_counter()
         s = self.predictor.settings.replace(threshold=setting.threshold, merge_stuff=setting.merge_stuff,
                                             min_area=setting.min_area)  # checks the values
-        device = self.predictor.device
+        processor = self.predictor.postprocessor.replace(**s.postprocess.as_dict())
         with torch.inference_mode():
-            result = panoptic_postprocess(
-                self.output, [tuple(self.tensor.shape[-2:])], [(self.picture.height, self.picture.width)],
-                is_thing=s.category_map.is_thing().to(device), threshold=s.threshold,
-                class_to_category=s.category_map.class_to_category_tensor().to(device),
-                merge_stuff=s.merge_stuff, min_area=s.min_area)[0].cpu()
+            result = processor(self.output, [(self.picture.height, self.picture.width)])[0].cpu()
         return result, time.perf_counter() - tick
 
     def attention(self, result: PanopticResult, segment_id: int) -> Any:
@@ -120,7 +115,7 @@ class Analysis:
         position = int((output.mask_queries[0].cpu() == int(segment["query"])).nonzero()[0, 0])
         view = dataclasses.replace(output, pred_masks=output.pred_masks[position:position + 1],
                                    mask_queries=[output.mask_queries[0][position:position + 1]])
-        return _attention_maps(view, self.picture, self.tensor, PanopticResult(result.id_map, [segment], one))
+        return attention_maps(view, self.picture, self.tensor, PanopticResult(result.id_map, [segment], one))
 
 
 def analyse(predictor: PanopticPredictor, picture: Image.Image, *, lowest: float = LOWEST_THRESHOLD) -> Analysis:
@@ -139,18 +134,7 @@ def analyse(predictor: PanopticPredictor, picture: Image.Image, *, lowest: float
 def _forward(predictor: PanopticPredictor, tensor: torch.Tensor, lowest: float, *, attention: bool = False
              ) -> DETROutput:
     """The network's output for one preprocessed image, with the masks of the queries kept at ``lowest``."""
-    class_to_category = predictor.settings.category_map.class_to_category_tensor().to(predictor.device)
-
-    def kept(output: DETROutput) -> list[torch.Tensor]:
-        keep = kept_queries(output.pred_logits.float(), lowest, class_to_category)
-        return [k.nonzero().squeeze(1) for k in keep]
-
-    precision = torch.autocast(predictor.device.type, dtype=predictor.dtype) if predictor.dtype is not None \
-        else contextlib.nullcontext()
-    with torch.inference_mode(), precision:
-        output = predictor.model([tensor.to(predictor.device)], return_attention=attention, mask_queries=kept)
-    output.pred_logits, output.pred_boxes = output.pred_logits.float(), output.pred_boxes.float()
-    output.pred_masks = output.pred_masks.float()
+    output = predictor.forward([tensor], mask_threshold=lowest, return_attention=attention)
     if predictor.device.type == "cuda":
         torch.cuda.synchronize(predictor.device)
     return output

@@ -143,7 +143,7 @@ class PanopticPredictor:
         with torch.inference_mode():
             output = self.forward([tensor], return_attention=True)
             result = self.postprocessor(output, [(picture.height, picture.width)])[0].cpu()
-        return _attention_maps(output, picture, tensor, result)
+        return attention_maps(output, picture, tensor, result)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -179,8 +179,10 @@ class AttentionMaps:
     result: PanopticResult | None = None
 
 
-def _attention_maps(output: Any, picture: Image.Image, tensor: torch.Tensor, result: PanopticResult
-                    ) -> AttentionMaps:
+def attention_maps(output: Any, picture: Image.Image, tensor: torch.Tensor, result: PanopticResult
+                   ) -> AttentionMaps:
+    """``AttentionMaps`` from a one-image forward with attention weights and masks of ``result.kept``'s queries
+    (``output``), the picture, its preprocessed ``tensor`` and the panoptic ``result``."""
     attentions = output.attentions or {}
     if attentions.get("decoder_cross") is None:
         raise RuntimeError(f"the model returned no decoder attention (keys: {sorted(attentions)})")
