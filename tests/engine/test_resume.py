@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]  # so that "tests.engine.toys" imports
 
 RUNNER = """
-import sys, time, torch
+import sys, threading, torch
 sys.path.insert(0, {here!r})
 from tests.engine.toys import tiny_config, toy_datasets
 from detr_panoptic.engine import hooks
@@ -23,50 +22,45 @@ from detr_panoptic.engine.training import train_stage
 from detr_panoptic.utils.logging import setup_logging
 
 setup_logging()
-delay = float(sys.argv[2])
-if delay:  # slow the victim down so the test can kill it mid-run
+stop_after = int(sys.argv[2])
+if stop_after:  # the victim says where it is and stops there, so that the test kills it mid-run
     original = hooks.LRSchedulerHook.after_step
-    def slow_after_step(self, trainer, record):
+    def stopping_after_step(self, trainer, record):
         original(self, trainer, record)
-        time.sleep(delay)
-    hooks.LRSchedulerHook.after_step = slow_after_step
+        if record["step"] >= stop_after:
+            print("VICTIM STOPPED", record["step"], flush=True)
+            threading.Event().wait()  # until SIGKILL
+    hooks.LRSchedulerHook.after_step = stopping_after_step
 config = tiny_config(sys.argv[1], train={{"epochs": 3, "checkpoint_every_steps": 1}}, data={{"workers": 1}})
 train_stage(config, datasets=toy_datasets(6), evaluate=lambda model: {{"pq": 1.0}})
 """
 
 
-def _run(script: Path, out: Path, delay: float) -> subprocess.Popen:
+def _run(script: Path, out: Path, stop_after: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(script), str(out), str(delay)], env=env,
+    return subprocess.Popen([sys.executable, str(script), str(out), str(stop_after)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _train_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip() and json.loads(line)["kind"] == "train")
 
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(RUNNER.format(here=str(REPO_ROOT)))
-    reference = _run(script, tmp_path / "reference", 0.0)
+    reference = _run(script, tmp_path / "reference", 0)
 
     killed_dir = tmp_path / "killed"
-    victim = _run(script, killed_dir, 0.3)
-    deadline = time.time() + 120
-    while _train_steps(killed_dir) < 4 and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.05)
-    assert victim.poll() is None, victim.communicate()[0]
+    victim = _run(script, killed_dir, 4)
+    output = []
+    while not (output and output[-1].startswith("VICTIM STOPPED")) and victim.poll() is None:
+        output.append(victim.stdout.readline())
+    assert victim.poll() is None, "".join(output) + victim.communicate()[0]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     at_kill = torch.load(killed_dir / "checkpoints" / "last.pth", weights_only=True)
     assert 1 <= at_kill["step"] < 9  # 6 images, batch 2, 3 epochs = 9 steps
 
-    resumed = _run(script, killed_dir, 0.0)
+    resumed = _run(script, killed_dir, 0)
     log_resumed = resumed.communicate(timeout=300)[0]
     log_reference = reference.communicate(timeout=300)[0]
     assert resumed.returncode == 0, log_resumed

@@ -307,17 +307,18 @@ def test_errors_raised_in_worker_threads_reach_the_caller(make_case, image_index
 
 def test_worker_threads_share_the_work(make_case, monkeypatch):
     import threading
-    import time
 
     from detr_panoptic.evaluation import pq
 
     case = make_case(21, num_images=8)
     threads = []
     pair_stats = pq._pair_stats
+    both_working = threading.Barrier(2, timeout=60)  # broken (an error) unless two threads take images
 
     def recorded(*args):
         threads.append(threading.get_ident())
-        time.sleep(0.01)  # releases the GIL, as the PNG decoding does: the other thread takes the next image
+        if len(threads) <= 2:  # the first two images are taken by two threads at once
+            both_working.wait()
         return pair_stats(*args)
 
     monkeypatch.setattr(pq, "_pair_stats", recorded)

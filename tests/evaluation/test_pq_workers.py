@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,24 +56,40 @@ def test_a_script_without_main_guard_works(make_case, tmp_path, workers):
 
 
 def test_a_decoder_raising_in_a_worker_thread_is_raised_at_once(make_case, monkeypatch):
+    """The images after the failing one wait until the pool has dropped its queue: only those a thread had
+    already taken (at most one per thread) are decoded; without the cancellation all would be."""
     case = make_case(3, num_images=40)
-    failing = case.gt_json["annotations"][5]["file_name"]
+    names = [a["file_name"] for a in case.gt_json["annotations"]]
+    failing = 5
     read = pq.read_id_png
-    calls = []
+    taken_after = []
+    cancelled = threading.Event()
+
+    class Pool(pq.ThreadPoolExecutor):
+        """pq's pool, with ``cancelled`` set once ``shutdown`` has dropped the queued tasks (before joining)."""
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)
+            if cancel_futures:
+                cancelled.set()
+            super().shutdown(wait=wait)
 
     def decode(path, **kwargs):
-        calls.append(path)
-        if str(path).endswith(failing) and "gt" in Path(path).parent.name:
-            raise RuntimeError(f"decoder crashed on {path}")
-        time.sleep(0.005)
+        if "gt" in Path(path).parent.name:
+            index = names.index(Path(path).name)
+            if index == failing:
+                raise RuntimeError(f"decoder crashed on {path}")
+            if index > failing:
+                taken_after.append(index)
+                assert cancelled.wait(timeout=60), "the pool never dropped its queue"
         return read(path, **kwargs)
 
     monkeypatch.setattr(pq, "read_id_png", decode)
-    begin = time.perf_counter()
-    with pytest.raises(RuntimeError, match=f"decoder crashed on .*{failing}"):
+    monkeypatch.setattr(pq, "ThreadPoolExecutor", Pool)
+    with pytest.raises(RuntimeError, match=f"decoder crashed on .*{names[failing]}"):
         pq_compute(case.gt_json_path, case.pred_json_path, case.gt_folder, case.pred_folder, workers=2)
-    assert time.perf_counter() - begin < 5
-    assert len(calls) < 2 * 40  # the images after the failure were dropped, not all decoded
+    assert cancelled.is_set()
+    assert len(taken_after) <= 2, taken_after  # the images after the failure were dropped, not all decoded
     assert not [t for t in threading.enumerate() if t.name.startswith("pq")]  # the threads are gone
 
 
@@ -88,11 +103,34 @@ def test_a_corrupt_png_in_a_worker_thread_names_the_file(make_case):
 
 
 def test_ctrl_c_stops_promptly(make_case, tmp_path):
+    """Ctrl-C arrives while both threads are inside an image (their decoders wait for it): the evaluation
+    stops after those images, the other 30-odd are never decoded."""
     case = make_case(5, num_images=40, height=240, width=320)
     script = tmp_path / "loop.py"
     script.write_text(textwrap.dedent(f"""
+        import signal, threading
         import detr_panoptic
+        from detr_panoptic.evaluation import pq
 
+        read, interrupted, lock, calls = pq.read_id_png, threading.Event(), threading.Lock(), [0]
+
+        def decode(path, **kwargs):
+            with lock:
+                calls[0] += 1
+                call = calls[0]
+            if call in (9, 10):  # both threads (two decodes per image) are inside an image
+                print("inside", flush=True)
+            if call >= 9:
+                interrupted.wait(timeout=60)
+                print("decoded after Ctrl-C", flush=True)
+            return read(path, **kwargs)
+
+        def on_sigint(signum, frame):
+            interrupted.set()
+            raise KeyboardInterrupt
+
+        pq.read_id_png = decode
+        signal.signal(signal.SIGINT, on_sigint)
         print("started", flush=True)
         while True:
             detr_panoptic.pq_compute({case_arguments(case)}, workers=2)
@@ -102,17 +140,18 @@ def test_ctrl_c_stops_promptly(make_case, tmp_path):
                                stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "started"
-        time.sleep(1.0)  # well inside the loop of evaluations
+        assert [process.stdout.readline().strip() for _ in range(2)] == ["inside", "inside"]
         process.send_signal(signal.SIGINT)
-        begin = time.perf_counter()
-        _, stderr = process.communicate(timeout=10)
-        assert time.perf_counter() - begin < 5
+        stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     assert process.returncode != 0
     assert "KeyboardInterrupt" in stderr
+    # the images being decoded are finished (each thread may have taken one more before the queue was
+    # dropped), the rest of the 40 are not
+    assert stdout.count("decoded after Ctrl-C") <= 8, stdout
 
 
 def fake_pairs(tmp_path: Path, count: int, height: int, width: int) -> list:

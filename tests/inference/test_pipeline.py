@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -266,17 +265,32 @@ def test_predict_killed_mid_run_finishes_without_redoing_images(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "m.pth", model, category_map=coco_category_map(),
                                  model_config=model.config, postprocess={"threshold": 0.0})
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "detr_panoptic.cli", "predict", "-c", str(checkpoint), "--device", "cpu",
-               "--size", "96", "--out", str(out), str(images)]
+    arguments = ["predict", "-c", str(checkpoint), "--device", "cpu", "--size", "96", "--out", str(out), str(images)]
+    command = [sys.executable, "-m", "detr_panoptic.cli", *arguments]
+    # the killed run: the same command, which stops (until killed) once 6 images are in the journal
+    victim = tmp_path / "victim.py"
+    victim.write_text(
+        "import sys, threading\n"
+        "from detr_panoptic.cli import main\n"
+        "from detr_panoptic.inference import evaluators\n"
+        "append, count = evaluators.PanopticWriter._append, [0]\n"
+        "def stopping_append(self, record):\n"
+        "    append(self, record)\n"
+        "    count[0] += 1\n"
+        "    if count[0] == 6:\n"
+        "        print('VICTIM STOPPED', flush=True)\n"
+        "        threading.Event().wait()\n"
+        "evaluators.PanopticWriter._append = stopping_append\n"
+        "sys.exit(main(sys.argv[1:]))\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, str(victim), *arguments], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
     journal = out / "predictions.json.progress.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if journal.is_file() and len(journal.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "predict finished before it could be killed"
+    lines = []
+    while not (lines and lines[-1].startswith("VICTIM STOPPED")) and process.poll() is None:
+        lines.append(process.stdout.readline())
+    assert process.poll() is None, "predict ended before it could be killed: " + "".join(lines)
+    assert len(journal.read_text().splitlines()) >= 6
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (out / "predictions.json").exists()

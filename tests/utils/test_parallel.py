@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,8 @@ def fail_on_three(x: int) -> int:
 def killed_on_two(x: int) -> int:
     if x == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(0.05)
+    if x > 2:
+        threading.Event().wait()  # forever: only a pool that gives up on the other jobs can end
     return x
 
 
@@ -69,11 +69,12 @@ def test_an_error_in_a_job_is_raised_as_it_was(start):
         list(map_in_processes(fail_on_three, range(6), 2))
 
 
-def test_a_killed_worker_fails_the_pool_within_seconds(start):
-    begin = time.perf_counter()
+@pytest.mark.timeout(120)  # a hang fails here
+def test_a_killed_worker_fails_the_pool_instead_of_hanging(start):
+    """Job 2 kills its worker and the jobs after it never end: the pool must report the death at once and
+    stop the other worker, not wait for every job."""
     with pytest.raises(WorkerDiedError, match="died before returning its result"):
         list(map_in_processes(killed_on_two, range(8), 2))
-    assert time.perf_counter() - begin < 10
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is chosen on Linux only")
