@@ -108,21 +108,26 @@ def test_ctrl_c_stops_promptly(make_case, tmp_path):
     case = make_case(5, num_images=40, height=240, width=320)
     script = tmp_path / "loop.py"
     script.write_text(textwrap.dedent(f"""
-        import signal, threading
+        import signal, sys, threading
         import detr_panoptic
         from detr_panoptic.evaluation import pq
 
         read, interrupted, lock, calls = pq.read_id_png, threading.Event(), threading.Lock(), [0]
+
+        def say(line):  # whole lines, one thread at a time
+            with lock:
+                sys.stdout.write(line + "\\n")
+                sys.stdout.flush()
 
         def decode(path, **kwargs):
             with lock:
                 calls[0] += 1
                 call = calls[0]
             if call in (9, 10):  # both threads (two decodes per image) are inside an image
-                print("inside", flush=True)
+                say("inside")
             if call >= 9:
                 interrupted.wait(timeout=60)
-                print("decoded after Ctrl-C", flush=True)
+                say("decoded after Ctrl-C")
             return read(path, **kwargs)
 
         def on_sigint(signum, frame):
