@@ -1,5 +1,5 @@
-"""Odd and bad inputs through the command line, as a user meets them (the README's table "Odd and bad
-inputs" points at these tests).
+"""Odd and bad inputs through the command line, as a user meets them (the table of docs/inputs.md
+points at these tests).
 
 Odd inputs that can be used are used; bad ones give exit status 2 and one line on stderr naming the file
 or key and what is wrong, no traceback, and nothing half-written. ``check-dataset`` reports the problems
