@@ -83,7 +83,8 @@ def train_step(model, criterion, optimizer, image, mask, targets, *, path: str, 
         selector = QuerySelector(criterion.matcher, targets) if path.startswith("matched") else None
         with autocast(image.device, dtype):
             outputs = model(image, mask, mask_queries=selector)
-        losses = criterion(outputs, targets, indices=selector.indices if selector else None)
+        matched = {"indices": selector.indices, "aux_indices": selector.aux_indices} if selector else {}
+        losses = criterion(outputs, targets, **matched)
     total = criterion.weighted_total(losses)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)

@@ -59,6 +59,14 @@ def focal_loss(mask_logits: torch.Tensor, target_masks: torch.Tensor, num_boxes:
     return per_pixel.mean(-1).sum() / num_boxes
 
 
+MASK_LOSS_CHUNK = 2**24  # pixels per chunk of masks in the fused mask losses on an accelerator
+
+
+def masks_per_chunk(device: torch.device, num_pixels: int) -> int:
+    """Masks per pass of the fused mask losses: 1 on the CPU, ~``MASK_LOSS_CHUNK`` pixels' worth elsewhere."""
+    return 1 if device.type == "cpu" else max(1, MASK_LOSS_CHUNK // max(num_pixels, 1))
+
+
 class _SigmoidMaskLosses(torch.autograd.Function):
     """Per-mask focal (gamma 2) and dice losses of ``logits`` [N, P] against Bool ``targets`` [N, P] in one
     pass per mask, with the gradient formed in the forward pass: the same values as ``focal_loss`` and
@@ -77,17 +85,21 @@ class _SigmoidMaskLosses(torch.autograd.Function):
         prob_sum = logits.new_empty(num_masks)
         focal_grad = torch.empty_like(logits)  # d focal_pixel / d logit
         prob_grad = torch.empty_like(logits)   # d sigmoid(logit) / d logit
-        for i in range(num_masks):  # one mask at a time keeps the temporaries small
+        # One mask at a time on the CPU keeps the temporaries small; on an accelerator, where a loop over
+        # masks is launch-bound, chunks of about MASK_LOSS_CHUNK pixels.
+        step = masks_per_chunk(logits.device, num_pixels)
+        for start in range(0, num_masks, step):
+            i = start if step == 1 else slice(start, start + step)
             x, t = logits[i], targets[i]
             z = torch.where(t, -x, x)
             q = torch.sigmoid(z)
             ce = F.softplus(z)
             weight = torch.where(t, alpha, 1 - alpha)
             one_minus_q = 1 - q
-            focal[i] = (q * q * ce * weight).sum() / num_pixels
+            focal[i] = (q * q * ce * weight).sum(-1) / num_pixels
             prob = torch.where(t, one_minus_q, q)
-            prob_sum[i] = prob.sum()
-            inter[i] = (prob * t).sum()
+            prob_sum[i] = prob.sum(-1)
+            inter[i] = (prob * t).sum(-1)
             grad_z = (one_minus_q * ce * 2 + q) * q * q * weight
             torch.where(t, -grad_z, grad_z, out=focal_grad[i])
             torch.mul(q, one_minus_q, out=prob_grad[i])

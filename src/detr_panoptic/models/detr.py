@@ -21,6 +21,7 @@ from detr_panoptic.models.transformer import Transformer, group_attention_mask
 from detr_panoptic.utils.batching import pad_images
 
 MaskQueries = Callable[[DETROutput], Sequence[torch.Tensor]]
+MASK_CHUNK = 32  # queries per batch when decoding masks without autograd on an accelerator
 QUERY_GROUPS_SEED = 20_230_715  # the extra query groups' initialisation (enable_query_groups)
 
 
@@ -238,13 +239,20 @@ class PanopticDETR(nn.Module):
         image_index = torch.cat([torch.full((len(q),), b, dtype=torch.long, device=device)
                                  for b, q in enumerate(query_indices)])
         query_index = torch.cat([q.to(device=device, dtype=torch.long) for q in query_indices])
-        if torch.is_grad_enabled() or image_index.numel() == 0:
+        def batched(images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             # index_select, not queries[image_index, query_index]: the same rows, and a backward that
             # is deterministic on CPU (advanced indexing accumulates its gradient in a varying order)
-            flat_queries = queries.flatten(0, 1).index_select(0, image_index * queries.shape[1] + query_index)
-            attention = self.bbox_attention.attend(flat_queries, keys.index_select(0, image_index),
-                                                   flat_mask[image_index], size)
-            return self.mask_head.decode(context, attention, laterals, image_index)
+            flat_queries = queries.flatten(0, 1).index_select(0, images * queries.shape[1] + rows)
+            attention = self.bbox_attention.attend(flat_queries, keys.index_select(0, images), flat_mask[images], size)
+            return self.mask_head.decode(context, attention, laterals, images)
+
+        if torch.is_grad_enabled() or image_index.numel() == 0:
+            return batched(image_index, query_index)
+        if decode_in_chunks(device):
+            # one query at a time is launch-bound on a GPU: chunks of queries (equal to float rounding there,
+            # where the convolutions may choose their algorithm by batch size anyway), with no host sync
+            return torch.cat([batched(image_index[s:s + MASK_CHUNK], query_index[s:s + MASK_CHUNK])
+                              for s in range(0, image_index.numel(), MASK_CHUNK)])
         masks = []
         for b, q in zip(image_index.tolist(), query_index.tolist()):
             attention = self.bbox_attention.attend(queries[b, q:q + 1], keys[b:b + 1], flat_mask[b:b + 1], size)
@@ -331,6 +339,12 @@ def _unpadded_sizes(images: Sequence[torch.Tensor] | torch.Tensor, mask: torch.T
     if mask is None:
         return [(int(images.shape[-2]), int(images.shape[-1]))] * int(images.shape[0])
     return image_sizes(padding_mask)
+
+
+def decode_in_chunks(device: torch.device) -> bool:
+    """Masks without autograd in chunks of ``MASK_CHUNK`` queries (accelerators) or one by one (the CPU,
+    bit-for-bit equal whichever queries are computed)."""
+    return device.type != "cpu"
 
 
 def image_sizes(padding_mask: torch.Tensor) -> list[tuple[int, int]]:
