@@ -20,7 +20,6 @@ from detr_panoptic.checkpoints import (
     infer_model_config,
     load_checkpoint,
     load_pretrained,
-    model_config_from_model,
     save_checkpoint,
 )
 from detr_panoptic.data.categories import Category, CategoryMap
@@ -50,7 +49,7 @@ def test_official_format_loads_and_config_is_inferred(tiny, tmp_path):
     torch.save({"model": tiny.state_dict()}, path)
     model = load_pretrained(path)
     assert_same_weights(model, tiny)
-    assert model.config == dict(tiny.config, aux_loss=False)
+    assert model.config == tiny.config.replace(aux_loss=False)
     assert load_checkpoint(path).category_map is None  # 7 classes: not the COCO layout
 
 
@@ -71,7 +70,7 @@ def test_config_inference_for_r50_and_r101_blocks():
 
 def test_our_checkpoint_round_trip_keeps_metadata(tiny, tmp_path):
     categories = CategoryMap.contiguous(Category(i + 1, f"c{i}", i < 3) for i in range(7))
-    config = dict(model_config_from_model(tiny), aux_loss=True, dropout=0.0)
+    config = tiny.config.replace(aux_loss=True, dropout=0.0)
     path = save_checkpoint(tmp_path / "run" / "last.pth", tiny, category_map=categories, model_config=config,
                            extra={"step": 12, "epoch": 1, "best_pq": 40.5})
     raw = torch.load(path, weights_only=True)  # loadable without custom classes, as the reference would
@@ -81,7 +80,9 @@ def test_our_checkpoint_round_trip_keeps_metadata(tiny, tmp_path):
     model = loaded.model
     assert_same_weights(model, tiny)
     assert loaded.category_map == categories
-    assert model.config["aux_loss"] is True and model.config["dropout"] == 0.0
+    assert model.config.aux_loss is True and model.config.dropout == 0.0
+    assert model.config == config  # the typed config round-trips through the checkpoint's plain record
+    assert raw["detr_panoptic"]["model_config"] == config.to_dict()
     assert loaded.input_size is None and loaded.postprocess is None  # not recorded
     assert not hasattr(model, "category_map") and not hasattr(model, "input_size")  # the module holds weights
     assert not list(tmp_path.glob("run/.*tmp*"))  # atomic: no temporary file left

@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "calibrate": "detr_panoptic.inference.calibrate",
     # models
     "PanopticDETR": "detr_panoptic.models.detr",
+    "DETRConfig": "detr_panoptic.models.config",
     "DETROutput": "detr_panoptic.models.outputs",
     "PanopticResult": "detr_panoptic.models.outputs",
     "KeptQueries": "detr_panoptic.models.outputs",

@@ -20,7 +20,6 @@ so no code in a checkpoint runs.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ import torch
 from detr_panoptic.checkpoint_sources import fetch_remote
 from detr_panoptic.data.categories import CategoryMap, coco_category_map
 from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS
+from detr_panoptic.models.config import DETRConfig
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
@@ -53,7 +53,6 @@ OFFICIAL_URLS = {
 # What the weights cannot tell about an alias.
 ALIAS_OVERRIDES: dict[str, dict[str, Any]] = {"coco-r50-dc5-panoptic": {"dilation": True}}
 CLASS_HEAD_KEYS = ("detr.class_embed.weight", "detr.class_embed.bias")
-MODEL_KWARGS = tuple(p for p in inspect.signature(PanopticDETR.__init__).parameters if p != "self")
 
 
 # -- reading files ---------------------------------------------------------------------------------------
@@ -337,17 +336,6 @@ def infer_model_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return config
 
 
-def model_config_from_model(model: PanopticDETR) -> dict[str, Any]:
-    """The constructor kwargs of ``model`` (``PanopticDETR(**config)`` rebuilds it)."""
-    return dict(model.config)
-
-
-def _check_overrides(overrides: Mapping[str, Any]) -> None:
-    unknown = sorted(set(overrides) - set(MODEL_KWARGS))
-    if unknown:
-        raise UserInputError(f"unknown model option(s) {unknown}; expected some of {list(MODEL_KWARGS)}")
-
-
 # -- the public entry points ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pretrained:
@@ -377,24 +365,22 @@ def load_checkpoint(source: str | os.PathLike, **model_overrides: Any) -> Pretra
     the class head keeps its fresh initialisation (logged) and the category map is dropped; any other
     shape mismatch raises ``UserInputError`` listing the keys.
     """
-    _check_overrides(model_overrides)
+    DETRConfig.check_names(model_overrides)
     loaded = _read_source(source)
     state = _normalise_keys(loaded.state)
-    config = {k: v for k, v in PanopticDETR_DEFAULTS.items()}
+    config = DETRConfig().to_dict()
     try:
         config.update(infer_model_config(state))
     except UserInputError as exc:
         raise UserInputError(f"{loaded.description}: {exc}") from None
-    saved_config = {k: v for k, v in loaded.metadata.get("model_config", {}).items() if k in MODEL_KWARGS}
-    config.update({k: v for k, v in loaded.config.items() if k in MODEL_KWARGS})
-    config.update(saved_config)
+    known = set(DETRConfig.field_names())
+    config.update({k: v for k, v in loaded.config.items() if k in known})
+    config.update({k: v for k, v in loaded.metadata.get("model_config", {}).items() if k in known})
     checkpoint_classes = config["num_classes"]
     config.update(model_overrides)
-    try:
-        model = PanopticDETR(**config)
-    except ValueError as exc:
-        raise UserInputError(f"{loaded.description}: cannot build the model with {config}: {exc}") from None
-    skip = CLASS_HEAD_KEYS if config["num_classes"] != checkpoint_classes else ()
+    model = PanopticDETR.from_config(DETRConfig.from_dict(config, source=f"{loaded.description}: cannot build the "
+                                                                          "model"))
+    skip = CLASS_HEAD_KEYS if model.config.num_classes != checkpoint_classes else ()
     _load_state(model, state, skip=skip, description=loaded.description)
     if skip:
         log.info("%s: %d -> %d classes: not loaded (re-initialised): %s", loaded.description, checkpoint_classes,
@@ -428,10 +414,6 @@ def _input_size(loaded: _Loaded) -> tuple[int, int] | None:
         log.warning("%s: ignoring a malformed input_size in the metadata: %r", loaded.description, saved)
         return None
     return sizes
-
-
-PanopticDETR_DEFAULTS = {name: p.default for name, p in inspect.signature(PanopticDETR.__init__).parameters.items()
-                         if name != "self"}
 
 
 def _load_state(model: PanopticDETR, state: Mapping[str, torch.Tensor], *, skip: tuple[str, ...],
@@ -472,14 +454,22 @@ def _category_map(loaded: _Loaded, num_classes: int, checkpoint_classes: int) ->
 
 
 # -- saving ------------------------------------------------------------------------------------------------
+def _config_record(model: PanopticDETR, model_config: DETRConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    if model_config is None:
+        return model.config.to_dict()
+    if isinstance(model_config, DETRConfig):
+        return model_config.to_dict()
+    return DETRConfig.from_dict(model_config).to_dict()
+
+
 def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any] | None,
-              model_config: Mapping[str, Any] | None,
+              model_config: DETRConfig | Mapping[str, Any] | None,
               input_size: Mapping[str, int] | None = None,
               postprocess: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if isinstance(category_map, CategoryMap):
         category_map = category_map.to_json()
     meta = {"format_version": FORMAT_VERSION,
-            "model_config": dict(model_config if model_config is not None else model_config_from_model(model)),
+            "model_config": _config_record(model, model_config),
             "category_map": dict(category_map) if category_map is not None else None}
     if input_size is not None:
         meta["input_size"] = {"min_size": int(input_size["min_size"]), "max_size": int(input_size["max_size"])}
@@ -489,10 +479,14 @@ def _metadata(model: PanopticDETR, category_map: CategoryMap | Mapping[str, Any]
 
 
 def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
-                    category_map: CategoryMap | Mapping[str, Any] | None, model_config: Mapping[str, Any],
+                    category_map: CategoryMap | Mapping[str, Any] | None,
+                    model_config: DETRConfig | Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None, input_size: Mapping[str, int] | None = None,
                     postprocess: Mapping[str, Any] | None = None) -> Path:
     """Write ``{"model": state_dict, "detr_panoptic": {...}, **extra}`` atomically.
+
+    ``model_config``: the ``DETRConfig`` to record (default: ``model.config``; a mapping is read with
+    ``DETRConfig.from_dict``).
 
     ``input_size`` (``{"min_size", "max_size"}``): the resize the model was trained and validated with;
     the predictor (``predict``/``evaluate``/``attention``) uses it when no size is given. ``postprocess``
@@ -520,7 +514,7 @@ def save_checkpoint(path: str | os.PathLike, model: PanopticDETR, *,
 
 def export_safetensors(model: PanopticDETR, path: str | os.PathLike, *,
                        category_map: CategoryMap | Mapping[str, Any] | None = None,
-                       model_config: Mapping[str, Any] | None = None,
+                       model_config: DETRConfig | Mapping[str, Any] | None = None,
                        input_size: Mapping[str, int] | None = None,
                        postprocess: Mapping[str, Any] | None = None) -> Path:
     """Write the weights (official keys) as ``.safetensors`` plus ``<stem>.json`` with the model config,

@@ -41,6 +41,8 @@ from detr_panoptic.utils.io import atomic_write_text
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    from detr_panoptic.models.config import DETRConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -62,6 +64,15 @@ class ModelConfig:
     # Warm-start the re-initialised class head row by row from matching source classes.
     class_warm_start: bool = False
     class_warm_start_table: str | None = None
+
+    def detr_config(self, num_classes: int) -> DETRConfig:
+        """The ``models.config.DETRConfig`` of this section for ``num_classes`` classes (the model it builds
+        when ``init`` is None; with ``init``, the checkpoint's architecture wins and only ``dropout`` and
+        ``aux_loss`` are taken from here)."""
+        from detr_panoptic.models.config import DETRConfig
+
+        return DETRConfig(num_classes, **{name: getattr(self, name) for name in DETRConfig.ARCHITECTURE},
+                          dropout=self.dropout, aux_loss=self.aux_loss)
 
 
 @dataclass(frozen=True)

@@ -406,11 +406,12 @@ def export_source_model(checkpoint: Path, path: Path) -> Path:
     """The pre-trained model as the official format (``{"model": state_dict}`` with official keys) plus our
     metadata (model config, source category map), without the training state."""
     from detr_panoptic.checkpoints import save_checkpoint
+    from detr_panoptic.models.config import DETRConfig
     from detr_panoptic.models.detr import PanopticDETR
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     meta = saved["detr_panoptic"]
-    model = PanopticDETR(**meta["model_config"])
+    model = PanopticDETR.from_config(DETRConfig.from_dict(meta["model_config"], source=str(path)))
     model.load_state_dict(saved["model"])
     return save_checkpoint(path, model, category_map=meta["category_map"], model_config=meta["model_config"],
                            input_size=meta.get("input_size"))

@@ -22,6 +22,7 @@ from detr_panoptic.checkpoints import save_checkpoint
 from detr_panoptic.engine import distributed
 from detr_panoptic.engine.metrics_log import JsonlWriter, TensorBoardWriter, WandbWriter
 from detr_panoptic.engine.trainer import Hook, Trainer
+from detr_panoptic.models.config import DETRConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,13 @@ class CheckpointHook(Hook):
     """``last.pth`` every ``every_steps`` steps, at each epoch end and at the end; ``best.pth`` whenever
     validation PQ improves. Writes are atomic, so a kill never leaves a broken checkpoint behind."""
 
-    def __init__(self, folder: str | Path, *, every_steps: int | None, model_config: Mapping[str, Any],
+    def __init__(self, folder: str | Path, *, every_steps: int | None, model_config: DETRConfig,
                  category_map: Mapping[str, Any], on_saved: Callable[[Path, str, int], None] | None = None,
                  input_size: Mapping[str, int] | None = None) -> None:
         self.folder = Path(folder)
         self.input_size = input_size
         self.every_steps = every_steps
-        self.model_config = dict(model_config)
+        self.model_config = model_config
         self.category_map = dict(category_map)
         self.on_saved = on_saved
         self._last_saved: tuple | None = None

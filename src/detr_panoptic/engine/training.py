@@ -39,6 +39,7 @@ from detr_panoptic.engine.metrics_log import WandbWriter, truncate_metrics
 from detr_panoptic.engine.optim import build_optimizer, build_scheduler
 from detr_panoptic.engine.trainer import EpochBatches, RunState, Trainer, TrainingDiverged, autocast_dtype
 from detr_panoptic.engine.transfer import adapt_to_classes
+from detr_panoptic.models.config import DETRConfig
 from detr_panoptic.models.criterion import build_criterion
 from detr_panoptic.models.denoising import DenoisingQueries
 from detr_panoptic.models.detr import PanopticDETR
@@ -100,24 +101,18 @@ def build_datasets(data: DataConfig) -> tuple[Dataset, Dataset, CategoryMap]:
 
 
 # -- model -----------------------------------------------------------------------------------------
-ARCHITECTURE_FIELDS = ("backbone", "dilation", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-                       "dim_feedforward", "num_queries")
-
-
 def build_model(model_config: ModelConfig, category_map: CategoryMap) -> PanopticDETR:
     """A ``PanopticDETR`` for ``category_map``'s classes: random, or from ``model_config.init`` with the
     class head adapted (re-initialised, optionally warm-started) when the classes differ. A checkpoint
     defines the architecture; ``dropout`` and ``aux_loss`` come from the config."""
     from detr_panoptic.checkpoints import load_checkpoint
 
-    training = {"dropout": model_config.dropout, "aux_loss": model_config.aux_loss}
+    wanted = model_config.detr_config(category_map.num_classes)
     if model_config.init is None:
-        arch = {k: getattr(model_config, k) for k in ARCHITECTURE_FIELDS}
-        return PanopticDETR(category_map.num_classes, **arch, **training)
-    pretrained = load_checkpoint(model_config.init, **training)
+        return PanopticDETR.from_config(wanted)
+    pretrained = load_checkpoint(model_config.init, dropout=wanted.dropout, aux_loss=wanted.aux_loss)
     model = pretrained.model
-    differs = {k: (getattr(model_config, k), model.config[k]) for k in ARCHITECTURE_FIELDS
-               if model.config.get(k) != getattr(model_config, k)}
+    differs = {k: (wanted[k], model.config[k]) for k in DETRConfig.ARCHITECTURE if model.config[k] != wanted[k]}
     if differs:
         log.info("model.init %s defines the architecture; config values not used: %s", model_config.init,
                  ", ".join(f"{k}={a!r} (checkpoint: {b!r})" for k, (a, b) in differs.items()))
@@ -128,7 +123,7 @@ def build_model(model_config: ModelConfig, category_map: CategoryMap) -> Panopti
 
 def _model_from_resume(checkpoint: dict[str, Any], category_map: CategoryMap) -> PanopticDETR:
     saved = checkpoint.get("detr_panoptic", {}).get("model_config", {})
-    model = PanopticDETR(**{k: v for k, v in saved.items() if k != "category_map"})
+    model = PanopticDETR.from_config(DETRConfig.from_dict(saved, source="last.pth"))
     model.load_state_dict(checkpoint["model"])
     if model.num_classes != category_map.num_classes:
         raise ValueError(f"cannot resume: last.pth has {model.num_classes} classes, the dataset "
@@ -222,7 +217,7 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
         model.enable_query_groups(config.train.query_groups)
         if verbose:
             log.info("%s: %d query groups in training (Group-DETR); checkpoints and inference keep the official "
-                     "%d queries", config.name, config.train.query_groups, model.config["num_queries"])
+                     "%d queries", config.name, config.train.query_groups, model.config.num_queries)
     add_query_branches(model, config.train, verbose=verbose, name=config.name)
     if resume is not None:
         restore_training_state(model, resume, Path(config.train.output_dir) / "checkpoints" / "last.pth")
@@ -234,7 +229,7 @@ def prepare_model(config: Config, category_map: CategoryMap, resume: dict[str, A
 def add_query_branches(model: PanopticDETR, tc: TrainConfig, *, verbose: bool, name: str) -> None:
     """``train.denoising_*`` and ``train.one_to_many_*``: the training-only query branches, whose parameters
     train whatever is frozen (docs/convergence.md)."""
-    hidden, num_queries = model.config["hidden_dim"], model.config["num_queries"]
+    hidden, num_queries = model.config.hidden_dim, model.config.num_queries
     if tc.denoising_groups > 0:
         model.add_query_branch(DenoisingQueries(model.num_classes, hidden, groups=tc.denoising_groups,
                                                 box_noise=tc.denoising_box_noise, label_noise=tc.denoising_label_noise))
@@ -293,7 +288,7 @@ def build_parts(config: Config, model: PanopticDETR, train_set: Dataset, categor
                      total_steps=total_steps_for(epochs=tc.epochs, max_steps=tc.max_steps,
                                                  steps_per_epoch=batches.steps_per_epoch))
     criterion = build_criterion(
-        category_map.num_classes, aux_loss=model.aux_loss, num_decoder_layers=model.config["dec_layers"],
+        category_map.num_classes, aux_loss=model.aux_loss, num_decoder_layers=model.config.dec_layers,
         eos_coef=tc.eos_coef, ce_loss_coef=tc.ce_loss_coef, bbox_loss_coef=tc.bbox_loss_coef,
         giou_loss_coef=tc.giou_loss_coef, mask_loss_coef=tc.mask_loss_coef, dice_loss_coef=tc.dice_loss_coef,
         set_cost_class=tc.set_cost_class, set_cost_bbox=tc.set_cost_bbox, set_cost_giou=tc.set_cost_giou,
@@ -360,7 +355,6 @@ def prepare_run_folder(config: Config, *, resumed_step: int | None) -> None:
 def build_hooks(config: Config, model: PanopticDETR, category_map: CategoryMap, ctx: DistributedContext,
                 validate: Callable[[nn.Module], dict[str, Any]], wandb: WandbWriter | None) -> list[Hook]:
     """LR schedule, validation, checkpoints, logging and the progress bar, in the order they must run."""
-    from detr_panoptic.checkpoints import model_config_from_model
 
     tc = config.train
     out = Path(tc.output_dir)
@@ -368,7 +362,7 @@ def build_hooks(config: Config, model: PanopticDETR, category_map: CategoryMap, 
         LRSchedulerHook(),
         EvalHook(validate, every_epochs=tc.eval_every_epochs),
         CheckpointHook(out / "checkpoints", every_steps=tc.checkpoint_every_steps,
-                       model_config=model_config_from_model(model), category_map=category_map.to_json(),
+                       model_config=model.config, category_map=category_map.to_json(),
                        on_saved=wandb.log_checkpoint if wandb is not None else None,
                        input_size={"min_size": config.data.min_size, "max_size": config.data.max_size}),
         LoggingHook(out, every_steps=config.logging.log_every_steps, jsonl=config.logging.jsonl,

@@ -22,6 +22,7 @@ from torch import nn
 
 from detr_panoptic.checkpoints import CLASS_HEAD_KEYS, adapt_class_head
 from detr_panoptic.data.categories import CategoryMap
+from detr_panoptic.models.config import DETRConfig
 from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def adapt_to_classes(model: nn.Module, target_map: CategoryMap, *, source_map: C
 
     Keeps the head when the classes are the same; otherwise re-initialises it (optionally warm-started).
     ``source_map``: the checkpoint's categories (None: unknown, the head is re-initialised). Sets
-    ``model.num_classes`` (and ``model.config["num_classes"]``); the categories live with the caller.
+    ``model.num_classes`` (and ``model.config.num_classes``); the categories live with the caller.
     """
     detr = model.detr  # type: ignore[attr-defined]
     if same_classes(source_map, target_map) and detr.class_embed.out_features == target_map.num_classes + 1:
@@ -145,8 +146,8 @@ def adapt_to_classes(model: nn.Module, target_map: CategoryMap, *, source_map: C
                                   target_map=target_map, warm_start=warm_start, table=table)
     detr.class_embed = head
     model.num_classes = target_map.num_classes
-    if hasattr(model, "config") and isinstance(model.config, dict):
-        model.config["num_classes"] = target_map.num_classes
+    if isinstance(getattr(model, "config", None), DETRConfig):
+        model.config = model.config.replace(num_classes=target_map.num_classes)
     log.info("class head re-initialised for %d classes%s", target_map.num_classes,
              f"; {report.format()}" if report else "")
     return report

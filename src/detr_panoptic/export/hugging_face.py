@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from detr_panoptic.checkpoints import FORMAT_VERSION, hugging_face_key_to_official, model_config_from_model
+from detr_panoptic.checkpoints import FORMAT_VERSION, hugging_face_key_to_official
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS, resnet_channels
 from detr_panoptic.models.detr import PanopticDETR
@@ -123,7 +123,7 @@ def _check_mask_head_fits(model: PanopticDETR) -> None:
 def hugging_face_config(model: PanopticDETR, *, category_map: CategoryMap | None = None,
                         metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.json`` dict of ``model`` (a ``DetrConfig``), with ``metadata`` under ``"detr_panoptic"``."""
-    config = model_config_from_model(model)
+    config = model.config.to_dict()
     if config["dilation"]:
         raise UserInputError("a DC5 (dilation) model cannot be written as a Hugging Face folder: transformers' "
                              "own ResNet backbone has no dilation (only its timm backbone does)")
@@ -183,7 +183,7 @@ def export_hugging_face(model: PanopticDETR, out_dir: str | os.PathLike, *,
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    metadata: dict[str, Any] = {"format_version": FORMAT_VERSION, "model_config": model_config_from_model(model),
+    metadata: dict[str, Any] = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
                                 "category_map": category_map.to_json() if category_map is not None else None}
     if input_size is not None:
         metadata["input_size"] = {"min_size": int(input_size[0]),

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from detr_panoptic.checkpoints import FORMAT_VERSION, model_config_from_model
+from detr_panoptic.checkpoints import FORMAT_VERSION
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.utils.errors import UserInputError
@@ -184,7 +184,7 @@ def onnx_metadata(model: PanopticDETR, category_map: CategoryMap | None, input_s
     """What ``metadata.json`` holds: the checkpoint metadata plus a description of the graphs."""
     meta: dict[str, Any] = {
         "format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "checkpoint_format_version": FORMAT_VERSION,
-        "opset": OPSET, "model_config": model_config_from_model(model),
+        "opset": OPSET, "model_config": model.config.to_dict(),
         "category_map": category_map.to_json() if category_map is not None else None,
         "graphs": {"trunk": {"file": TRUNK_FILE, "inputs": list(TRUNK_INPUTS), "outputs": list(TRUNK_OUTPUTS)},
                    "masks": {"file": MASKS_FILE, "inputs": list(MASK_INPUTS), "outputs": list(MASK_OUTPUTS)}},

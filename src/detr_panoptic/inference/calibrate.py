@@ -376,9 +376,8 @@ def write_calibrated_checkpoint(source: str | os.PathLike, postprocess: Mapping[
         atomic_write_json(sidecar, dict(meta, postprocess=record))
         return sidecar
     pretrained = checkpoints.load_checkpoint(source)
-    model_config = pretrained.metadata.get("model_config") or checkpoints.model_config_from_model(pretrained.model)
     return checkpoints.save_checkpoint(target, pretrained.model, category_map=pretrained.category_map,
-                                       model_config=model_config, input_size=_size_record(pretrained.input_size),
+                                       input_size=_size_record(pretrained.input_size),
                                        postprocess=record)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_panoptic.models.backbone import BackboneWithPosition, ResNetBackbone, thaw_batch_norms
+from detr_panoptic.models.config import DETRConfig
 from detr_panoptic.models.mask_head import MaskHeadSmallConv, MHAttentionMap
 from detr_panoptic.models.outputs import DETROutput
 from detr_panoptic.models.position import PositionEmbeddingSine
@@ -69,15 +70,11 @@ class PanopticDETR(nn.Module):
                  dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100,
                  aux_loss: bool = False) -> None:
         super().__init__()
-        if num_classes < 1 or num_queries < 1 or dec_layers < 1:
-            raise ValueError(f"num_classes, num_queries and dec_layers must be >= 1, got "
-                             f"{num_classes}, {num_queries}, {dec_layers}")
-        if hidden_dim % 2 or hidden_dim % nheads:
-            raise ValueError(f"hidden_dim {hidden_dim} must be even and divisible by nheads {nheads}")
-        self.config = {"num_classes": num_classes, "backbone": backbone, "dilation": dilation,
-                       "hidden_dim": hidden_dim, "nheads": nheads, "enc_layers": enc_layers,
-                       "dec_layers": dec_layers, "dim_feedforward": dim_feedforward, "dropout": dropout,
-                       "num_queries": num_queries, "aux_loss": aux_loss}
+        # the one description of this model (checked there): checkpoints store it, exports read it
+        self.config = DETRConfig(num_classes, backbone=backbone, dilation=dilation, hidden_dim=hidden_dim,
+                                 nheads=nheads, enc_layers=enc_layers, dec_layers=dec_layers,
+                                 dim_feedforward=dim_feedforward, dropout=dropout, num_queries=num_queries,
+                                 aux_loss=aux_loss)
         self.num_classes = num_classes
         self.aux_loss = aux_loss
         resnet = ResNetBackbone(backbone, dilation)
@@ -98,6 +95,11 @@ class PanopticDETR(nn.Module):
         self.register_state_dict_post_hook(_drop_training_only)
         self.register_load_state_dict_post_hook(_training_only_not_missing)
 
+
+    @classmethod
+    def from_config(cls, config: DETRConfig) -> PanopticDETR:
+        """The model ``config`` describes (random weights)."""
+        return cls(**config.to_dict())
     def training_state_dict(self) -> dict[str, torch.Tensor]:
         """The training-only state (``self.training_only``: extra query groups, and any module a training
         feature registers there) as ``{key: tensor}``, keys like ``state_dict``'s; empty without it. It goes
