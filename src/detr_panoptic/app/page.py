@@ -8,6 +8,7 @@ a message in the page, never an exception that would leave the page half updated
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import threading
 import time
@@ -55,6 +56,7 @@ class Shown:
     setting: Setting
     result: Any
     folder: Path
+    name: str = "image"
     notes: tuple[str, ...] = ()
 
 
@@ -180,7 +182,7 @@ class _Handlers:
             analysis = analyse(self.models.get(checkpoint), picture, lowest=self.lowest)
             analysis.seconds = {"load": load_seconds, **analysis.seconds}
             return self._show(analysis, checkpoint, _setting(threshold, merge, min_area), opacity, things, stuff,
-                              notes)
+                              notes, name=_file_stem(path))
         except (UserInputError, FileNotFoundError) as exc:
             return _nothing(f"**{_plain(exc)}**")
 
@@ -190,22 +192,23 @@ class _Handlers:
             return _nothing("upload an image first")
         try:
             return self._show(state.analysis, state.checkpoint, _setting(threshold, merge, min_area), opacity,
-                              things, stuff, state.notes, seconds={})
+                              things, stuff, state.notes, seconds={}, name=state.name)
         except UserInputError as exc:
             return _unchanged(state, f"**{_plain(exc)}**")
 
     def _show(self, analysis: Analysis, checkpoint: str, setting: Setting, opacity: float, things: bool,
-              stuff: bool, notes: Sequence[str], seconds: Mapping[str, float] | None = None) -> tuple:
+              stuff: bool, notes: Sequence[str], seconds: Mapping[str, float] | None = None, name: str = "image"
+              ) -> tuple:
         result, post_seconds = analysis.result(setting)
         categories = analysis.predictor.settings.category_map
         tick = time.perf_counter()
         drawn = overlay(analysis.picture, result, categories, opacity=opacity, things=things, stuff=stuff)
         rows = segment_rows(result, categories)
         folder = self._folder()
-        files = write_downloads(result, categories, folder)
+        files = write_downloads(result, categories, folder, name=name)
         timings = {**(analysis.seconds if seconds is None else seconds), "post-processing": post_seconds,
                    "drawing": time.perf_counter() - tick}
-        state = Shown(analysis, checkpoint, setting, result, folder, tuple(notes))
+        state = Shown(analysis, checkpoint, setting, result, folder, name, tuple(notes))
         count = f"{len(rows)} segment{'s' if len(rows) != 1 else ''} (threshold {setting.threshold:.2f}, " \
                 f"{setting.merge_stuff}, min area {setting.min_area})"
         choices = [(f"{r[0]}: {r[1]} {r[3]:.2f}", r[0]) for r in rows]
@@ -225,7 +228,7 @@ class _Handlers:
 
     def segment(self, state: Shown | None, segment_id: Any, per_head: bool) -> tuple:
         if state is None or segment_id in (None, ""):
-            return None, "pick a segment" if state is not None else "upload an image first"
+            return None, gr.update()  # a new result clears the choice: keep its message
         try:
             tick = time.perf_counter()
             drawn = attention_picture(state.analysis, state.result, int(segment_id),
@@ -244,6 +247,12 @@ def _setting(threshold: float, merge: str, min_area: float) -> Setting:
     if min_area is None or int(min_area) != min_area:
         raise UserInputError(f"minimum segment area must be a whole number of pixels, got {min_area}")
     return Setting(float(threshold), str(merge), int(min_area))
+
+
+def _file_stem(path: str) -> str:
+    """The uploaded file's name without suffix, safe as a file name (the downloads are named after it)."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(path).stem).strip("._")[:80]
+    return stem or "image"
 
 
 def _plain(exc: BaseException) -> str:
