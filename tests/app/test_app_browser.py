@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.timeout(240)
 WAIT = 60  # seconds any one thing may take to appear on a loaded machine
