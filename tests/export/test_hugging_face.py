@@ -46,7 +46,7 @@ def _export_and_load_in_transformers(model, category_map, folder):
 
 
 @pytest.mark.parametrize("aux_loss", [False, True], ids=["aux_off", "aux_on"])
-@pytest.mark.parametrize("which", ["small", "r50"])
+@pytest.mark.parametrize("which", ["small", pytest.param("r50", marks=pytest.mark.slow)])  # R50: 1-3 min on 2 busy cores
 def test_transformers_gives_our_outputs(tmp_path, which, aux_loss, request):
     """Every model we train has aux loss on: its export must give our outputs too (transformers 5.x would
     layer-normalise the decoder's state between layers if config.json said ``auxiliary_loss: true``)."""
