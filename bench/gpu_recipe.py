@@ -67,7 +67,8 @@ def recipe_step(model, criterion, optimizer, image, mask, targets, *, matched_on
     selector = QuerySelector(criterion.matcher, targets) if matched_only else None
     with autocast(image.device, dtype):
         outputs = model(image, mask, mask_queries=selector)
-    losses = criterion(outputs, targets, indices=selector.indices if selector is not None else None)
+    matched = {"indices": selector.indices, "aux_indices": selector.aux_indices} if selector is not None else {}
+    losses = criterion(outputs, targets, **matched)
     total = criterion.weighted_total(losses)
     (scaler.scale(total) if scaler is not None else total).backward()
     if scaler is not None:

@@ -49,6 +49,23 @@ def test_ddp_step_over_nccl_equals_the_plain_step(cuda, strict_fp32, nccl_group)
         torch.testing.assert_close(ddp_params[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_ddp_as_training_wraps_it_fits_gradient_buckets(cuda, nccl_group):
+    """``training.wrap_distributed`` (channels-last conv weights, as their gradients): no "Grad strides do
+    not match bucket view strides" warning, i.e. no copy of every such gradient per step."""
+    import warnings
+
+    from detr_panoptic.engine.distributed import DistributedContext
+    from detr_panoptic.engine.training import wrap_distributed
+
+    model = tiny_model().to(cuda)
+    ctx = DistributedContext(rank=0, world_size=2, device=cuda)  # world_size > 1: wrap (the group has 1 process)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step_losses(model, cuda, wrap=lambda m: wrap_distributed(m, ctx, find_unused_parameters=True,
+                                                                 broadcast_buffers=False))
+    assert not [w for w in caught if "Grad strides" in str(w.message)]
+
+
 def test_auto_device_is_the_local_gpu(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "0")
