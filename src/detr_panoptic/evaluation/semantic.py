@@ -94,7 +94,7 @@ def cityscapes_labels() -> CityscapesLabels:
 
 def _ratio(tp: float, fp: float, fn: float) -> float:
     denominator = tp + fp + fn
-    return float(tp) / denominator if denominator != 0 else math.nan
+    return float(tp) / float(denominator) if denominator != 0 else math.nan
 
 
 def _mean(scores: Mapping[str, float]) -> float:

@@ -8,7 +8,9 @@
 as cityscapesScripts' evaluators and the test server read them (``detr-panoptic cityscapes-eval`` scores
 them). ``<stem>`` is the image id for dataset images (``<city>_<seq>_<frame>``), else the input's stem.
 
-How the predictions are made from one panoptic result (the choice measured in docs/metrics.md):
+The semantic map and the instances come from the result: its query-based ``semantic`` / ``instances``
+when the predictor computed them (``PanopticPredictor.with_dense_outputs``), else read off the panoptic
+segments (the choice measured in docs/metrics.md):
 
 * semantic: each pixel takes the labelId of its panoptic segment's category (VOID -> 0, unlabeled);
 * instances: each thing segment is one instance, its confidence the segment's class probability.
@@ -62,6 +64,26 @@ def result_stem(sample: InferenceSample) -> str:
     return str(image_id) if isinstance(image_id, str) else Path(sample.file_name).stem
 
 
+def semantic_labels(result: PanopticResult, label_ids: Mapping[int, int]) -> np.ndarray:
+    """uint8 ``[H, W]`` labelIds: the result's query-based ``semantic`` map when it has one, else
+    ``semantic_from_panoptic``; no category -> 0 (unlabeled)."""
+    if result.semantic is None:
+        return semantic_from_panoptic(result, label_ids)
+    categories = result.semantic.cpu().numpy()
+    lookup = np.zeros(max([int(categories.max(initial=0))] + list(label_ids)) + 2, np.uint8)
+    for category_id, label_id in label_ids.items():
+        lookup[category_id] = label_id
+    return lookup[categories]  # -1 (no category) reads the last entry, 0
+
+
+def result_instances(result: PanopticResult, label_ids: Mapping[int, int], things: set[int]
+                     ) -> list[tuple[np.ndarray, int, float]]:
+    """The result's query-based ``instances`` when it has them, else ``instances_from_panoptic``."""
+    if result.instances is None:
+        return instances_from_panoptic(result, label_ids, things)
+    return [(mask.cpu().numpy(), label_ids[int(c)], float(score)) for mask, c, score in result.instances]
+
+
 def semantic_from_panoptic(result: PanopticResult, label_ids: Mapping[int, int]) -> np.ndarray:
     """uint8 ``[H, W]`` labelIds: each segment's category's labelId, VOID -> 0."""
     id_map = result.id_map.cpu().numpy()
@@ -100,10 +122,10 @@ class CityscapesWriter:
     def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
         for sample, result in zip(samples, results):
             stem = result_stem(sample)
-            semantic = semantic_from_panoptic(result, self.label_ids)
+            semantic = semantic_labels(result, self.label_ids)
             atomic_write_bytes(self.folder / "semantic" / f"{stem}.png", encode_grey8_png(semantic))
             lines = []
-            for k, (mask, label_id, confidence) in enumerate(instances_from_panoptic(result, self.label_ids, self.things)):
+            for k, (mask, label_id, confidence) in enumerate(result_instances(result, self.label_ids, self.things)):
                 name = f"masks/{stem}_{k}.png"
                 atomic_write_bytes(self.folder / "instance" / name, encode_grey8_png(mask.astype(np.uint8) * 255))
                 lines.append(f"{name} {label_id} {confidence:.6f}\n")

@@ -11,6 +11,7 @@ bf16/fp16 autocast (``dtype``); the kept-query decision and post-processing alwa
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from PIL import Image
 
 from detr_panoptic.inference.samples import InferenceSample, load_image, preprocess
 from detr_panoptic.inference.settings import PredictorSettings
+from detr_panoptic.models.dense_outputs import DenseOutputs, add_dense_outputs
 from detr_panoptic.models.detr import PanopticDETR
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
 from detr_panoptic.models.postprocess import PanopticPostProcessor
@@ -51,6 +53,14 @@ class PanopticPredictor:
         self.settings = settings
         self.dtype = _resolve_dtype(dtype, self.device)
         self.postprocessor: PanopticPostProcessor = settings.postprocessor()
+        self.dense: DenseOutputs | None = None
+
+    def with_dense_outputs(self, dense: DenseOutputs | None) -> PanopticPredictor:
+        """The same predictor whose results also carry a semantic map and instances computed from the
+        queries (``models.dense_outputs.DenseOutputs``; None or "panoptic" sources: nothing added)."""
+        predictor = copy.copy(self)  # the same model, settings and post-processor
+        predictor.dense = dense
+        return predictor
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, device: str | torch.device | None = "auto",
@@ -98,8 +108,16 @@ class PanopticPredictor:
         """Results for preprocessed images (``preprocess``), each resized to its ``orig_sizes`` entry."""
         if not images:
             return []
+        dense = self.dense
         with torch.inference_mode():
-            results = self.postprocessor(self.forward(images), list(orig_sizes))
+            if dense is None or not dense.uses_queries:
+                results = self.postprocessor(self.forward(images), list(orig_sizes))
+            else:  # masks of the candidate queries too, from the same forward pass
+                lowest = min(dense.candidate_threshold, self.postprocessor.settings.threshold)
+                output = self.forward(images, mask_threshold=lowest)
+                results = self.postprocessor(output, list(orig_sizes))
+                add_dense_outputs(results, output, dense, list(output.image_sizes), list(orig_sizes),
+                                  self.postprocessor.is_thing, self.postprocessor.class_to_category)
         return [result.cpu() for result in results]
 
     def forward(self, images: Sequence[torch.Tensor], *, mask_threshold: float | None = None,

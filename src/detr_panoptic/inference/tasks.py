@@ -30,6 +30,7 @@ from detr_panoptic.inference.evaluators import (
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader, run_inference
 from detr_panoptic.inference.samples import DatasetSamples, ImageFiles, expand_inputs
+from detr_panoptic.models.dense_outputs import DenseOutputs
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_json
 
@@ -39,6 +40,10 @@ PREDICTIONS_JSON = "predictions.json"
 METRICS_JSON = "metrics.json"
 CHART_PNG = "per_class_pq.png"
 CITYSCAPES_DIR = "cityscapes"
+# How Cityscapes' semantic map and instances are made when a predictor does not say: from the queries
+# (Mask2Former's inference), better than reading them off the panoptic result on the demo's model
+# (bench/cityscapes_outputs.py, docs/metrics.md).
+DEFAULT_DENSE_OUTPUTS = DenseOutputs(semantic="queries", instances="queries")
 
 
 def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
@@ -63,15 +68,16 @@ class PredictSummary:
 
 def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                       *, batch_size: int = 1, skip_bad: bool = False, overlays: bool = True,
-                      progress: bool = True, num_workers: int | None = None, cityscapes: bool = False
-                      ) -> PredictSummary:
+                      progress: bool = True, num_workers: int | None = None, cityscapes: bool = False,
+                      dense: DenseOutputs | None = None) -> PredictSummary:
     """Predict every input image (files, folders, globs) and write, under ``out_dir``:
 
     * ``predictions/<name>.png``: COCO panoptic PNG at the original image size (id = R + 256 G + 256^2 B);
     * ``overlays/<name>.png``: the prediction drawn over the image;
     * ``predictions.json``: COCO panoptic ``images``, ``annotations`` and ``categories``;
     * with ``cityscapes``: ``cityscapes/semantic/<name>.png`` and ``cityscapes/instance/<name>.txt`` + masks
-      (``CityscapesWriter``; the model must have Cityscapes categories).
+      (``CityscapesWriter``; the model must have Cityscapes categories), the semantic map and instances
+      from the queries unless ``dense`` (or the predictor's own) says otherwise (``DEFAULT_DENSE_OUTPUTS``).
 
     ``<name>`` is the input's stem (made unique). Killed and started again with the same weights and
     settings, it keeps the images already written and predicts the rest. Raises ``UserInputError`` if
@@ -92,6 +98,8 @@ def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.Pa
         evaluators.insert(0, OverlayWriter(out_dir / "overlays", settings.category_map))
     if cityscapes:
         evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, settings.category_map))
+        if predictor.dense is None:
+            predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     loader = make_loader(torch.utils.data.Subset(files, todo), batch_size=batch_size,
                          num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="predict",
@@ -138,7 +146,8 @@ def evaluation_split(predictor: PanopticPredictor, dataset: Any, *, limit: int |
 def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | os.PathLike, *,
                      batch_size: int = 1, workers: int | None = None, num_workers: int | None = None,
                      limit: int | None = None, progress: bool = True, chart: bool = True, write: bool = True,
-                     extra_metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     extra_metrics: Mapping[str, Any] | None = None, dense: DenseOutputs | None = None
+                     ) -> dict[str, Any]:
     """Predict every image of ``dataset`` (a ``CocoPanopticDataset`` or a ``Subset`` of one) and measure PQ.
 
     Writes into ``out_dir``: ``predictions.json`` + ``predictions/`` (COCO panoptic, PNGs named like the
@@ -162,6 +171,8 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     json_path = out_dir / PREDICTIONS_JSON
     detection = DetectionEvaluator(predictor.settings.category_map)
     cityscapes = cityscapes_split(base) if write else None
+    if cityscapes is not None and predictor.dense is None:
+        predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     if write:
         writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
                                 fingerprint=_fingerprint(predictor, gt_json=str(base.json_path)))

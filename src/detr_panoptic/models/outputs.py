@@ -75,12 +75,19 @@ class PanopticResult:
     segments_info: one dict per segment: ``id``, ``category_id``, ``isthing``, ``area``, ``score``
     (and ``query``: the index of the decoder query that produced it).
     kept: the kept queries (``KeptQueries``), when the post-processor was given their boxes.
+    semantic: optional Long [H, W] category id per pixel (-1: none) from the queries
+        (``models.dense_outputs``); None: read it off the panoptic segments.
+    instances: optional list of (Bool [H, W] mask, category id, score), best first, from the queries.
     """
 
     id_map: torch.Tensor
     segments_info: list[dict[str, Any]]
     kept: KeptQueries | None = None
+    semantic: torch.Tensor | None = None
+    instances: list[tuple[torch.Tensor, int, float]] | None = None
 
     def cpu(self) -> PanopticResult:
         return PanopticResult(self.id_map.cpu(), self.segments_info,
-                              self.kept.to("cpu") if self.kept is not None else None)
+                              self.kept.to("cpu") if self.kept is not None else None,
+                              self.semantic.cpu() if self.semantic is not None else None,
+                              None if self.instances is None else [(m.cpu(), c, s) for m, c, s in self.instances])

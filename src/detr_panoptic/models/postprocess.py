@@ -92,7 +92,7 @@ def nearest_resize_ids(id_map: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return id_map.index_select(0, rows).index_select(1, cols)
 
 
-def _valid_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int],
+def valid_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int],
                      input_size: tuple[int, int] | None) -> tuple[int, int]:
     """Rows/cols of the mask grid that cover the unpadded image (the whole grid when there is no padding)."""
     if input_size is None:
@@ -108,7 +108,7 @@ def _valid_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int],
     return valid[0], valid[1]
 
 
-def _image_masks(outputs: DETROutput, b: int, queries: torch.Tensor) -> torch.Tensor:
+def image_masks(outputs: DETROutput, b: int, queries: torch.Tensor) -> torch.Tensor:
     """Mask logits [K, h4, w4] of image b's ``queries``, from full or packed ``pred_masks``."""
     if outputs.pred_masks is None:
         raise ValueError("the predictions hold no masks (pred_masks is None)")
@@ -342,8 +342,8 @@ def upsampled_masks(outputs: DETROutput, b: int, queries: torch.Tensor,
     """Float [K, h, w]: image b's mask logits of ``queries``, cropped to the unpadded image and resized
     (bilinear) to ``processed_size``. Each query's map depends on its own logits only, so the maps of a
     subset of queries are exactly the rows of this tensor."""
-    masks = _image_masks(outputs, b, queries)
-    valid_h, valid_w = _valid_mask_size(tuple(masks.shape[-2:]), processed_size, outputs.input_size)
+    masks = image_masks(outputs, b, queries)
+    valid_h, valid_w = valid_mask_size(tuple(masks.shape[-2:]), processed_size, outputs.input_size)
     return F.interpolate(masks[None, :, :valid_h, :valid_w].float(), size=processed_size, mode="bilinear",
                          align_corners=False)[0]
 
