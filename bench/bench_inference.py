@@ -225,7 +225,7 @@ def worker(path_name: str, weights: str, reps: int, queue, variants: tuple[str, 
 def transformers_runner(model, image, category_map):
     import transformers
 
-    from detr_panoptic.checkpoints import official_to_hugging_face
+    from detr_panoptic.models.weight_names import official_to_hugging_face
 
     backbone = transformers.ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048],
                                          layer_type="bottleneck",

@@ -18,14 +18,10 @@ PACKAGE = "detr_panoptic"
 # Known on main when this test landed; their owners are removing them (issue 25: the demo/calibrate split
 # takes calibrate's plotting out of inference). A check that finds only these is an expected failure; any
 # other fails. Remove an entry once it is gone.
-KNOWN_CYCLES: set[tuple[str, ...]] = {("detr_panoptic.inference", "detr_panoptic.visualize")}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._describe"),
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._to_numpy"),
-    ("detr_panoptic.inference.calibrate", "detr_panoptic.checkpoints._metadata"),
-    ("detr_panoptic.inference.calibrate", "detr_panoptic.checkpoints._read_json"),
-    ("detr_panoptic.inference.calibrate", "detr_panoptic.checkpoints._torch_load"),
-    ("detr_panoptic.inference.calibrate", "detr_panoptic.inference.tasks._default_workers"),
     *(("detr_panoptic.utils.png_grey", f"detr_panoptic.utils.png.{name}") for name in (
         "_SIGNATURE", "_decode_unfilter", "_inflated_pixels", "_png_chunk", "_png_header", "_unfilter", "_zlib_ng")),
 }

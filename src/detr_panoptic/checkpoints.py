@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import pickle
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,14 @@ import torch
 
 from detr_panoptic.checkpoint_sources import fetch_remote
 from detr_panoptic.data.categories import CategoryMap, coco_category_map
-from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS
 from detr_panoptic.models.config import DETRConfig
 from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.models.postprocess import PostprocessSettings
+from detr_panoptic.models.weight_names import (
+    hugging_face_to_official,
+    infer_model_config,
+    is_hugging_face_state,
+)
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
 
@@ -193,98 +197,6 @@ def _read_hf_folder(folder: Path, *, description: str | None = None) -> _Loaded:
                    config={k: v for k, v in config.items() if v is not None})
 
 
-# -- Hugging Face names -> official names ------------------------------------------------------------------
-_HF_BACKBONE_PREFIX = re.compile(r"^detr\.model\.backbone\.(?:conv_encoder\.)?model\.")
-_HF_RULES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), r) for p, r in [
-    # transformers' own ResNet (AutoBackbone)
-    (r"^BB\.embedder\.embedder\.convolution\.", "BB.conv1."),
-    (r"^BB\.embedder\.embedder\.normalization\.", "BB.bn1."),
-    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.", r"BB.layerS\1.\2.downsample.0."),
-    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.", r"BB.layerS\1.\2.downsample.1."),
-    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.", r"BB.layerS\1.\2.convJ\3."),
-    (r"^BB\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.", r"BB.layerS\1.\2.bnJ\3."),
-    (r"^BB\.", "detr.backbone.0.body."),
-    # transformer
-    (r"^detr\.model\.(encoder|decoder)\.", r"detr.transformer.\1."),
-    (r"\.encoder_attn\.", ".multihead_attn."),
-    (r"\.o_proj\.", ".out_proj."),
-    (r"\.(?:mlp\.)?fc1\.", ".linear1."),
-    (r"\.(?:mlp\.)?fc2\.", ".linear2."),
-    (r"^(detr\.transformer\.encoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
-    (r"^(detr\.transformer\.encoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm2."),
-    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.self_attn_layer_norm\.", r"\1.norm1."),
-    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.encoder_attn_layer_norm\.", r"\1.norm2."),
-    (r"^(detr\.transformer\.decoder\.layers\.\d+)\.final_layer_norm\.", r"\1.norm3."),
-    (r"^detr\.transformer\.decoder\.layernorm\.", "detr.transformer.decoder.norm."),
-    # heads and projections
-    (r"^detr\.model\.input_projection\.", "detr.input_proj."),
-    (r"^detr\.model\.query_position_embeddings\.", "detr.query_embed."),
-    (r"^detr\.class_labels_classifier\.", "detr.class_embed."),
-    (r"^detr\.bbox_predictor\.", "detr.bbox_embed."),
-    (r"^bbox_attention\.q_proj\.", "bbox_attention.q_linear."),
-    (r"^bbox_attention\.k_proj\.", "bbox_attention.k_linear."),
-    # transformers >= 5 in-memory mask-head names
-    (r"^mask_head\.conv(\d)\.conv\.", r"mask_head.lay\1."),
-    (r"^mask_head\.conv(\d)\.norm\.", r"mask_head.gn\1."),
-    (r"^mask_head\.fpn_stages\.(\d)\.fpn_adapter\.", r"mask_head.adapterF\1."),
-    (r"^mask_head\.fpn_stages\.(\d)\.refine\.conv\.", r"mask_head.layF\1."),
-    (r"^mask_head\.fpn_stages\.(\d)\.refine\.norm\.", r"mask_head.gnF\1."),
-    (r"^mask_head\.output_conv\.", "mask_head.out_lay."),
-]]
-_OFFSETS = [(re.compile(r"layerS(\d+)"), "layer", 1), (re.compile(r"convJ(\d+)"), "conv", 1),
-            (re.compile(r"bnJ(\d+)"), "bn", 1), (re.compile(r"adapterF(\d+)"), "adapter", 1),
-            (re.compile(r"layF(\d+)"), "lay", 3), (re.compile(r"gnF(\d+)"), "gn", 3)]
-_QKV = re.compile(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$")
-
-
-def is_hugging_face_state(state: Mapping[str, Any]) -> bool:
-    return any(k.startswith(("detr.model.", "detr.class_labels_classifier.")) for k in state)
-
-
-def hugging_face_key_to_official(key: str) -> str:
-    """Official name of one ``DetrForSegmentation`` key; q/k/v projections keep their ``q_proj`` etc. suffix
-    (``hugging_face_to_official`` fuses them into ``in_proj_weight``/``in_proj_bias``)."""
-    key = _HF_BACKBONE_PREFIX.sub("BB.", key)
-    for pattern, replacement in _HF_RULES:
-        key = pattern.sub(replacement, key)
-    for pattern, name, offset in _OFFSETS:
-        key = pattern.sub(lambda m, n=name, o=offset: f"{n}{int(m.group(1)) + o}", key)
-    return key
-
-
-def official_to_hugging_face(state: Mapping[str, torch.Tensor], hf_keys: list[str]) -> dict[str, torch.Tensor]:
-    """The inverse mapping, for the keys ``hf_keys`` of a ``DetrForSegmentation`` (saved or in-memory names)."""
-    out = {}
-    for key in hf_keys:
-        official = hugging_face_key_to_official(key)
-        match = _QKV.match(official)
-        if match and ".bbox_attention" not in official:
-            fused = state[f"{match.group(1)}.in_proj_{match.group(3)}"]
-            out[key] = fused.chunk(3)["qkv".index(match.group(2))]
-        else:
-            out[key] = state[official]
-    return out
-
-
-def hugging_face_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a ``DetrForSegmentation`` state dict (saved or in-memory names, timm or transformers ResNet)
-    to the official DETR keys; q/k/v projections are fused into ``in_proj_weight``/``in_proj_bias``."""
-    renamed = {hugging_face_key_to_official(key): value for key, value in state.items()}
-    fused: dict[str, torch.Tensor] = {}
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in renamed.items():
-        match = _QKV.match(key)
-        if match and ".bbox_attention" not in key:
-            parts.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
-        else:
-            fused[key] = value
-    for (prefix, kind), qkv in parts.items():
-        if set(qkv) != {"q", "k", "v"}:
-            raise UserInputError(f"Hugging Face weights: {prefix} lacks one of q/k/v_proj.{kind}")
-        fused[f"{prefix}.in_proj_{kind}"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]])
-    return fused
-
-
 def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if is_hugging_face_state(state):
         state = hugging_face_to_official(state)
@@ -294,46 +206,6 @@ def _normalise_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
             continue
         out[key.removeprefix("module.")] = value
     return out
-
-
-# -- configuration ------------------------------------------------------------------------------------------
-def infer_model_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Constructor kwargs readable from official-name weights (not: dilation, dropout, aux_loss)."""
-    try:
-        hidden_dim = int(state["detr.query_embed.weight"].shape[1])
-        config: dict[str, Any] = {
-            "num_classes": int(state["detr.class_embed.weight"].shape[0]) - 1,
-            "num_queries": int(state["detr.query_embed.weight"].shape[0]),
-            "hidden_dim": hidden_dim,
-        }
-    except KeyError as exc:
-        raise UserInputError(f"weights lack {exc.args[0]}: not a DETR panoptic state dict "
-                             f"(first keys: {sorted(state)[:5]})") from None
-
-    def count(prefix: str) -> int:
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-        return len({m.group(1) for k in state if (m := pattern.match(k))})
-
-    config["enc_layers"] = count("detr.transformer.encoder.layers.")
-    config["dec_layers"] = count("detr.transformer.decoder.layers.")
-    for stack in ("encoder", "decoder"):
-        ffn = state.get(f"detr.transformer.{stack}.layers.0.linear1.weight")
-        if ffn is not None:
-            config["dim_feedforward"] = int(ffn.shape[0])
-            break
-    lay1 = state.get("mask_head.lay1.weight")
-    if lay1 is not None:
-        config["nheads"] = int(lay1.shape[1]) - hidden_dim
-    bottleneck = "detr.backbone.0.body.layer1.0.conv3.weight" in state
-    blocks = tuple(count(f"detr.backbone.0.body.layer{i}.") for i in range(1, 5))
-    for name, name_blocks in RESNET_BLOCKS.items():
-        if name_blocks == blocks and BOTTLENECK[name] == bottleneck:
-            config["backbone"] = name
-            break
-    else:
-        raise UserInputError(f"backbone with blocks {blocks} ({'bottleneck' if bottleneck else 'basic'}) is not "
-                             f"one of ResNet-18/34/50/101")
-    return config
 
 
 # -- the public entry points ------------------------------------------------------------------------------------
@@ -531,6 +403,52 @@ def export_safetensors(model: PanopticDETR, path: str | os.PathLike, *,
         save_file(state, str(tmp), metadata={"format": "pt", "detr_panoptic_format_version": str(FORMAT_VERSION)})
     atomic_write_json(sidecar_path(path), meta)
     return path
+
+
+def write_postprocess(source: str | os.PathLike, postprocess: Mapping[str, Any], *,
+                      out: str | os.PathLike | None = None, in_place: bool = False) -> Path:
+    """Store ``postprocess`` (``PostprocessSettings`` keys: what ``calibrate`` chose) as the checkpoint's
+    ``detr_panoptic.postprocess`` record, which ``PredictorSettings.from_checkpoint`` reads.
+
+    ``in_place``: rewrite ``source`` atomically (our ``.pth`` checkpoints: everything else in the file is
+    kept; ``.safetensors``: its JSON sidecar). Otherwise write a copy to ``out``: our ``.pth`` with
+    everything else kept, any other source (official file, ``.safetensors``, Hugging Face folder, URL,
+    alias) as our checkpoint format (weights, categories, model config, input size). Returns the path written.
+    """
+    record = PostprocessSettings.from_dict(postprocess).as_dict()
+    path = Path(str(source)).expanduser()
+    if in_place and not path.is_file():
+        raise UserInputError(f"{source}: --in-place needs a checkpoint file (.pth or .safetensors); "
+                             "write a calibrated copy with --out instead")
+    if not in_place and out is None:
+        raise UserInputError("write_postprocess: give out= or in_place=True")
+    target = path if in_place else Path(out)  # type: ignore[arg-type]
+    if path.is_file() and path.suffix != ".safetensors":
+        obj = _torch_load(path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) \
+                and isinstance(obj.get("detr_panoptic"), Mapping):
+            with atomic_path(target) as tmp:
+                torch.save(dict(obj, detr_panoptic=dict(obj["detr_panoptic"], postprocess=record)), tmp)
+            return target
+        if in_place:
+            raise UserInputError(f"{path}: not a detr-panoptic checkpoint (no 'detr_panoptic' metadata): refusing "
+                                 "to rewrite it in place; write a calibrated copy with --out instead")
+    if in_place:  # .safetensors: the metadata lives in the sidecar
+        sidecar = sidecar_path(path)
+        if sidecar.is_file():
+            meta = _read_json(sidecar)
+        else:
+            pretrained = load_checkpoint(path)
+            meta = _metadata(pretrained.model, pretrained.category_map, None, _size_record(pretrained.input_size))
+        atomic_write_json(sidecar, dict(meta, postprocess=record))
+        return sidecar
+    pretrained = load_checkpoint(source)
+    return save_checkpoint(target, pretrained.model, category_map=pretrained.category_map,
+                           input_size=_size_record(pretrained.input_size), postprocess=record)
+
+
+def _size_record(input_size: tuple[int, int] | None) -> dict[str, int] | None:
+    return None if input_size is None else {"min_size": int(input_size[0]), "max_size": int(input_size[1])}
 
 
 # -- class head adaptation ------------------------------------------------------------------------------------

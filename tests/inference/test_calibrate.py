@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr_panoptic.checkpoints import write_postprocess
 from detr_panoptic.cli import main
 from detr_panoptic.inference import PanopticPredictor, PredictorSettings, evaluate_dataset
 from detr_panoptic.inference.calibrate import (
     CalibrationTable,
     calibrate,
     make_grid,
-    write_calibrated_checkpoint,
 )
 from detr_panoptic.utils.errors import UserInputError
 
@@ -134,7 +134,7 @@ def test_best_is_the_highest_pq(table):
 
 def test_calibrated_checkpoint_is_read_back_and_used_by_predict(table, checkpoint, cityscapes, tmp_path):
     best = table.best.setting
-    copy = write_calibrated_checkpoint(checkpoint, best.as_dict(), out=tmp_path / "calibrated.pth")
+    copy = write_postprocess(checkpoint, best.as_dict(), out=tmp_path / "calibrated.pth")
     predictor = predictor_for(copy)
     assert (predictor.settings.threshold, predictor.settings.merge_stuff, predictor.settings.min_area) == \
         (best.threshold, best.merge_stuff, best.min_area)
@@ -176,7 +176,7 @@ def test_bad_grids_are_clear_errors():
 
 def test_in_place_needs_a_file():
     with pytest.raises(UserInputError, match="--in-place needs a checkpoint file"):
-        write_calibrated_checkpoint("coco-r50-panoptic", {"threshold": 0.5, "merge_stuff": "reference",
+        write_postprocess("coco-r50-panoptic", {"threshold": 0.5, "merge_stuff": "reference",
                                                           "min_area": 4}, in_place=True)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detr_panoptic.checkpoints import hugging_face_to_official, load_checkpoint
+from detr_panoptic.checkpoints import load_checkpoint
+from detr_panoptic.models.weight_names import hugging_face_to_official
 
 transformers = pytest.importorskip("transformers", reason="the equivalence test needs `pip install transformers`")
 
@@ -69,7 +70,7 @@ def test_in_memory_names_map_too():
 
 
 def test_official_to_hugging_face_round_trip():
-    from detr_panoptic.checkpoints import official_to_hugging_face
+    from detr_panoptic.models.weight_names import official_to_hugging_face
 
     hf = build_hf_model()
     state = hf.state_dict()

@@ -588,14 +588,15 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init:
     summary_dir = out / "summary"
 
     def calibrate_phase() -> dict[str, Any] | None:
-        from detr_panoptic.inference.calibrate import calibrate, write_calibrated_checkpoint, write_table
+        from detr_panoptic.checkpoints import write_postprocess
+        from detr_panoptic.inference.calibrate import calibrate, write_table
 
         count = min(settings.calibrate_images, len(train_set))
         table = calibrate(PanopticPredictor.from_pretrained(final_checkpoint, device=device),
                           torch.utils.data.Subset(train_set, list(range(count))), batch_size=4, num_workers=0)
         written = write_table(table, summary_dir)  # the report draws summary/calibration.{json,png}
-        calibrated = write_calibrated_checkpoint(final_checkpoint, table.best.setting.as_dict(),
-                                                 out=out / "calibration" / "calibrated.pth")
+        calibrated = write_postprocess(final_checkpoint, table.best.setting.as_dict(),
+                                       out=out / "calibration" / "calibrated.pth")
         predictor = PanopticPredictor.from_pretrained(calibrated, device=device)  # the stored setting applies
         evaluations["calibrated"] = evaluate_dataset(predictor, val_set, out / "eval" / "calibrated",
                                                      extra_metrics={"checkpoint": str(calibrated)},

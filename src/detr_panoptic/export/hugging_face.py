@@ -9,7 +9,7 @@ keys as config attributes), so ``checkpoints.load_checkpoint(folder)`` restores 
 ``auxiliary_loss`` is always false: the folder is for inference, and with it true transformers computes
 other outputs than the reference for the same weights (the training flag is kept in our metadata).
 
-The names are the inverse of ``checkpoints.hugging_face_key_to_official``: every written name is checked
+The names are the inverse of ``models.weight_names.hugging_face_key_to_official``: every written name is checked
 to map back to the official name it came from.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from detr_panoptic.checkpoints import FORMAT_VERSION, hugging_face_key_to_official
+from detr_panoptic.checkpoints import FORMAT_VERSION
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.models.backbone import BOTTLENECK, RESNET_BLOCKS, resnet_channels
 from detr_panoptic.models.detr import PanopticDETR
+from detr_panoptic.models.weight_names import hugging_face_key_to_official
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_path, atomic_write_json
 

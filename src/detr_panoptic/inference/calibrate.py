@@ -25,7 +25,7 @@ statistics. Memory is therefore bounded by one batch (as in ``evaluate``) whatev
 grid; nothing has to be cached across images or spilled to disk.
 
 The result is a ``CalibrationTable``: one row per setting (PQ, SQ, RQ, PQ things, PQ stuff, as
-percentages, plus TP/FP/FN totals) and ``best``. ``write_calibrated_checkpoint`` stores the best setting as
+percentages, plus TP/FP/FN totals) and ``best``. ``checkpoints.write_postprocess`` stores the best setting as
 the checkpoint's ``detr_panoptic.postprocess`` record, which ``PredictorSettings.from_checkpoint`` reads.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ from detr_panoptic.inference.runner import make_loader
 from detr_panoptic.inference.samples import InferenceSample
 from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, PostprocessSettings
 from detr_panoptic.utils.errors import UserInputError
-from detr_panoptic.utils.io import atomic_path, atomic_write_json
+from detr_panoptic.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequenc
     evaluation run at the same batch size). Returns a ``CalibrationTable``.
     """
     from detr_panoptic.evaluation import PQAccumulator
-    from detr_panoptic.inference.tasks import _default_workers, evaluation_split
+    from detr_panoptic.inference.tasks import default_workers, evaluation_split
 
     start = time.perf_counter()
     grid = make_grid(thresholds, merge_modes, min_areas)
@@ -215,7 +215,7 @@ def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequenc
     accumulators = {s: PQAccumulator(gt["categories"]) for s in grid}
     categories = next(iter(accumulators.values())).categories  # parsed once, shared by the per-image runs
     loader = make_loader(torch.utils.data.Subset(samples, list(range(count))), batch_size=batch_size,
-                         num_workers=_default_workers(count) if num_workers is None else num_workers)
+                         num_workers=default_workers(count) if num_workers is None else num_workers)
     sweep = _Sweep(predictor, grid, lowest)
     from tqdm import tqdm
 
@@ -293,96 +293,10 @@ def write_table(table: CalibrationTable, out_dir: str | os.PathLike, *, chart: b
     written = {"json": out_dir / CALIBRATION_JSON}
     atomic_write_json(written["json"], table.to_json())
     if chart:
+        from detr_panoptic.visualize.charts import plot_calibration
+
         written["chart"] = plot_calibration(table, out_dir / CALIBRATION_PNG)
     return written
-
-
-def plot_calibration(table: CalibrationTable, path: str | os.PathLike) -> Path:
-    """PQ against the threshold: All, things and stuff for the best row's merge mode and minimum area, the
-    other (merge mode, minimum area) pairs' PQ thin and dashed, the chosen setting marked."""
-    from matplotlib.figure import Figure
-
-    best = table.best
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.add_subplot()
-    pairs = list(dict.fromkeys((r.setting.merge_stuff, r.setting.min_area) for r in table.rows))
-    chosen = (best.setting.merge_stuff, best.setting.min_area)
-    for pair in pairs:
-        rows = sorted((r for r in table.rows if (r.setting.merge_stuff, r.setting.min_area) == pair),
-                      key=lambda r: r.setting.threshold)
-        x = [r.setting.threshold for r in rows]
-        if pair == chosen:
-            ax.plot(x, [r.pq for r in rows], "-o", color="#1f3b5a", lw=2.2, ms=4, label=f"PQ ({pair[0]}, min area {pair[1]})")
-            ax.plot(x, [r.pq_things for r in rows], "-s", color="#e8a33d", lw=1.6, ms=3, label="PQ things")
-            ax.plot(x, [r.pq_stuff for r in rows], "-^", color="#3a8f5c", lw=1.6, ms=3, label="PQ stuff")
-        else:
-            ax.plot(x, [r.pq for r in rows], "--", lw=0.9, alpha=0.7, label=f"PQ ({pair[0]}, min area {pair[1]})")
-    ax.plot([best.setting.threshold], [best.pq], "*", color="#c0392b", ms=16, zorder=5,
-            label=f"chosen: {best.setting.threshold:.2f} / {best.setting.merge_stuff} / {best.setting.min_area}")
-    ax.annotate(f"PQ {best.pq:.2f}", (best.setting.threshold, best.pq), textcoords="offset points", xytext=(8, 8))
-    ax.set_xlabel("keep threshold")
-    ax.set_ylabel("PQ (%)")
-    ax.set_title(f"post-processing calibration over {table.num_images} image(s)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    return path
-
-
-def write_calibrated_checkpoint(source: str | os.PathLike, postprocess: Mapping[str, Any], *,
-                                out: str | os.PathLike | None = None, in_place: bool = False) -> Path:
-    """Store ``postprocess`` (``{"threshold", "merge_stuff", "min_area"}``) as the checkpoint's
-    ``detr_panoptic.postprocess`` record.
-
-    ``in_place``: rewrite ``source`` atomically (our ``.pth`` checkpoints: everything else in the file is
-    kept; ``.safetensors``: its JSON sidecar). Otherwise write a copy to ``out``: our ``.pth`` with
-    everything else kept, any other source (official file, ``.safetensors``, Hugging Face folder, URL,
-    alias) as our checkpoint format (weights, categories, model config, input size). Returns the path written.
-    """
-    from detr_panoptic import checkpoints
-
-    record = Setting(float(postprocess["threshold"]), str(postprocess["merge_stuff"]),
-                     int(postprocess["min_area"])).as_dict()
-    path = Path(str(source)).expanduser()
-    local = path.is_file()
-    if in_place and not local:
-        raise UserInputError(f"{source}: --in-place needs a checkpoint file (.pth or .safetensors); "
-                             "write a calibrated copy with --out instead")
-    if not in_place and out is None:
-        raise UserInputError("write_calibrated_checkpoint: give out= or in_place=True")
-    target = path if in_place else Path(out)
-    if local and path.suffix != ".safetensors":
-        obj = checkpoints._torch_load(path)
-        if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) \
-                and isinstance(obj.get("detr_panoptic"), Mapping):
-            payload = dict(obj)
-            payload["detr_panoptic"] = dict(obj["detr_panoptic"], postprocess=record)
-            with atomic_path(target) as tmp:
-                torch.save(payload, tmp)
-            return target
-        if in_place:
-            raise UserInputError(f"{path}: not a detr-panoptic checkpoint (no 'detr_panoptic' metadata): refusing "
-                                 "to rewrite it in place; write a calibrated copy with --out instead")
-    if in_place:  # .safetensors: the metadata lives in the sidecar
-        sidecar = checkpoints.sidecar_path(path)
-        if sidecar.is_file():
-            meta = checkpoints._read_json(sidecar)
-        else:
-            pretrained = checkpoints.load_checkpoint(path)
-            meta = checkpoints._metadata(pretrained.model, pretrained.category_map, None,
-                                         _size_record(pretrained.input_size))
-        atomic_write_json(sidecar, dict(meta, postprocess=record))
-        return sidecar
-    pretrained = checkpoints.load_checkpoint(source)
-    return checkpoints.save_checkpoint(target, pretrained.model, category_map=pretrained.category_map,
-                                       input_size=_size_record(pretrained.input_size),
-                                       postprocess=record)
-
-
-def _size_record(input_size: tuple[int, int] | None) -> dict[str, int] | None:
-    return None if input_size is None else {"min_size": int(input_size[0]), "max_size": int(input_size[1])}
 
 
 def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, in_place: bool = False,
@@ -397,6 +311,7 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     """The ``calibrate`` command: sweep, write ``calibration.json``/``.png`` and the calibrated checkpoint
     (``<out_dir>/calibrated.pth``, or ``checkpoint`` itself with ``in_place``). Returns
     ``{"table", "json", "chart", "checkpoint"}``."""
+    from detr_panoptic.checkpoints import write_postprocess
     from detr_panoptic.inference.tasks import build_eval_dataset
 
     make_grid(thresholds, merge_modes, min_areas)  # a bad grid fails before the model is loaded
@@ -408,8 +323,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
                       batch_size=batch_size, limit=limit, progress=progress)
     table.info["checkpoint"] = str(checkpoint)
     written = write_table(table, out_dir)
-    target = write_calibrated_checkpoint(checkpoint, table.best.setting.as_dict(), in_place=in_place,
-                                         out=Path(out_dir) / CALIBRATED_CHECKPOINT)
+    target = write_postprocess(checkpoint, table.best.setting.as_dict(), in_place=in_place,
+                               out=Path(out_dir) / CALIBRATED_CHECKPOINT)
     log.info("wrote %s, %s and %s", written["json"], written.get("chart"), target)
     return {"table": table, "json": written["json"], "chart": written.get("chart"), "checkpoint": target}
 
@@ -427,7 +342,5 @@ __all__ = [
     "calibrate",
     "calibrate_checkpoint",
     "make_grid",
-    "plot_calibration",
-    "write_calibrated_checkpoint",
     "write_table",
 ]

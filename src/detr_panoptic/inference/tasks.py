@@ -52,7 +52,7 @@ def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
             "postprocess": s.postprocess_metadata(), "dtype": str(predictor.dtype), **extra}
 
 
-def _default_workers(count: int) -> int:
+def default_workers(count: int) -> int:
     """Loader workers: one decodes ahead of the model when there is more than one image (0: in-process)."""
     return 1 if count > 1 and (os.cpu_count() or 1) > 1 else 0
 
@@ -101,7 +101,7 @@ def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.Pa
         if predictor.dense is None:
             predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     loader = make_loader(torch.utils.data.Subset(files, todo), batch_size=batch_size,
-                         num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
+                         num_workers=default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="predict",
                         reset=False)
     summary = PredictSummary(out_dir=out_dir, predictions_json=None, skipped=run.skipped,
@@ -185,7 +185,7 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     else:
         todo, evaluators = list(range(count)), [PQEvaluator(gt["categories"]), detection]
     loader = make_loader(torch.utils.data.Subset(samples, todo), batch_size=batch_size,
-                         num_workers=_default_workers(len(todo)) if num_workers is None else num_workers)
+                         num_workers=default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="evaluate",
                         reset=False)
     predict_seconds = time.perf_counter() - start

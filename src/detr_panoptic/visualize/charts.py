@@ -1,4 +1,4 @@
-"""Charts of evaluation results: per-class PQ/SQ/RQ bars.
+"""Charts of evaluation results: per-class PQ/SQ/RQ bars; PQ against the keep threshold (``calibrate``).
 
 Drawn on a ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display needed).
 """
@@ -88,4 +88,36 @@ def per_class_bar_chart(metrics: Mapping[str, Any], categories: Any, path: str |
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def plot_calibration(table: Any, path: str | os.PathLike) -> Path:
+    """``calibrate``'s chart (``table``: an ``inference.calibrate.CalibrationTable``): PQ against the threshold: All, things and stuff for the best row's merge mode and minimum area, the
+    other (merge mode, minimum area) pairs' PQ thin and dashed, the chosen setting marked."""
+    best = table.best
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    pairs = list(dict.fromkeys((r.setting.merge_stuff, r.setting.min_area) for r in table.rows))
+    chosen = (best.setting.merge_stuff, best.setting.min_area)
+    for pair in pairs:
+        rows = sorted((r for r in table.rows if (r.setting.merge_stuff, r.setting.min_area) == pair),
+                      key=lambda r: r.setting.threshold)
+        x = [r.setting.threshold for r in rows]
+        if pair == chosen:
+            ax.plot(x, [r.pq for r in rows], "-o", color="#1f3b5a", lw=2.2, ms=4, label=f"PQ ({pair[0]}, min area {pair[1]})")
+            ax.plot(x, [r.pq_things for r in rows], "-s", color="#e8a33d", lw=1.6, ms=3, label="PQ things")
+            ax.plot(x, [r.pq_stuff for r in rows], "-^", color="#3a8f5c", lw=1.6, ms=3, label="PQ stuff")
+        else:
+            ax.plot(x, [r.pq for r in rows], "--", lw=0.9, alpha=0.7, label=f"PQ ({pair[0]}, min area {pair[1]})")
+    ax.plot([best.setting.threshold], [best.pq], "*", color="#c0392b", ms=16, zorder=5,
+            label=f"chosen: {best.setting.threshold:.2f} / {best.setting.merge_stuff} / {best.setting.min_area}")
+    ax.annotate(f"PQ {best.pq:.2f}", (best.setting.threshold, best.pq), textcoords="offset points", xytext=(8, 8))
+    ax.set_xlabel("keep threshold")
+    ax.set_ylabel("PQ (%)")
+    ax.set_title(f"post-processing calibration over {table.num_images} image(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path

@@ -196,25 +196,25 @@ def _calibration_section(folder: Path) -> tuple[str, str, str] | None:
     path = folder / "calibration.json"
     if not path.is_file():
         return None
-    from detr_panoptic.inference.calibrate import CalibrationTable
-
     try:
-        table = CalibrationTable.from_json(json.loads(path.read_text()), source=str(path))
-    except ValueError as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
-    if not len(table):
+        record = json.loads(path.read_text())
+        rows, best = list(record["rows"]), record["best"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{path}: not a calibration table ({exc!r})") from None
+    if not rows:
         return None
-    best = table.best
-    body = [(f"<p>Chosen: <b>{_e(best.setting)}</b>: PQ {_number(best.pq)} (things {_number(best.pq_things)}, "
-             f"stuff {_number(best.pq_stuff)}) over {table.num_images} image(s), {len(table)} settings.</p>")]
+    setting = f"threshold {_number(best['threshold'])}, merge_stuff {best['merge_stuff']}, min_area {best['min_area']}"
+    body = [(f"<p>Chosen: <b>{_e(setting)}</b>: PQ {_number(best['pq'])} (things {_number(best['pq_things'])}, "
+             f"stuff {_number(best['pq_stuff'])}) over {record.get('num_images', 0)} image(s), {len(rows)} "
+             f"settings.</p>")]
     if (folder / "calibration.png").is_file():
         uri = file_data_uri(folder / "calibration.png")
         if uri:
             body.append(html_figure(uri, "PQ against the keep threshold"))
-    top = sorted(table, key=lambda r: -r.pq)[:10]
+    top = sorted(rows, key=lambda r: -r["pq"])[:10]
     body.append(html_table(["threshold", "merge", "min area", "PQ", "SQ", "RQ", "PQ things", "PQ stuff"],
-                           [(f"{r.setting.threshold:.2f}", r.setting.merge_stuff, r.setting.min_area, r.pq, r.sq,
-                             r.rq, r.pq_things, r.pq_stuff) for r in top], name_columns=3))
+                           [(f"{r['threshold']:.2f}", r["merge_stuff"], r["min_area"], r["pq"], r["sq"], r["rq"],
+                             r["pq_things"], r["pq_stuff"]) for r in top], name_columns=3))
     return "Post-processing calibration", "".join(body), "calibration"
 
 
