@@ -120,3 +120,49 @@ def test_settings_out_of_range_are_refused_and_the_page_keeps_working(client, st
     with pytest.raises(AppError, match="less than minimum value 0"):
         postprocess(client, min_area=-1)
     assert rows(postprocess(client, threshold=0.5))
+
+
+def settled(job, timeout: float = 60.0) -> str:
+    """Wait (bounded) until ``job`` waits in the queue ("queued") or was turned away ("refused")."""
+    import time
+
+    from gradio_client.utils import Status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job.done():
+            error = job.exception()
+            return "refused" if error is not None and "queue is full" in str(error).lower() else "done"
+        if job.status().code in (Status.IN_QUEUE, Status.PROCESSING):
+            return "queued"
+        time.sleep(0.05)
+    raise AssertionError(f"job neither queued nor refused after {timeout} s: {job.status()}")
+
+
+def test_the_queue_is_bounded(served, street):
+    """While one request runs (held inside the forward pass), ``queue_size`` (4) wait and the rest are refused."""
+    import threading
+
+    client = Client(served.url, verbose=False, download_files=False)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(*args) -> None:
+        entered.set()
+        release.wait(timeout=60)
+
+    handle = served.predictor.model.register_forward_pre_hook(hold)
+    try:
+        jobs = [client.submit(handle_file(str(street)), "toy", 0.3, "reference", 4, 0.55, True, True,
+                              api_name="/analyse")]
+        assert entered.wait(timeout=60)
+        jobs += [client.submit(handle_file(str(street)), "toy", 0.3, "reference", 4, 0.55, True, True,
+                               api_name="/analyse") for _ in range(7)]
+        refused = [job for job in jobs[1:] if settled(job) == "refused"]
+        release.set()
+        finished = [job for job in jobs if job not in refused]
+        for job in finished:
+            assert rows(job.result(timeout=60))
+    finally:
+        release.set()
+        handle.remove()
+    assert len(refused) == 3 and len(finished) == 5

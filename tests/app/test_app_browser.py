@@ -1,6 +1,7 @@
 """The real page in headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by selenium):
 upload -> overlay and table; threshold -> fewer segments without a new forward; pick a segment -> its
-attention; download the JSON. Saves a screenshot (``DETR_PANOPTIC_APP_SCREENSHOT=path`` keeps a copy)."""
+attention; download the JSON. The slow test takes docs/app.md's screenshot of the packaged start point
+(``DETR_PANOPTIC_APP_SCREENSHOT=path`` keeps a copy)."""
 from __future__ import annotations
 
 import json
@@ -88,10 +89,7 @@ def test_upload_threshold_attention_download(served, browser, street, tmp_path):
     assert served.counter.count == before + 1
     wait_for(browser, lambda d: loaded(d, "#overlay img"), "the overlay picture")
     wait_for(browser, lambda d: table_rows(d) == first, "the segment table")
-    screenshot = tmp_path / "app.png"
-    browser.save_screenshot(str(screenshot))
-    if os.environ.get("DETR_PANOPTIC_APP_SCREENSHOT"):
-        shutil.copyfile(screenshot, os.environ["DETR_PANOPTIC_APP_SCREENSHOT"])
+    browser.save_screenshot(str(tmp_path / "app.png"))
 
     slider = browser.find_element(By.CSS_SELECTOR, "#threshold input[type=range]")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", slider)
@@ -123,3 +121,44 @@ def test_upload_threshold_attention_download(served, browser, street, tmp_path):
     assert downloaded, "the JSON was not downloaded"
     segments = json.loads(Path(downloaded[0]).read_text())["annotations"][0]["segments_info"]
     assert len(segments) == second
+
+
+@pytest.mark.slow
+def test_screenshot_of_the_packaged_start_point_on_an_example(browser, tmp_path):
+    """What ``detr-panoptic app`` opens with nothing else at hand: the packaged start point and the bundled
+    example scenes. Clicks the first example, picks a segment; the screenshot is the one in docs/app.md."""
+    from detr_panoptic.app.page import build_app, launch
+    from detr_panoptic.app.serve import default_checkpoint, example_scenes
+    from detr_panoptic.inference import PanopticPredictor
+
+    from .conftest import free_port
+
+    source = default_checkpoint(tmp_path / "no-demo-run")
+    predictor = PanopticPredictor.from_pretrained(source, device="cpu")
+    page = build_app({Path(source).name: predictor}, examples=example_scenes(tmp_path / "examples"),
+                     work_dir=tmp_path / "work")
+    try:
+        _, url, _ = launch(page, host="127.0.0.1", port=free_port(), block=False)
+        browser.get(url)
+        example = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".gallery-item, button.gallery"),
+                           "the first example")
+        example.click()
+        wait_for(browser, lambda d: (segment_count(status(d)) or 0) > 0, "segments of the example")
+        wait_for(browser, lambda d: loaded(d, "#overlay img"), "the overlay picture")
+        cell = wait_for(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#segments [data-testid=cell-0-1]"),
+                        "the first row's label")
+        cell.click()
+        wait_for(browser, lambda d: loaded(d, "#attention img"), "the attention figure")
+        height = browser.execute_script("return document.querySelector('#downloads').getBoundingClientRect().bottom"
+                                        " + window.scrollY")
+        browser.set_window_size(1400, int(height) + 200)  # the window includes what is not the page
+        screenshot = tmp_path / "app.png"
+        browser.save_screenshot(str(screenshot))
+        if os.environ.get("DETR_PANOPTIC_APP_SCREENSHOT"):  # a small copy for the docs: 1000 wide, 256 colours
+            from PIL import Image
+
+            picture = Image.open(screenshot).convert("RGB")
+            picture = picture.resize((1000, round(picture.height * 1000 / picture.width)), Image.Resampling.LANCZOS)
+            picture.quantize(256).save(os.environ["DETR_PANOPTIC_APP_SCREENSHOT"], optimize=True)
+    finally:
+        page.close()

@@ -103,7 +103,7 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="detr-panoptic-app-"))
     handlers = _Handlers(models, lowest=lowest, max_pixels=max_pixels, work_dir=work)
     first = Setting.of(models.get(models.names[0]))
-    with gr.Blocks(title="detr-panoptic") as page:
+    with gr.Blocks(title="detr-panoptic", delete_cache=(3600, 3600)) as page:  # Gradio's copies: an hour
         gr.Markdown("## detr-panoptic: which query made which segment, and where it looked")
         state = gr.State(None, time_to_live=3600)
         with gr.Row():
@@ -132,6 +132,7 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
                     per_head = gr.Checkbox(False, label="each head")
                 attention = gr.Image(label="decoder attention and mask of the segment's query", type="numpy",
                                      format="png", interactive=False, elem_id="attention")
+                attention_status = gr.Markdown("", elem_id="attention-status")
                 downloads = gr.File(label="COCO panoptic PNG + JSON of the shown result", file_count="multiple",
                                     interactive=False, elem_id="downloads")
         controls = [threshold, merge, min_area, opacity, things, stuff]
@@ -146,11 +147,11 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
         for control in (opacity, things, stuff):
             control.change(handlers.redraw, [state, opacity, things, stuff], [picture, legend, status],
                            api_name="redraw" if control is opacity else False)
-        segment.change(handlers.segment, [state, segment, per_head], [attention, status], api_name="segment")
-        per_head.change(handlers.segment, [state, segment, per_head], [attention, status], api_name=False)
+        segment.change(handlers.segment, [state, segment, per_head], [attention, attention_status],
+                       api_name="segment")
+        per_head.change(handlers.segment, [state, segment, per_head], [attention, attention_status], api_name=False)
         table.select(handlers.pick_row, [state, per_head], [segment], api_name=False)
     page.queue(default_concurrency_limit=1, max_size=queue_size)
-    page.detr_panoptic_work_dir = work
     return page
 
 
@@ -192,19 +193,19 @@ class _Handlers:
             return _nothing("upload an image first")
         try:
             return self._show(state.analysis, state.checkpoint, _setting(threshold, merge, min_area), opacity,
-                              things, stuff, state.notes, seconds={}, name=state.name)
+                              things, stuff, state.notes, seconds={}, name=state.name, folder=state.folder)
         except UserInputError as exc:
             return _unchanged(state, f"**{_plain(exc)}**")
 
     def _show(self, analysis: Analysis, checkpoint: str, setting: Setting, opacity: float, things: bool,
-              stuff: bool, notes: Sequence[str], seconds: Mapping[str, float] | None = None, name: str = "image"
-              ) -> tuple:
+              stuff: bool, notes: Sequence[str], seconds: Mapping[str, float] | None = None, name: str = "image",
+              folder: Path | None = None) -> tuple:
         result, post_seconds = analysis.result(setting)
         categories = analysis.predictor.settings.category_map
         tick = time.perf_counter()
         drawn = overlay(analysis.picture, result, categories, opacity=opacity, things=things, stuff=stuff)
         rows = segment_rows(result, categories)
-        folder = self._folder()
+        folder = folder or self._folder()  # one per image: a new setting rewrites its files
         files = write_downloads(result, categories, folder, name=name)
         timings = {**(analysis.seconds if seconds is None else seconds), "post-processing": post_seconds,
                    "drawing": time.perf_counter() - tick}
@@ -228,7 +229,7 @@ class _Handlers:
 
     def segment(self, state: Shown | None, segment_id: Any, per_head: bool) -> tuple:
         if state is None or segment_id in (None, ""):
-            return None, gr.update()  # a new result clears the choice: keep its message
+            return None, ""
         try:
             tick = time.perf_counter()
             drawn = attention_picture(state.analysis, state.result, int(segment_id),

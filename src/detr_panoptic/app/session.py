@@ -219,7 +219,7 @@ def attention_picture(analysis: Analysis, result: PanopticResult, segment_id: in
              f"(query {int(maps.queries[0])})")
     figure = plot_query_attention(maps.image, maps.decoder, maps.boxes, maps.masks, [title], per_head=per_head)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
+    figure.savefig(buffer, format="png", dpi=100)
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from detr_panoptic.commands.common import add_device
+from detr_panoptic.commands.common import add_checkpoint, add_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,9 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "example or webcam image, re-runs post-processing as you move its controls (no new forward pass), and "
         "shows each segment's query attention. Without --checkpoint it opens runs/demo's final model when "
         "there is one, else the packaged demo start point.")
-    app.add_argument("--checkpoint", "-c", action="append", default=[], metavar="CKPT",
-                     help="weights to choose among in the page (repeatable): a .pth/.safetensors file, a Hugging "
-                     "Face DetrForSegmentation folder, an https:// URL, or the alias coco-r50-panoptic")
+    add_checkpoint(app, required=False, repeat=True)
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     app.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     app.add_argument("--queue-size", type=int, default=None,

@@ -9,10 +9,12 @@ def add_out(parser: argparse.ArgumentParser, *, required: bool = False, default:
     parser.add_argument("--out", "-o", required=required, default=default, help=help)
 
 
-def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_checkpoint(parser: argparse.ArgumentParser, *, required: bool = True, repeat: bool = False) -> None:
+    """``--checkpoint``/``-c``; ``repeat``: may be given several times (a list, empty when not given)."""
+    several = {"action": "append", "default": [], "metavar": "CKPT"} if repeat else {}
     parser.add_argument(
-        "--checkpoint", "-c", required=required,
-        help="weights: a .pth/.safetensors file, a Hugging Face DetrForSegmentation folder or Hub id "
+        "--checkpoint", "-c", required=required, **several,
+        help=("repeatable; " if repeat else "") + "weights: a .pth/.safetensors file, a Hugging Face DetrForSegmentation folder or Hub id "
         "(facebook/detr-resnet-50-panoptic[@REVISION], the hub extra), a W&B artifact "
         "(wandb:ENTITY/PROJECT/NAME:ALIAS, the wandb extra), an https:// URL, or the alias coco-r50-panoptic; "
         "a local path wins over an id of the same spelling",
