@@ -264,7 +264,7 @@ class PanopticPostProcessor:
                 winner = PixelWinner(upsampled_masks(output, b, queries, processed[b]))
                 result = self._assign(winner, torch.arange(queries.numel(), device=logits.device), queries,
                                       scores[b], labels[b], targets[b], self.settings)
-            result.kept = _kept(output.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
+            result.kept = kept_with_boxes(output.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
                                 class_to_category, targets[b])
             results.append(result)
         return results
@@ -326,8 +326,9 @@ def panoptic_postprocess(outputs: DETROutput, processed_sizes: SizesLike, target
     return processor(outputs, target_sizes, processed_sizes=processed_sizes)
 
 
-def _kept(boxes: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-          class_to_category: torch.Tensor | None, target_size: tuple[int, int]) -> KeptQueries:
+def kept_with_boxes(boxes: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+                    class_to_category: torch.Tensor | None, target_size: tuple[int, int]) -> KeptQueries:
+    """``KeptQueries`` of one image: ``boxes`` [K, 4] normalised cxcywh -> xyxy pixels of ``target_size``."""
     height, width = target_size
     cx, cy, w, h = boxes.float().unbind(-1)
     xyxy = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
