@@ -45,14 +45,17 @@ def test_quick_demo_writes_everything(quick_run: tuple[Path, int, str]) -> None:
     for stage in metrics["stages"].values():
         assert all(isinstance(stage[k], float) and 0.0 <= stage[k] <= 100.0 for k in METRIC_KEYS)
         assert {"things_recall", "things_kept_per_gt", "things_kept_ratio"} <= set(stage)
+        assert isinstance(stage["miou"], float) and 0.0 <= stage["miou"] <= 100.0  # Cityscapes' pixel-level score
+        assert stage["ap"] is None or 0.0 <= stage["ap"] <= 100.0  # None: no instance of >= 100 pixels at 64x128
     assert metrics["pq"] == metrics["stages"]["stage2"]["pq"]
     assert {"data", "pretrain", "finetune", "evaluate", "total"} <= set(metrics["seconds"])
     assert metrics["source_domain"] is not None and "pq" in metrics["source_domain"]
     html = (out / "report.html").read_text()
-    assert "PQ on the synthetic val split, per stage" in html and "data:image/" in html
+    assert "PQ, mIoU and AP on the synthetic val split, per stage" in html and "data:image/" in html
     assert html.count("things found") == 1 and html.index("per stage") < html.index("Configuration")
     # what the command prints: the PQ table and where things are
     assert "start point" in printed and "stage 2 (attention frozen)" in printed and "report.html" in printed
+    assert "mIoU" in printed and "AP" in printed
 
 
 @pytest.mark.slow

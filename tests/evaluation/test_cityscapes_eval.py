@@ -199,3 +199,19 @@ def test_command_prints_one_table_and_writes_metrics(scenes: Path, tmp_path: Pat
     (results / "cityscapes" / "semantic" / f"{stems[0]}_leftImg8bit.png").unlink()
     assert main(["cityscapes-eval", str(results), "--cityscapes", str(scenes)]) == 2
     assert f"no semantic result for image {stems[0]}" in capsys.readouterr().err
+
+
+def test_a_script_without_a_main_guard_does_not_hang(scenes: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    write_cityscapes_results(scenes, "val", results, seed=1)
+    script = tmp_path / "score.py"
+    script.write_text("from detr_panoptic.evaluation.cityscapes import evaluate_cityscapes_results\n"
+                      f"m = evaluate_cityscapes_results({str(results)!r}, {str(scenes)!r}, 'val', workers=2)\n"
+                      "print(round(m['pq'], 6), round(m['ap'], 6))\n")
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr
+    expected = evaluate_cityscapes_results(results, scenes, "val", workers=1)
+    assert completed.stdout.split() == [str(round(expected["pq"], 6)), str(round(expected["ap"], 6))]

@@ -15,8 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="The demo: a synthetic Cityscapes tree converted to COCO panoptic; a start point (the "
         "packaged source-domain model, pre-trained on synthetic scenes with a COCO-style label set; --init a "
         "real checkpoint; --pretrain a pre-training in this run); the recipe's two fine-tuning stages "
-        "(transformer frozen, then attention frozen); PQ on the synthetic val split after each; the final "
-        "model's post-processing calibrated on train images; predictions, overlays, attention maps, curves and "
+        "(transformer frozen, then attention frozen); PQ, mIoU and AP on the synthetic val split after each; "
+        "the final model's post-processing calibrated on train images; predictions, overlays, attention maps, curves and "
         "an HTML report. Re-running with the same settings reuses finished phases.")
     parser.add_argument("--out", "-o", default=None,
                         help="output folder (default: runs/demo, or runs/demo_quick with --quick)")
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = summary["seconds"]
     print(f"\ndetr-panoptic demo: done in {seconds['total']:.0f} s "
           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items() if k != 'total')})")
-    print(f"\nPQ on the synthetic Cityscapes val split ({summary['settings']['val_images']} images):\n")
+    print(f"\nPQ, mIoU and AP (Cityscapes' benchmarks) on the synthetic Cityscapes val split "
+          f"({summary['settings']['val_images']} images):\n")
     print(pq_table(summary))
     if summary.get("source_domain"):
         print(f"\n(source-domain model on its own val images: PQ {summary['source_domain'].get('pq', 0):.1f})")

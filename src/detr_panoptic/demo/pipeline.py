@@ -437,7 +437,7 @@ def export_start_point(checkpoint: Path, path: Path, *, about: Mapping[str, Any]
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("pq", "sq", "rq", "n", "pq_things", "sq_things", "rq_things", "n_things", "pq_stuff", "sq_stuff",
             "rq_stuff", "n_stuff", "things_recall", "things_kept_per_gt", "things_duplicates_per_gt",
-            "things_kept_ratio", "things_mask_iou")
+            "things_kept_ratio", "things_mask_iou", "miou", "iiou", "ap", "ap50")
     return {k: (round(float(metrics[k]), 3) if isinstance(metrics[k], float) else metrics[k])
             for k in keys if k in metrics}
 
@@ -746,10 +746,10 @@ def _number(value: Any) -> float:
 
 def pq_table(summary: Mapping[str, Any]) -> str:
     """The start point / stage 1 / stage 2 PQ table as text."""
-    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "things found %", "kept per thing")]
+    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mIoU", "AP", "things found %", "kept per thing")]
     labels = {"start": "start point", "stage1": "stage 1 (transformer frozen)",
               "stage2": "stage 2 (attention frozen)"}
-    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt")
+    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "ap", "things_recall", "things_kept_per_gt")
     for name in PHASES:
         m = summary["stages"][name]
         rows.append((labels[name], *(f"{_number(m.get(k)):.1f}" for k in keys)))
@@ -773,11 +773,16 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
 
     labels = {"start": "start point (before fine-tuning)", "stage1": "stage 1: transformer frozen",
               "stage2": "stage 2: attention frozen"}
-    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt", "things_kept_ratio")
-    rows = [[labels[name], *(summary["stages"][name].get(k, "") for k in keys)] for name in PHASES]
+    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "ap", "things_recall", "things_kept_per_gt",
+            "things_kept_ratio")
+    def cells(metrics: Mapping[str, Any]) -> list[Any]:
+        return [metrics.get(k, "") if metrics.get(k, "") is not None else "-" for k in keys]
+
+    rows = [[labels[name], *cells(summary["stages"][name])] for name in PHASES]
     if summary.get("calibrated"):
-        rows.append([_calibrated_label(summary["calibrated"]), *(summary["calibrated"].get(k, "") for k in keys)])
-    body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "things found (%, box IoU >= 0.5)",
+        rows.append([_calibrated_label(summary["calibrated"]), *cells(summary["calibrated"])])
+    body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mIoU (Cityscapes classes)",
+                              "AP (Cityscapes instances)", "things found (%, box IoU >= 0.5)",
                               "kept queries per thing found", "kept / ground-truth things"], rows)
     source = summary.get("source_domain")
     if source:
@@ -786,7 +791,7 @@ def _write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, An
     seconds = summary.get("seconds", {})
     body += "<p>Seconds per phase: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".</p>"
     report.build_report(summary_dir, report_path, title="detr-panoptic demo: synthetic Cityscapes",
-                        lead_sections=[("PQ on the synthetic val split, per stage", body, "stages")])
+                        lead_sections=[("PQ, mIoU and AP on the synthetic val split, per stage", body, "stages")])
 
 
 def random_calibrated_init(path: Path, config: Config, category_map: CategoryMap,
