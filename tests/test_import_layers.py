@@ -22,8 +22,6 @@ KNOWN_CYCLES: set[tuple[str, ...]] = set()
 KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._describe"),
     ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._to_numpy"),
-    *(("detr_panoptic.utils.png_grey", f"detr_panoptic.utils.png.{name}") for name in (
-        "_SIGNATURE", "_decode_unfilter", "_inflated_pixels", "_png_chunk", "_png_header", "_unfilter", "_zlib_ng")),
 }
 
 

@@ -412,3 +412,43 @@ def _rgbx_view(image: Image.Image) -> np.ndarray | None:
     buffer = (ctypes.c_uint8 * (4 * image.width * image.height)).from_address(child.buffers[1])
     buffer._arrow = (schema_capsule, array_capsule)  # releases the export when the view goes away
     return np.ctypeslib.as_array(buffer).view("<u4").reshape(image.height, image.width)
+
+
+# -- building blocks for other PNG readers and writers (utils/png_grey.py) ---------------------------------------
+def png_header(data: bytes) -> tuple[int, int, int, int, int, int, int] | None:
+    """``(width, height, bit depth, colour type, compression, filter, interlace)`` of PNG bytes; None otherwise."""
+    return _png_header(data)
+
+
+def inflate_rows(data: bytes, source: str, width: int, height: int, bytes_per_pixel: int) -> bytes | None:
+    """The inflated, still filtered rows of a non-interlaced PNG (``height`` x (1 + ``width`` x
+    ``bytes_per_pixel``) bytes), CRCs checked; None when zlib-ng is missing or a critical chunk is unknown."""
+    if _zlib_ng is None:
+        return None
+    return _inflated_pixels(data, source, width, height, bytes_per_pixel)
+
+
+def unfilter_rows(rows: bytes | memoryview, width: int, height: int, channels: int, out: np.ndarray) -> bool:
+    """Undo the row filters of inflated rows into ``out`` (uint32 ``[height, width]`` packed pixels) with
+    our C extension; False (``out`` untouched) when it is not available."""
+    if _unfilter is None:
+        return False
+    _unfilter(rows, width, height, channels, out)
+    return True
+
+
+def decode_packed_fast(data: bytes, source: str) -> np.ndarray | None:
+    """``decode_rgb_png`` by the unfilter decoder only; None when it does not take the file."""
+    if _unfilter is None or _zlib_ng is None:
+        return None
+    return _decode_unfilter(data, source, None)
+
+
+def png_from_filtered_rows(rows: np.ndarray, width: int, height: int, bit_depth: int, colour_type: int,
+                           level: int = 1) -> bytes:
+    """PNG bytes from already filtered rows (uint8 ``[height, 1 + row bytes]``), deflated with zlib-ng's
+    (else zlib's) run-length strategy."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    deflate = (_zlib_ng or zlib).compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return b"".join([_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", deflate.compress(rows.data) + deflate.flush()), _png_chunk(b"IEND", b"")])

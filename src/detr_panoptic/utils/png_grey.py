@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,13 +56,11 @@ def _pillow_grey(data: bytes, source: str) -> np.ndarray:
 def _grey8_rows(data: bytes, source: str) -> np.ndarray | None:
     """The inflated ``[H, 1 + W]`` rows (filter byte first) of an 8-bit greyscale non-interlaced PNG
     that this module can reconstruct; None for other files (and when zlib-ng is missing)."""
-    if _png._zlib_ng is None:
-        return None
-    header = _png._png_header(data)
+    header = _png.png_header(data)
     if header is None or header[2:4] != (8, 0) or header[6] != 0:
         return None
     width, height = header[:2]
-    inflated = _png._inflated_pixels(data, source, width, height, 1)
+    inflated = _png.inflate_rows(data, source, width, height, 1)
     if inflated is None:
         return None
     return np.frombuffer(inflated, np.uint8).reshape(height, width + 1)
@@ -84,10 +80,9 @@ def read_grey8_packed(path: str | os.PathLike, *, what: str = "PNG") -> np.ndarr
     so run-length counting can work on it and mask the run values with ``& 0xFF``."""
     data = _read(path, what)
     source = f"{what} {path}"
-    header = _png._png_header(data)
-    fast = _png._unfilter is not None and _png._zlib_ng is not None
-    if fast and header is not None and header[2:4] == (8, 0):  # 8-bit grey: the packed pixels' low byte
-        pixels = _png._decode_unfilter(data, source, None)
+    header = _png.png_header(data)
+    if header is not None and header[2:4] == (8, 0):  # 8-bit grey: the packed pixels' low byte
+        pixels = _png.decode_packed_fast(data, source)
         if pixels is not None:
             return pixels
     return _pillow_grey(data, source)
@@ -127,9 +122,8 @@ def _sparse_nonzero(rows: np.ndarray) -> np.ndarray | None:
     zero_after = np.flatnonzero(types[last + 1:] <= _SUB)
     end = last + 1 + int(zero_after[0]) if zero_after.size else height
     span = rows[first:end]
-    if _png._unfilter is not None:
-        pixels = np.empty((end - first, width), "<u4")
-        _png._unfilter(span.data, width, end - first, 1, pixels)
+    pixels = np.empty((end - first, width), "<u4")
+    if _png.unfilter_rows(span.data, width, end - first, 1, pixels):
         # Grey v is packed as (v, v, v, 255): zero is 0xFF000000 (one comparison of whole words).
         return np.flatnonzero(pixels != _PACKED_ZERO) + first * width
     return _sparse_nonzero_numpy(span, first, width)
@@ -165,8 +159,4 @@ def encode_grey8_png(array: np.ndarray, level: int = 1) -> bytes:
     rows[:, 0] = _SUB
     rows[:, 1] = values[:, 0]
     np.subtract(values[:, 1:], values[:, :-1], out=rows[:, 2:])
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    deflate = (_png._zlib_ng or zlib).compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    return b"".join([_png._SIGNATURE, _png._png_chunk(b"IHDR", header),
-                     _png._png_chunk(b"IDAT", deflate.compress(rows.data) + deflate.flush()),
-                     _png._png_chunk(b"IEND", b"")])
+    return _png.png_from_filtered_rows(rows, width, height, 8, 0, level)
