@@ -420,20 +420,27 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_value(data: dict[str, Any], dotted: str, value: Any, *, what: str | None = None) -> None:
+    """Set ``section.key`` (any depth) of a raw config dict in place, creating missing sections; ``what``
+    names the change in the error when a part of the path is not a section."""
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserInputError(f"{what or dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict, in order."""
     data = copy.deepcopy(data)
     for item in overrides:
         parts, value = _parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserInputError(f"--set {item!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_value(data, ".".join(parts), value, what=f"--set {item!r}")
     return data
 
 

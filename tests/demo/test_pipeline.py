@@ -113,7 +113,7 @@ def test_source_segments_use_the_coarser_coco_label_set() -> None:
     ids = np.array([[23, 23, 11, 12],           # sky | building, wall -> one building-other-merged segment
                     [24000, 25000, 17, 24],     # person, rider -> two person instances | pole -> void | crowd
                     [7, 7, 26001, 26001]], np.uint16)
-    id_map, segments = demo._source_segments(ids, names, instances)
+    id_map, segments = demo.source_segments(ids, names, instances)
     by_id = {s["id"]: s for s in segments}
     assert id_map[1, 2] == 0  # pole: no COCO class
     assert id_map[0, 2] == id_map[0, 3] and by_id[int(id_map[0, 2])]["category_id"] == 197

@@ -123,7 +123,17 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furnit
            ) -> tuple[float, float, float]:
     """Background layers; returns the road's (vanishing x, half width at the horizon, half width at bottom).
 
-    ``street_furniture=False`` leaves out fences, poles, traffic signs and traffic lights."""
+    ``street_furniture=False`` leaves out fences, poles, traffic signs and traffic lights. The layers are
+    drawn in this order (the random stream, and so every generated dataset, depends on it)."""
+    _sky_and_buildings(scene, rng, horizon)
+    road = _ground_and_road(scene, rng, horizon)
+    _fence_and_trees(scene, rng, horizon, street_furniture)
+    if street_furniture:
+        _poles(scene, rng, horizon, *road)
+    return road
+
+
+def _sky_and_buildings(scene: Scene, rng: np.random.Generator, horizon: float) -> None:
     h, w = scene.height, scene.width
     sky = scene.material(Material(_jitter(rng, (110, 160, 215), 12), noise=3, gradient=45, blotch=6))
     scene.add(SKY, sky, "sky", _rect(-1, -1, w + 1, horizon + 2))
@@ -140,6 +150,10 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furnit
         scene.add(label_id, mat, name, _rect(x, top, x + bw, horizon + 0.02 * h))
         x += bw
 
+
+def _ground_and_road(scene: Scene, rng: np.random.Generator, horizon: float) -> tuple[float, float, float]:
+    """Sidewalk, maybe terrain, the road and its markings; the road's (vanishing x, half widths)."""
+    h, w = scene.height, scene.width
     ground = scene.material(Material(_jitter(rng, (175, 150, 165), 10), noise=7, tiles=30))
     scene.add(SIDEWALK, ground, "sidewalk", _rect(-1, horizon, w + 1, h + 1))
     if rng.random() < 0.6:
@@ -163,7 +177,11 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furnit
         y_a, y_b = horizon + t * t * (h - horizon), horizon + t2 * t2 * (h - horizon)
         scene.add(ROAD, marking, "road", _bar((vanish, y_a), (vanish, y_b), max(1.0, 0.012 * w * t)))
         t = t2 + 0.06 + 0.05 * t
+    return vanish, top_half, bottom_half
 
+
+def _fence_and_trees(scene: Scene, rng: np.random.Generator, horizon: float, street_furniture: bool) -> None:
+    h, w = scene.height, scene.width
     if street_furniture and rng.random() < 0.35:
         fence = scene.material(Material(_jitter(rng, (150, 130, 115), 10), noise=6, stripes=40))
         x0 = rng.uniform(0, 0.6) * w
@@ -181,8 +199,11 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furnit
                       _ellipse(cx + rng.uniform(-0.3, 0.3) * size, base - size * rng.uniform(1.4, 1.9),
                                size * rng.uniform(0.45, 0.75), size * rng.uniform(0.4, 0.6), 12))
 
-    if not street_furniture:
-        return vanish, top_half, bottom_half
+
+def _poles(scene: Scene, rng: np.random.Generator, horizon: float, vanish: float, top_half: float,
+           bottom_half: float) -> None:
+    """Poles at the road sides, most carrying a traffic sign or a traffic light."""
+    h, w = scene.height, scene.width
     pole_mat = scene.material(Material(_jitter(rng, (150, 150, 150), 10), noise=5, stripes=10))
     for _ in range(rng.integers(0, 4)):
         left = rng.random() < 0.5
@@ -202,7 +223,6 @@ def _stuff(scene: Scene, rng: np.random.Generator, horizon: float, street_furnit
             light = scene.material(Material(_jitter(rng, (35, 35, 30), 5), noise=5, windows=-120))
             r = max(1.5, 0.02 * h * (0.3 + s))
             scene.add(TRAFFIC_LIGHT, light, "traffic light", _rect(px - r, top - 3 * r, px + r, top + 3 * r))
-    return vanish, top_half, bottom_half
 
 
 def _car(scene: Scene, rng: np.random.Generator, value: int, label: str, fx: float, fy: float, scale: float,

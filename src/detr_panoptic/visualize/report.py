@@ -219,6 +219,94 @@ def _calibration_section(folder: Path) -> tuple[str, str, str] | None:
 
 
 # -- the page ---------------------------------------------------------------------------------------------
+def _run_sections(folder: Path) -> tuple[list[tuple[str, str, str]], dict | None]:
+    """The training run's sections (last validation and step, curves) and its last per-class PQ."""
+    from detr_panoptic.visualize import curves
+
+    train, val = curves.split_records(curves.read_metrics(folder))
+    body, per_class = [], None
+    if val:
+        last = val[-1]
+        keys = [k for k in curves.PQ_KEYS if k in last]
+        body.append(f"<p>Last of {len(val)} validation(s), at step {_e(last.get('step', '?'))} "
+                    f"(epoch {_e(last.get('epoch', '?'))}):</p>")
+        body.append(html_table([k.upper().replace("_", " ") for k in keys], [[last[k] for k in keys]], name_columns=0))
+        best = max(val, key=lambda r: r.get("pq", float("-inf")) if isinstance(r.get("pq"), (int, float))
+                   else float("-inf"))
+        if "pq" in best:
+            body.append(f"<p>Best PQ {_number(best['pq'])} at step {_e(best.get('step', '?'))}.</p>")
+        per_class = curves.last_per_class(val)
+    if train:
+        last = train[-1]
+        keys = curves.loss_keys([last]) + [k for k in (*curves.ACCURACY_KEYS, "lr", "step_time") if k in last]
+        body.append(f"<p>Last training step {_e(last.get('step', '?'))} (epoch {_e(last.get('epoch', '?'))}), "
+                    f"{len(train)} logged steps:</p>")
+        body.append(html_table(keys, [[last[k] for k in keys]], name_columns=0))
+    sections = [("Training run", "".join(body) or '<p class="empty">metrics.jsonl is empty</p>', "run")]
+    plots = [html_figure(figure_data_uri(curves.plot_losses(train, val)), "losses")]
+    if curves.has_accuracy(train):
+        plots.append(html_figure(figure_data_uri(curves.plot_accuracy(train, val)),
+                                 "class accuracy of the matched queries (last layer) and class_error"))
+    plots.append(html_figure(figure_data_uri(curves.plot_pq(val)), "panoptic quality"))
+    if curves.has_diagnostics(val):
+        plots.append(html_figure(figure_data_uri(curves.plot_diagnostics(val)),
+                                 "image-dependence of the encoder memory, decoder output and box centres"))
+    sections.append(("Curves", "".join(plots), "curves"))
+    return sections, per_class
+
+
+def _per_class_section(per_class: dict, categories: Any, drawn: set[str]) -> tuple[str, str, str]:
+    from detr_panoptic.visualize import curves
+
+    body = per_class_table(per_class, {str(c["id"]): c["name"] for c in categories or []})
+    try:
+        chart = curves.per_class_figure({"per_class": per_class}, categories=categories)
+        body = html_figure(figure_data_uri(chart), "per-class PQ / SQ / RQ") + body
+        drawn.update({"per_class", "per_class_pq"})
+    except (ImportError, ValueError, KeyError) as exc:  # a chart is a bonus: the table is there
+        log.warning("report: no per-class chart (%s)", exc)
+    return "Per class (weakest first)", body, "per-class"
+
+
+def _picture_sections(folder: Path, out: Path, drawn: set[str], max_images: int) -> list[tuple[str, str, str]]:
+    """Overlays, attention maps and other figures found in the folder (charts drawn here skipped)."""
+    pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
+    pngs = [p for p in pngs if p.stem not in drawn or p.parent.name == "overlays"]
+    overlays = [p for p in pngs if p.parent.name == "overlays"]
+    attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
+                       key=lambda p: (str(p.parent), [p.name.startswith(n) for n in ATTENTION_NAMES].index(True)
+                                      if p.name.startswith(ATTENTION_NAMES) else len(ATTENTION_NAMES), p.name))
+    others = [p for p in pngs if p not in overlays and p not in attention]
+    sections = []
+    for heading, paths, anchor, photo in (("Example overlays", overlays, "overlays", True),
+                                          ("Attention maps", attention, "attention", True),
+                                          ("Figures", others, "figures", False)):
+        if not paths:
+            continue
+        figures = []
+        for path in paths[:max_images]:
+            uri = file_data_uri(path, photo=photo)
+            if uri:
+                figures.append(html_figure(uri, str(path.relative_to(folder))))
+        more = f'<p class="empty">and {len(paths) - max_images} more</p>' if len(paths) > max_images else ""
+        sections.append((heading, "".join(figures) + more, anchor))
+    return sections
+
+
+def _page(title: str, folder: Path, sections: Sequence[tuple[str, str, str]]) -> str:
+    generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    contents = " &middot; ".join(f'<a href="#{a}" style="color:white">{_e(t)}</a>' for t, _, a in sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+        f"<style>{CSS}</style></head><body>"
+        f"<header><h1>{_e(title)}</h1><p>{_e(folder.resolve())} &middot; generated {generated}</p>"
+        f"<p>{contents}</p></header><main>"
+        + "".join(section(t, b, a) for t, b, a in sections)
+        + "</main></body></html>\n"
+    )
+
+
 def build_report(folder: str | Path, out: str | Path | None = None, *, max_images: int = 12,
                  title: str | None = None, lead_sections: Sequence[tuple[str, str, str]] = ()) -> Path:
     """Write the HTML report of ``folder`` to ``out`` (default ``<folder>/report.html``); return its path.
@@ -234,104 +322,30 @@ def build_report(folder: str | Path, out: str | Path | None = None, *, max_image
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder} (expected a run or evaluation folder)")
     out = Path(out) if out is not None else folder / "report.html"
-    categories = curves.run_categories(folder)
-    names = {str(c["id"]): c["name"] for c in categories or []}
     sections: list[tuple[str, str, str]] = list(lead_sections)
     drawn: set[str] = set()  # stems of charts drawn fresh here: their PNG copies in the folder are skipped
     per_class = None
-
     if (folder / "metrics.jsonl").is_file():
-        train, val = curves.split_records(curves.read_metrics(folder))
-        body = []
-        if val:
-            last = val[-1]
-            keys = [k for k in curves.PQ_KEYS if k in last]
-            body.append(f"<p>Last of {len(val)} validation(s), at step {_e(last.get('step', '?'))} "
-                        f"(epoch {_e(last.get('epoch', '?'))}):</p>")
-            body.append(html_table([k.upper().replace("_", " ") for k in keys], [[last[k] for k in keys]], name_columns=0))
-            best = max(val, key=lambda r: r.get("pq", float("-inf")) if isinstance(r.get("pq"), (int, float))
-                       else float("-inf"))
-            if "pq" in best:
-                body.append(f"<p>Best PQ {_number(best['pq'])} at step {_e(best.get('step', '?'))}.</p>")
-            per_class = curves.last_per_class(val)
-        if train:
-            last = train[-1]
-            keys = curves.loss_keys([last]) + [k for k in (*curves.ACCURACY_KEYS, "lr", "step_time") if k in last]
-            body.append(f"<p>Last training step {_e(last.get('step', '?'))} (epoch {_e(last.get('epoch', '?'))}), "
-                        f"{len(train)} logged steps:</p>")
-            body.append(html_table(keys, [[last[k] for k in keys]], name_columns=0))
-        sections.append(("Training run", "".join(body) or '<p class="empty">metrics.jsonl is empty</p>', "run"))
-        plots = [html_figure(figure_data_uri(curves.plot_losses(train, val)), "losses")]
-        if curves.has_accuracy(train):
-            plots.append(html_figure(figure_data_uri(curves.plot_accuracy(train, val)),
-                                     "class accuracy of the matched queries (last layer) and class_error"))
-        plots.append(html_figure(figure_data_uri(curves.plot_pq(val)), "panoptic quality"))
-        if curves.has_diagnostics(val):
-            plots.append(html_figure(figure_data_uri(curves.plot_diagnostics(val)),
-                                     "image-dependence of the encoder memory, decoder output and box centres"))
-        sections.append(("Curves", "".join(plots), "curves"))
-
+        run_sections, per_class = _run_sections(folder)
+        sections += run_sections
+        drawn.update({"losses", "accuracy", "pq", "diagnostics"})
     evaluation = _eval_metrics(folder)
     if evaluation is not None:
         path, metrics = evaluation
         table, eval_per_class = _summary_from_eval(metrics)
         sections.append((f"Evaluation ({path.relative_to(folder)})", table, "evaluation"))
         per_class = eval_per_class or per_class
-
     calibration = _calibration_section(folder)
     if calibration is not None:
         sections.append(calibration)
         drawn.add("calibration")
-
     if per_class:
-        body = per_class_table(per_class, names)
-        try:
-            chart = curves.per_class_figure({"per_class": per_class}, categories=categories)
-            body = html_figure(figure_data_uri(chart), "per-class PQ / SQ / RQ") + body
-            drawn.update({"per_class", "per_class_pq"})
-        except (ImportError, ValueError, KeyError) as exc:  # a chart is a bonus: the table is there
-            log.warning("report: no per-class chart (%s)", exc)
-        sections.append(("Per class (weakest first)", body, "per-class"))
-
-    pngs = [p for p in _pngs(folder) if p.resolve() != out.resolve()]
-    if (folder / "metrics.jsonl").is_file():
-        drawn.update({"losses", "accuracy", "pq", "diagnostics"})
-    pngs = [p for p in pngs if p.stem not in drawn or p.parent.name == "overlays"]
-    overlays = [p for p in pngs if p.parent.name == "overlays"]
-    attention = sorted((p for p in pngs if p not in overlays and _is_attention(p)),
-                       key=lambda p: (str(p.parent), [p.name.startswith(n) for n in ATTENTION_NAMES].index(True)
-                                      if p.name.startswith(ATTENTION_NAMES) else len(ATTENTION_NAMES), p.name))
-    others = [p for p in pngs if p not in overlays and p not in attention]
-    for heading, paths, anchor, photo in (("Example overlays", overlays, "overlays", True),
-                                          ("Attention maps", attention, "attention", True),
-                                          ("Figures", others, "figures", False)):
-        if not paths:
-            continue
-        figures = []
-        for path in paths[:max_images]:
-            uri = file_data_uri(path, photo=photo)
-            if uri:
-                figures.append(html_figure(uri, str(path.relative_to(folder))))
-        more = f'<p class="empty">and {len(paths) - max_images} more</p>' if len(paths) > max_images else ""
-        sections.append((heading, "".join(figures) + more, anchor))
-
+        sections.append(_per_class_section(per_class, curves.run_categories(folder), drawn))
+    sections += _picture_sections(folder, out, drawn, max_images)
     if (folder / "config.yaml").is_file():
         sections.append(("Configuration", f"<pre>{_e((folder / 'config.yaml').read_text())}</pre>", "config"))
-
     if not sections:
         raise UserInputError(f"nothing to report in {folder}: expected metrics.jsonl, metrics.json, "
                              "overlays/ or attention figures")
-    title = title or f"detr-panoptic report: {folder.resolve().name}"
-    generated = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    contents = " &middot; ".join(f'<a href="#{a}" style="color:white">{_e(t)}</a>' for t, _, a in sections)
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-        f"<style>{CSS}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><p>{_e(folder.resolve())} &middot; generated {generated}</p>"
-        f"<p>{contents}</p></header><main>"
-        + "".join(section(t, b, a) for t, b, a in sections)
-        + "</main></body></html>\n"
-    )
-    atomic_write_text(out, page)
+    atomic_write_text(out, _page(title or f"detr-panoptic report: {folder.resolve().name}", folder, sections))
     return out
