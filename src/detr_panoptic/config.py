@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.resources
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,12 +33,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from detr_panoptic.shipped_configs import find_config, list_configs
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
-
     from detr_panoptic.models.config import DETRConfig
 
 
@@ -444,76 +441,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-CONFIG_PACKAGE_DIR = "configs"  # under the detr_panoptic package
-
-
-def _shipped_root() -> Traversable:
-    return importlib.resources.files("detr_panoptic").joinpath(CONFIG_PACKAGE_DIR)
-
-
-def _shipped_files() -> dict[str, Traversable]:
-    """Shipped config name (``cityscapes/recipe_two_stages``) -> its resource, sorted by name."""
-    found: dict[str, Traversable] = {}
-
-    def walk(node: Traversable, prefix: str) -> None:
-        for child in node.iterdir():
-            if child.is_dir():
-                walk(child, f"{prefix}{child.name}/")
-            elif child.name.endswith(".yaml"):
-                found[prefix + child.name[: -len(".yaml")]] = child
-
-    root = _shipped_root()
-    if root.is_dir():
-        walk(root, "")
-    return dict(sorted(found.items()))
-
-
-def _description(text: str) -> str:
-    """The first sentence of a config's leading comment block, on one line."""
-    lines = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        stripped = line.lstrip("#").strip()
-        if not stripped:
-            break
-        lines.append(stripped)
-    block = " ".join(lines)
-    end = block.find(". ")
-    return block[: end + 1] if end >= 0 else block
-
-
-def list_configs() -> dict[str, str]:
-    """The shipped configs: name (as ``find_config`` takes it) -> a one-line description."""
-    return {name: _description(res.read_text(encoding="utf-8")) for name, res in _shipped_files().items()}
-
-
-def find_config(name_or_path: str | Path) -> Path:
-    """The YAML file for a path or a shipped config name (``demo``, ``cityscapes/recipe_two_stages``).
-
-    An existing file wins over a shipped config of the same name; ``.yaml`` may be left out of a name.
-    When it is neither, ``FileNotFoundError`` lists the shipped names.
-    """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    name = str(name_or_path).replace("\\", "/").removesuffix(".yaml")
-    shipped = _shipped_files()
-    if name in shipped:
-        resource = shipped[name]
-        if isinstance(resource, Path):
-            return resource
-        # A package that is not plain files (a zip import): give the caller a real file.
-        copy_dir = Path(tempfile.mkdtemp(prefix="detr-panoptic-config-"))
-        copied = copy_dir / f"{name.replace('/', '_')}.yaml"
-        copied.write_text(resource.read_text(encoding="utf-8"), encoding="utf-8")
-        return copied
-    if path.exists():
-        raise UserInputError(f"config {name_or_path}: not a file")
-    raise FileNotFoundError(f"config file not found: {name_or_path} (not a file, nor a shipped config; "
-                            f"shipped: {', '.join(shipped) or 'none'}; `detr-panoptic config --list` shows them)")
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -545,3 +472,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); ``load_config`` reads it back to an equal config."""
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+__all__ = ["Config", "DataConfig", "FreezeConfig", "LoggingConfig", "ModelConfig", "TrainConfig", "apply_overrides",
+           "config_from_dict", "find_config", "list_configs", "load_config", "read_yaml", "save_config", "set_value"]
