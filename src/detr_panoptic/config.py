@@ -128,6 +128,9 @@ class TrainConfig:
     eval_every_epochs: int = 1
     checkpoint_every_steps: int | None = None
     eval_threshold: float = 0.85
+    # What training validation measures: PQ always; "miou" and "ap" add Cityscapes' pixel-level (mIoU, iIoU) and
+    # instance-level (AP, AP50) scores (docs/metrics.md), at the cost of the queries' extra masks.
+    val_metrics: tuple[Literal["pq", "miou", "ap"], ...] = ("pq",)
     eos_coef: float = 0.1
     ce_loss_coef: float = 1.0
     bbox_loss_coef: float = 5.0

@@ -307,3 +307,26 @@ def test_predict_killed_mid_run_finishes_without_redoing_images(tmp_path):
     assert len(list((out / "overlays").glob("*.png"))) == 40
     leftovers = [p for p in out.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))]
     assert not leftovers and not journal.exists()
+
+
+def test_training_validation_cityscapes_scores_equal_cityscapes_eval(cityscapes, tmp_path, monkeypatch):
+    """train.val_metrics [pq, miou, ap]: the in-memory scores equal those of evaluate's written files
+    scored against gtFine (cityscapes-eval's evaluators, equal to cityscapesScripts')."""
+    import detr_panoptic.inference
+
+    monkeypatch.setattr(detr_panoptic.inference, "PanopticPredictor", OraclePredictor)
+    dataset = val_set(cityscapes)
+    model = DegradedOracle(dataset)
+    validate = make_validator(dataset, dataset.category_map, min_size=48, max_size=96, threshold=0.5,
+                              batch_size=2, rank=0, world_size=1, device=torch.device("cpu"),
+                              metrics=("pq", "miou", "ap"))
+    during_training = validate(model)
+    settings = PredictorSettings(dataset.category_map, min_size=48, max_size=96, threshold=0.5)
+    files = evaluate_dataset(OraclePredictor(model, settings, device="cpu"), dataset, tmp_path / "eval", workers=1,
+                             progress=False, chart=False)["metrics"]
+    assert 0 < files["miou"] < 100
+    for key in ("miou", "iiou", "category_miou", "category_iiou", "ap", "ap50"):
+        assert during_training[key] == pytest.approx(files[key], abs=1e-9), key
+    plain = make_validator(dataset, dataset.category_map, min_size=48, max_size=96, threshold=0.5, batch_size=2,
+                           rank=0, world_size=1, device=torch.device("cpu"))(model)
+    assert "miou" not in plain  # PQ alone by default

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,8 @@ def _model_from_resume(checkpoint: dict[str, Any], category_map: CategoryMap) ->
 # -- validation --------------------------------------------------------------------------------------
 def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int, max_size: int | None,
                    threshold: float, batch_size: int, rank: int, world_size: int, device: torch.device,
-                   num_workers: int = 0, diagnostic_images: int = 8) -> Callable[[nn.Module], dict[str, Any]]:
+                   num_workers: int = 0, diagnostic_images: int = 8, metrics: Sequence[str] = ("pq",)
+                   ) -> Callable[[nn.Module], dict[str, Any]]:
     """``validate(model) -> metrics`` (percentages, ``per_class`` by category id): ``run_inference`` with a
     ``PQEvaluator``, the very path of ``detr-panoptic evaluate`` (same preprocessing, same predictor, PQ at
     the original resolution), so a checkpoint gets one PQ figure. Each process takes every
@@ -144,6 +145,11 @@ def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int
     and, on the first ``diagnostic_images`` val images, how much the encoder memory, the decoder output
     and the boxes depend on the image (``diag_*``; ``engine.diagnostics``): a detector that collapses to
     image-independent queries shows on the curve as it happens.
+
+    ``metrics`` (``train.val_metrics``): PQ always; ``miou`` and/or ``ap`` add Cityscapes' pixel-level and
+    instance-level scores (``miou, iiou, category_miou, category_iiou, ap, ap50``;
+    ``inference.CityscapesMetrics``, the semantic map and instances from the queries as ``evaluate``
+    makes them), for Cityscapes categories.
     """
     from detr_panoptic.engine.diagnostics import image_dependence
     from detr_panoptic.evaluation.pq import results_to_percentages
@@ -157,7 +163,10 @@ def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int
         make_loader,
         run_inference,
     )
+    from detr_panoptic.inference.cityscapes_writer import CityscapesMetrics
+    from detr_panoptic.inference.tasks import DEFAULT_DENSE_OUTPUTS
 
+    cityscapes = bool({"miou", "ap"} & set(metrics))
     samples = DatasetSamples(dataset, min_size=min_size, max_size=max_size)
     shard = Subset(samples, range(rank, len(samples), world_size))
     settings = PredictorSettings(category_map, min_size=min_size, max_size=max_size, threshold=threshold)
@@ -165,13 +174,20 @@ def make_validator(dataset: Dataset, category_map: CategoryMap, *, min_size: int
 
     def validate(model: nn.Module) -> dict[str, Any]:
         predictor = PanopticPredictor(model, settings, device=device)  # type: ignore[arg-type]
+        evaluators: list[Any] = [PQEvaluator(category_map), DetectionEvaluator(category_map)]
+        if cityscapes:
+            predictor = predictor.with_dense_outputs(DEFAULT_DENSE_OUTPUTS)
+            evaluators.append(CityscapesMetrics(category_map))
         run = run_inference(predictor, make_loader(shard, batch_size=batch_size, num_workers=num_workers),
-                            [PQEvaluator(category_map), DetectionEvaluator(category_map)])
-        metrics = results_to_percentages(run.outputs["pq"])
-        metrics.update(detection_metrics(run.outputs["detection"]))
+                            evaluators)
+        record = results_to_percentages(run.outputs["pq"])
+        record.update(detection_metrics(run.outputs["detection"]))
+        if cityscapes:
+            record.update(run.outputs["cityscapes"])
+        metrics_out = record
         if len(probe) >= 2 and isinstance(model, PanopticDETR):
-            metrics.update(image_dependence(model, probe))
-        return metrics
+            metrics_out.update(image_dependence(model, probe))
+        return metrics_out
 
     return validate
 
@@ -455,7 +471,7 @@ def train_stage(config: Config, ctx: DistributedContext | None = None, *,
         evaluate = make_validator(val_set, category_map, min_size=config.data.min_size,
                                   max_size=config.data.max_size, threshold=tc.eval_threshold,
                                   batch_size=tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                  device=ctx.device, num_workers=config.data.workers)
+                                  device=ctx.device, num_workers=config.data.workers, metrics=tc.val_metrics)
     hooks = build_hooks(config, model, category_map, ctx, evaluate, wandb)
     trainer = Trainer(model=train_model, criterion=parts.criterion, optimizer=parts.optimizer,
                       scheduler=parts.scheduler, batches=parts.batches, state=parts.state, device=ctx.device,

@@ -134,3 +134,85 @@ class CityscapesWriter:
 
     def evaluate(self) -> dict[str, Any]:
         return {"folder": self.folder, "images": list(self.written)}
+
+
+class CityscapesMetrics:
+    """Cityscapes' pixel-level (mIoU, iIoU) and instance-level (AP, AP50) scores in memory, against each
+    sample's ``target`` (the converted panoptic ground truth; training validation). Summed / gathered
+    across processes under ``torch.distributed``, as ``PQEvaluator``.
+
+    The converted ground truth keeps instanceIds' values for the scored labels and makes the ignored
+    ones VOID: the pixel-level scores are exactly those of the gtFine files (an ignored label's pixels
+    count nowhere either way); for AP, caravan and trailer instances become ignored pixels (in gtFine
+    they are not), a difference only for predictions lying on them. ``cityscapes-eval`` on the written
+    files is the reference path.
+    """
+
+    name = "cityscapes"
+
+    def __init__(self, categories: Any) -> None:
+        self.label_ids = cityscapes_label_ids(categories)
+        self.things = thing_ids(categories)
+        self.reset()
+
+    def reset(self) -> None:
+        from detr_panoptic.evaluation.instance import InstanceAccumulator
+        from detr_panoptic.evaluation.semantic import PixelLevelAccumulator
+
+        self.pixel = PixelLevelAccumulator()
+        self.instance = InstanceAccumulator()
+
+    def _ground_truth(self, target: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(labelIds uint8, instanceIds uint16) from a converted panoptic ground truth."""
+        ids = np.asarray(target["gt_id_map"].cpu() if hasattr(target["gt_id_map"], "cpu") else target["gt_id_map"])
+        segments = target["gt_segments"]
+        largest = max([int(ids.max(initial=0))] + [int(s["id"]) for s in segments])
+        labels = np.zeros(largest + 1, np.uint8)
+        instances = np.zeros(largest + 1, np.uint16)
+        for segment in segments:
+            label = self.label_ids[int(segment["category_id"])]
+            value = int(segment["id"])
+            labels[value] = label
+            instances[value] = value if value >= 1000 else label
+        return labels[ids], instances[ids]
+
+    def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
+        from detr_panoptic.evaluation.instance import InstancePrediction
+        from detr_panoptic.evaluation.pq import runs
+
+        for sample, result in zip(samples, results):
+            if sample.target is None:
+                raise UserInputError(f"image {sample.image_id!r}: Cityscapes scores need ground truth")
+            gt_labels, gt_instances = self._ground_truth(sample.target)
+            predicted = semantic_labels(result, self.label_ids)
+            label_runs, instance_runs, pred_runs, lengths = runs(gt_labels, gt_instances, predicted)
+            self.pixel.add_runs(label_runs.astype(np.int64), instance_runs.astype(np.int64),
+                                pred_runs.astype(np.int64), lengths, source=f"image {sample.image_id!r}")
+            self.instance.add(gt_instances, [InstancePrediction(label, score, np.flatnonzero(mask))
+                                             for mask, label, score in result_instances(result, self.label_ids,
+                                                                                        self.things)])
+
+    def evaluate(self) -> dict[str, Any]:
+        """Percentages: ``miou, iiou, category_miou, category_iiou, ap, ap50`` (None where undefined)."""
+        import torch
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
+            total = torch.as_tensor(self.pixel.state(), dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            self.pixel.load_state(total.cpu().numpy())
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, self.instance.records())
+            self.reset_instances(gathered)
+        from detr_panoptic.evaluation.cityscapes import metrics_from_results
+
+        metrics = metrics_from_results(pixel=self.pixel.compute(), instance=self.instance.compute())
+        return {k: metrics[k] for k in ("miou", "iiou", "category_miou", "category_iiou", "ap", "ap50")}
+
+    def reset_instances(self, gathered: Sequence[Any]) -> None:
+        from detr_panoptic.evaluation.instance import InstanceAccumulator
+
+        self.instance = InstanceAccumulator()
+        for records in gathered:
+            self.instance.merge_records(records)

@@ -155,7 +155,8 @@ def plot_accuracy(train: Sequence[Mapping[str, Any]], val: Sequence[Mapping[str,
 
 
 def plot_pq(val: Sequence[Mapping[str, Any]]) -> Figure:
-    """PQ, SQ, RQ (and PQ of things / stuff) of each validation against the step, in percent."""
+    """PQ, SQ, RQ (and PQ of things / stuff; mIoU and AP when validation measured them) of each validation
+    against the step, in percent."""
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.add_subplot()
     plotted = False
@@ -164,6 +165,11 @@ def plot_pq(val: Sequence[Mapping[str, Any]]) -> Figure:
         if len(values):
             ax.plot(steps, values, style, label=key.replace("_", " ").upper().replace("THINGS", "things")
                     .replace("STUFF", "stuff"))
+            plotted = True
+    for key, style, label in (("miou", "P-", "mIoU"), ("ap", "X-", "AP")):  # train.val_metrics: miou, ap
+        steps, values = _series(val, key)
+        if len(values):
+            ax.plot(steps, values, style, label=label)
             plotted = True
     if plotted:
         ax.legend(fontsize=8)
