@@ -121,7 +121,8 @@ def served(toy_checkpoint, street, tmp_path_factory):
     torch.set_num_threads(1)
     predictor = PanopticPredictor.from_pretrained(toy_checkpoint, device="cpu")
     counter = ForwardCounter(predictor.model)
-    page = build_app({"toy": predictor}, examples=[street], lowest=LOWEST, queue_size=4,
+    strict = predictor.with_settings(threshold=0.7, merge_stuff="merge", min_area=10)  # the same weights
+    page = build_app({"toy": predictor, "toy-strict": strict}, examples=[street], lowest=LOWEST, queue_size=4,
                      max_pixels=200 * 400, work_dir=work / "results")
     try:
         _, url, _ = launch(page, host="127.0.0.1", port=free_port(), block=False)

@@ -12,7 +12,7 @@ from PIL import Image
 pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # a bound, not a speed test: a loaded 2-core machine is slow
 
 DEFAULTS = {"threshold": 0.3, "merge": "reference", "min_area": 4, "opacity": 0.55, "things": True, "stuff": True}
 
@@ -22,9 +22,9 @@ def client(served):
     return Client(served.url, verbose=False, download_files=served.work_dir / "downloads")
 
 
-def analyse(client, path, **changes):
+def analyse(client, path, checkpoint: str = "toy", **changes):
     s = {**DEFAULTS, **changes}
-    return client.predict(handle_file(str(path)), "toy", s["threshold"], s["merge"], s["min_area"], s["opacity"],
+    return client.predict(handle_file(str(path)), checkpoint, s["threshold"], s["merge"], s["min_area"], s["opacity"],
                           s["things"], s["stuff"], api_name="/analyse")
 
 
@@ -84,6 +84,19 @@ def test_redraw_filters_things_and_stuff(client, street):
     assert not np.array_equal(np.asarray(Image.open(both)), original)
     assert np.array_equal(np.asarray(Image.open(none)), original)  # nothing drawn
     assert legend.count("legend-item") == len(analyse(client, street)[2]["data"])
+
+
+def test_a_checkpoint_brings_its_setting_and_its_results(served, client, street):
+    assert client.predict("toy-strict", api_name="/checkpoint") == (0.7, "merge", 10)
+    assert client.predict("toy", api_name="/checkpoint") == (0.3, "reference", 4)
+    outputs = analyse(client, street, "toy-strict", threshold=0.7, merge="merge", min_area=10)
+    assert [(r[0], r[4], r[6]) for r in rows(outputs)] == \
+        expected_rows(served, street, threshold=0.7, merge_stuff="merge", min_area=10)
+    assert "threshold 0.70, merge, min area 10" in outputs[5]
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="not in the list of choices"):  # only those the app was given
+        analyse(client, street, "nowhere.pth")
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated"])

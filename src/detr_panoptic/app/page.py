@@ -3,7 +3,8 @@
 ``build_app(models, examples=...)`` returns the ``gr.Blocks``; ``launch`` serves it. The handlers call
 ``app.session`` (one forward per image, post-processing on the cached output) and answer bad input with
 a message in the page, never an exception that would leave the page half updated. API names (for
-``gradio_client``): ``/analyse``, ``/postprocess``, ``/redraw``, ``/segment``.
+``gradio_client``): ``/analyse``, ``/postprocess``, ``/redraw``, ``/segment``, ``/checkpoint`` (a checkpoint's
+post-processing setting, which the page then shows).
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
         controls = [threshold, merge, min_area, opacity, things, stuff]
         shown = [state, picture, legend, table, segment, downloads, status, attention]
         image.change(handlers.analyse, [image, checkpoint, *controls], shown, api_name="analyse")
-        checkpoint.change(handlers.setting_of, [checkpoint], [threshold, merge, min_area], api_name=False).then(
+        checkpoint.change(handlers.setting_of, [checkpoint], [threshold, merge, min_area], api_name="checkpoint").then(
             handlers.analyse, [image, checkpoint, *controls], shown, api_name=False)
         post = [state, *controls]
         threshold.release(handlers.postprocess, post, shown, api_name="postprocess")
