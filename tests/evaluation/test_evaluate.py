@@ -201,5 +201,8 @@ def test_coco_layout_data_from_flags(tmp_path):
     out = evaluate_model(Oracle(dataset, CategoryMap.from_coco_json(categories)), dataset, tmp_path / "eval",
                          workers=1, progress=False, chart=False, limit=1)
     assert out["num_images"] == 1 and out["results"]["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 2}
+    # a generic COCO-panoptic dataset: mIoU over all categories and COCO mask AP of the things
+    assert out["metrics"]["miou"] == 100.0 and out["metrics"]["mask_ap"] == pytest.approx(100.0)
+    assert out["metrics"]["per_class"]["26"]["iou"] == 100.0 and "mask AP 100.0" in out["table"]
     with pytest.raises(UserInputError, match="--image-dir"):
         build_eval_dataset(gt_json=str(tmp_path / "gt.json"))

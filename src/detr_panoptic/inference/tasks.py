@@ -20,6 +20,7 @@ import torch
 
 from detr_panoptic.data.categories import CategoryMap
 from detr_panoptic.inference.cityscapes_writer import CityscapesWriter
+from detr_panoptic.inference.coco_metrics import CocoMetrics
 from detr_panoptic.inference.evaluators import (
     DetectionEvaluator,
     OverlayWriter,
@@ -171,7 +172,7 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     json_path = out_dir / PREDICTIONS_JSON
     detection = DetectionEvaluator(predictor.settings.category_map)
     cityscapes = cityscapes_split(base) if write else None
-    if cityscapes is not None and predictor.dense is None:
+    if predictor.dense is None:  # Cityscapes' formats, or mIoU and mask AP: the semantic map and instances
         predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     if write:
         writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
@@ -180,6 +181,8 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
         evaluators: list[Any] = [writer]
         if cityscapes is not None:  # before the journal: an image is done once its Cityscapes files exist too
             evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, gt["categories"]))
+        elif len(todo) == count:  # other datasets: mIoU and COCO mask AP in memory (not kept on resume)
+            evaluators.append(CocoMetrics(gt["categories"]))
         if len(todo) == count:  # detection figures need every image's kept queries (not kept on resume)
             evaluators.append(detection)
     else:
@@ -205,7 +208,15 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
                     "pq_seconds": round(time.perf_counter() - start - predict_seconds, 3)})
     if "detection" in run.outputs:
         metrics.update(detection_metrics(run.outputs["detection"]))
+    if "coco" in run.outputs:
+        coco = run.outputs["coco"]
+        metrics.update({k: coco[k] for k in ("miou", "mask_ap", "mask_ap50", "mask_ap75")})
+        for key, value in coco["iou_per_class"].items():
+            metrics["per_class"].setdefault(key, {})["iou"] = value
     table = format_results(results, gt["categories"])
+    if "coco" in run.outputs:
+        table += "\n" + "  ".join(f"{name} {'-' if metrics[key] is None else f'{metrics[key]:.1f}'}" for name, key in
+                                   (("mIoU", "miou"), ("mask AP", "mask_ap"), ("AP50", "mask_ap50")))
     if cityscapes is not None:
         table += "\n" + _add_cityscapes_metrics(metrics, out_dir, cityscapes, [a["image_id"] for a in annotations],
                                                workers)
