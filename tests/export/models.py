@@ -93,6 +93,20 @@ def threshold_keeping(model: PanopticDETR, images: list[torch.Tensor], count: in
     return (above + below) / 2
 
 
+def threshold_keeping_about(model: PanopticDETR, images: list[torch.Tensor], count: int, min_gap: float = 2e-3,
+                            class_to_category: torch.Tensor | None = None, spread: int = 3) -> tuple[float, int]:
+    """``threshold_keeping`` for the count nearest to ``count`` (within ``spread``) whose scores are ``min_gap``
+    apart: the scores of a random model differ between CPUs (oneDNN kernels) by more than a fixed count's gap
+    may allow. Returns ``(threshold, kept count)``."""
+    failures = []
+    for candidate in sorted(range(max(1, count - spread), count + spread + 1), key=lambda c: (abs(c - count), c)):
+        try:
+            return threshold_keeping(model, images, candidate, min_gap, class_to_category), candidate
+        except AssertionError as error:
+            failures.append(f"{candidate}: {error}")
+    raise AssertionError(f"no kept count near {count} has a clear threshold: {'; '.join(failures)}")
+
+
 def design_mask_head(model: PanopticDETR) -> None:
     """Masks that depend on the query: the mask head's context (lay1 on the encoder features) and FPN adapters
     are switched off, its biases set to 0 and its group norms to identity affines.

@@ -19,7 +19,7 @@ from tests.export.models import (
     design_mask_head,
     small_category_map,
     small_model,
-    threshold_keeping,
+    threshold_keeping_about,
 )
 
 pytest.importorskip("onnxruntime", reason="the ONNX tests need `pip install 'detr-panoptic[onnx]'`")
@@ -27,7 +27,7 @@ pytest.importorskip("onnxscript", reason="the ONNX tests need `pip install 'detr
 
 pytestmark = pytest.mark.slow  # one export of the small model: ~30 s on a loaded 2-core machine
 INPUT_SIZE = (64, 128)
-KEPT = 9  # of the 24 queries of the two pictures
+KEPT = 9  # about this many of the 24 queries of the two pictures (threshold_keeping_about)
 
 
 def _pictures():
@@ -46,7 +46,8 @@ def exported(tmp_path_factory):
     tensors = [preprocess(p, *INPUT_SIZE) for p in pictures]
     design_mask_head(model)
     design_class_head(model, tensors, list(range(model.num_classes)))
-    postprocess = {"threshold": threshold_keeping(model, tensors, KEPT), "merge_stuff": "reference", "min_area": 2}
+    threshold, kept = threshold_keeping_about(model, tensors, KEPT)
+    postprocess = {"threshold": threshold, "merge_stuff": "reference", "min_area": 2}
     category_map = small_category_map()
     checkpoint = folder / "model.pth"
     save_checkpoint(checkpoint, model, category_map=category_map, model_config=model.config,
@@ -54,19 +55,19 @@ def exported(tmp_path_factory):
     out = folder / "export"
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
     settings = PredictorSettings(category_map, *INPUT_SIZE, **postprocess)
-    return model, out, pictures, tensors, settings
+    return model, out, pictures, tensors, settings, kept
 
 
 @pytest.fixture(scope="module")
 def predictors(exported):
     from detr_panoptic import OnnxPredictor
 
-    model, out, _, _, settings = exported
+    model, out, _, _, settings, _ = exported
     return PanopticPredictor(model, settings, device="cpu"), OnnxPredictor.from_pretrained(out, device="cpu")
 
 
 def test_metadata_restores_the_settings(exported, predictors):
-    _, out, _, _, settings = exported
+    _, out, _, _, settings, _ = exported
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["opset"] == 18 and meta["graphs"]["masks"]["inputs"][0] == "mask_queries"
     assert predictors[1].settings == settings
@@ -74,7 +75,7 @@ def test_metadata_restores_the_settings(exported, predictors):
 
 @pytest.mark.parametrize("sizes", [[(64, 96)], [(96, 64)], [(64, 96), (96, 64)], [(80, 112), (64, 64)]])
 def test_graphs_give_pytorch_outputs_at_any_size(exported, predictors, sizes):
-    model, _, _, _, _ = exported
+    model, _, _, _, _, _ = exported
     onnx = predictors[1]
     images = [torch.randn(3, h, w) for h, w in sizes]
     batch, padding = pad_images(images)
@@ -92,11 +93,11 @@ def test_graphs_give_pytorch_outputs_at_any_size(exported, predictors, sizes):
 
 
 def test_same_panoptic_results_as_the_pytorch_predictor(exported, predictors):
-    _, _, pictures, _, _ = exported
+    _, _, pictures, _, _, kept = exported
     torch_predictor, onnx_predictor = predictors
     expected = torch_predictor(pictures)
     actual = onnx_predictor(pictures)
-    assert sum(len(r.kept) for r in expected) == KEPT and all(len(r.segments_info) >= 3 for r in expected)
+    assert sum(len(r.kept) for r in expected) == kept and all(len(r.segments_info) >= 3 for r in expected)
     assert_same_results(expected, actual)
     assert actual[0].id_map.shape == (100, 150) and actual[1].id_map.shape == (90, 60)
     assert_same_results(torch_predictor([pictures[0]]), onnx_predictor([pictures[0]]))
@@ -105,7 +106,7 @@ def test_same_panoptic_results_as_the_pytorch_predictor(exported, predictors):
 
 
 def test_zero_kept_queries(exported, predictors):
-    model, _, pictures, tensors, _ = exported
+    model, _, pictures, tensors, _, _ = exported
     torch_predictor, onnx_predictor = predictors
     # a threshold between the two pictures' best scores: nothing kept in one of them (its mask graph run
     # is skipped), some in the other
@@ -128,7 +129,7 @@ def test_zero_kept_queries(exported, predictors):
 def test_mask_batch_does_not_change_results(exported, predictors):
     from detr_panoptic import OnnxPredictor
 
-    _, out, pictures, _, _ = exported
+    _, out, pictures, _, _, _ = exported
     chunked = OnnxPredictor.from_pretrained(out, device="cpu", mask_batch=4)
     assert_same_results(predictors[1](pictures), chunked(pictures))
 
@@ -136,7 +137,7 @@ def test_mask_batch_does_not_change_results(exported, predictors):
 def test_predict_batch_and_run_inference_use_it(exported, predictors):
     from detr_panoptic.inference import InferenceSample
 
-    _, _, pictures, tensors, _ = exported
+    _, _, pictures, tensors, _, _ = exported
     samples = [InferenceSample(image=t, orig_size=(p.height, p.width), image_info={"id": i}, file_name=f"{i}.png")
                for i, (t, p) in enumerate(zip(tensors, pictures))]
     assert_same_results(predictors[0].predict_batch(samples), predictors[1].predict_batch(samples))
@@ -160,7 +161,7 @@ def test_predict_to_folder_with_the_onnx_predictor(exported, predictors, tmp_pat
 
     from detr_panoptic.inference import predict_to_folder
 
-    _, _, pictures, _, _ = exported
+    _, _, pictures, _, _, _ = exported
     for i, picture in enumerate(pictures):
         picture.save(tmp_path / f"{i}.png")
     inputs = [str(tmp_path / f"{i}.png") for i in range(len(pictures))]

@@ -25,7 +25,7 @@ from tests.export.models import (
     design_mask_head,
     r50_model,
     spread_queries,
-    threshold_keeping,
+    threshold_keeping_about,
 )
 
 pytest.importorskip("onnxruntime", reason="the ONNX tests need `pip install 'detr-panoptic[onnx]'`")
@@ -51,19 +51,19 @@ def exported(tmp_path_factory):
     spread_queries(model)
     design_mask_head(model)
     design_class_head(model, tensors, things + stuff, scale=4.0)  # identity layout: class index == id
-    threshold = threshold_keeping(model, tensors, KEPT, min_gap=1e-3,
-                                  class_to_category=category_map.class_to_category_tensor())
+    threshold, kept = threshold_keeping_about(model, tensors, KEPT, min_gap=1e-3,
+                                                   class_to_category=category_map.class_to_category_tensor())
     settings = PredictorSettings(category_map, *INPUT_SIZE, threshold=threshold)
     out = export_onnx(model, tmp_path_factory.mktemp("onnx_r50"), category_map=category_map,
                       input_size=INPUT_SIZE, postprocess=settings.postprocess_metadata())
-    return model, out, pictures, settings
+    return model, out, pictures, settings, kept
 
 
 @pytest.fixture(scope="module")
 def predictors(exported):
     from detr_panoptic import OnnxPredictor
 
-    model, out, _, settings = exported
+    model, out, _, settings, _ = exported
     return PanopticPredictor(model, settings, device="cpu"), OnnxPredictor.from_pretrained(out, device="cpu")
 
 
@@ -87,7 +87,7 @@ def test_same_kept_queries_and_segments(exported, predictors):
     pictures = exported[2]
     torch_predictor, onnx_predictor = predictors
     expected, actual = torch_predictor(pictures), onnx_predictor(pictures)
-    assert sum(len(r.kept) for r in expected) == KEPT
+    assert sum(len(r.kept) for r in expected) == exported[4]
     for e, a in zip(expected, actual):
         assert torch.equal(e.kept.indices, a.kept.indices) and torch.equal(e.kept.category_ids, a.kept.category_ids)
         torch.testing.assert_close(a.kept.scores, e.kept.scores, rtol=1e-4, atol=1e-6)
