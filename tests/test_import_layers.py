@@ -19,10 +19,7 @@ PACKAGE = "detr_panoptic"
 # takes calibrate's plotting out of inference). A check that finds only these is an expected failure; any
 # other fails. Remove an entry once it is gone.
 KNOWN_CYCLES: set[tuple[str, ...]] = set()
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = {
-    ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._describe"),
-    ("detr_panoptic.evaluation.pq", "detr_panoptic.evaluation.panoptic_format._to_numpy"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

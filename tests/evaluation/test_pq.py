@@ -172,11 +172,11 @@ def test_accumulators_merge_and_round_trip_through_tensors(make_case):
 @pytest.mark.parametrize("block", [None, 1, 7])
 @pytest.mark.parametrize("noise", [False, True])
 def test_run_length_counting_equals_pixel_counting(noise, block, monkeypatch):
-    from detr_panoptic.evaluation import pq
-    from detr_panoptic.evaluation.pq import runs
+    from detr_panoptic.evaluation import pq_stats
+    from detr_panoptic.evaluation.pq_stats import runs
 
     if block is not None:  # runs cross the boundaries of the blocks that runs works in
-        monkeypatch.setattr(pq, "_RUN_BLOCK", block)
+        monkeypatch.setattr(pq_stats, "_RUN_BLOCK", block)
     rng = np.random.default_rng(1)
     gt = np.repeat(rng.integers(0, 4, (6, 5)), 3, axis=1)
     pred = np.repeat(rng.integers(0, 3, (6, 5)), 3, axis=1)
@@ -193,7 +193,7 @@ def test_run_length_counting_equals_pixel_counting(noise, block, monkeypatch):
 
 @pytest.mark.parametrize("largest", [40, 70000, 1 << 24])  # table lookup, binary search
 def test_labels_of_run_values(largest):
-    from detr_panoptic.evaluation.pq import _labels
+    from detr_panoptic.evaluation.pq_stats import _labels
 
     rng = np.random.default_rng(largest)
     segment_ids = rng.choice(np.arange(1, largest), size=12, replace=False)

@@ -35,7 +35,8 @@ import numpy as np
 
 from detr_panoptic.evaluation.instance import InstanceAccumulator, InstancePrediction, value_counts
 from detr_panoptic.evaluation.panoptic_format import load_panoptic_json, read_id_png
-from detr_panoptic.evaluation.pq import CategoryTable, average_pq, image_pq_stats, runs
+from detr_panoptic.evaluation.pq import average_pq
+from detr_panoptic.evaluation.pq_stats import CategoryTable, image_pq_stats, runs
 from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, PixelLevelAccumulator, cityscapes_labels
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.parallel import available_cores

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from detr_panoptic.evaluation.pq import runs
+from detr_panoptic.evaluation.pq_stats import runs
 from detr_panoptic.evaluation.semantic import NUM_LABEL_IDS, cityscapes_labels
 from detr_panoptic.utils.errors import UserInputError
 

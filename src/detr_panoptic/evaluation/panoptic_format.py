@@ -34,7 +34,7 @@ def rgb_to_id_map(rgb: np.ndarray) -> np.ndarray:
 
 def id_map_to_rgb(id_map: Any) -> np.ndarray:
     """``[H, W]`` segment ids (numpy or torch, 0..256^3-1) -> ``[H, W, 3]`` uint8 RGB."""
-    ids = _to_numpy(id_map).astype(np.int64, copy=False)
+    ids = to_numpy(id_map).astype(np.int64, copy=False)
     if ids.ndim != 2:
         raise UserInputError(f"expected an [H, W] id map, got shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
@@ -50,7 +50,7 @@ def id_map_to_rgb(id_map: Any) -> np.ndarray:
 def write_id_png(path: str | os.PathLike, id_map: Any) -> None:
     """Write ``[H, W]`` segment ids as an RGB PNG, atomically."""
     try:
-        data = encode_id_png(_to_numpy(id_map))  # checks the ids once
+        data = encode_id_png(to_numpy(id_map))  # checks the ids once
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     with atomic_path(path, suffix=".png") as tmp:
@@ -78,15 +78,15 @@ def load_panoptic_json(source: str | os.PathLike | Mapping[str, Any], *, what: s
         if isinstance(data, list):
             data = {"annotations": data}
     if not isinstance(data.get("annotations"), list):
-        raise UserInputError(f"{what} {_describe(source)}: expected a dict with an 'annotations' list")
+        raise UserInputError(f"{what} {describe_source(source)}: expected a dict with an 'annotations' list")
     return data
 
 
-def _describe(source: Any) -> str:
+def describe_source(source: Any) -> str:
     return "(in-memory dict)" if isinstance(source, (Mapping, list)) else str(source)
 
 
-def _to_numpy(array: Any) -> np.ndarray:
+def to_numpy(array: Any) -> np.ndarray:
     if hasattr(array, "detach"):  # a torch tensor, possibly on an accelerator
         array = array.detach().cpu().numpy()
     return np.asarray(array)
@@ -168,7 +168,7 @@ class PanopticPredictionWriter:
     def add(self, image_id: int | str, id_map: Any, segments_info: Iterable[Mapping[str, Any]],
             file_name: str | None = None) -> dict[str, Any]:
         """Write one image's ``[H, W]`` id map (0 = void) as PNG and record its annotation."""
-        ids = _to_numpy(id_map)
+        ids = to_numpy(id_map)
         if ids.ndim != 2:
             raise UserInputError(f"image {image_id!r}: expected an [H, W] id map, got shape {ids.shape}")
         segments = [dict(s) for s in segments_info]

@@ -126,7 +126,7 @@ class PixelLevelAccumulator:
     def add_runs(self, gt_labels: np.ndarray, gt_instances: np.ndarray, pred_labels: np.ndarray,
                  lengths: np.ndarray, *, source: str = "prediction", gt_source: str = "ground truth") -> None:
         """Add one image given as runs of equal (gt labelId, gt instanceId, predicted labelId) pixels
-        (int64 arrays of the same length; see ``evaluation.pq.runs``)."""
+        (int64 arrays of the same length; see ``evaluation.pq_stats.runs``)."""
         if gt_labels.size and int(gt_labels.max()) >= NUM_LABEL_IDS:
             bad = sorted(set(gt_labels[gt_labels >= NUM_LABEL_IDS].tolist()))
             raise UserInputError(f"{gt_source}: unknown labelIds {bad} (expected 0..{NUM_LABEL_IDS - 1})")
