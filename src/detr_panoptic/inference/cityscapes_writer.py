@@ -178,7 +178,7 @@ class CityscapesMetrics:
 
     def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
         from detr_panoptic.evaluation.instance import InstancePrediction
-        from detr_panoptic.evaluation.pq import runs
+        from detr_panoptic.evaluation.pq_stats import runs
 
         for sample, result in zip(samples, results):
             if sample.target is None:
