@@ -192,7 +192,7 @@ def average_num_boxes(targets: Targets, device: torch.device) -> float | torch.T
     count = float(sum(len(t["labels"]) for t in targets))
     if not (dist.is_available() and dist.is_initialized()):
         return max(count, 1.0)
-    num_boxes = torch.tensor(count, device=device)
+    num_boxes = torch.full((), count, device=device)  # filled on the device: no blocking host copy
     dist.all_reduce(num_boxes)
     return (num_boxes / dist.get_world_size()).clamp(min=1.0)
 
