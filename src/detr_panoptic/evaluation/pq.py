@@ -46,7 +46,7 @@ from detr_panoptic.evaluation.panoptic_format import (
     read_id_png,
     to_numpy,
 )
-from detr_panoptic.evaluation.pq_stats import CategoryTable, image_pq_stats
+from detr_panoptic.evaluation.pq_stats import CategoryTable, image_pq_stats, runs
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.parallel import available_cores
 
@@ -413,3 +413,8 @@ def results_to_metrics(results: Mapping[str, Any], categories: Any = None, *,
 def results_to_percentages(results: Mapping[str, Any]) -> dict[str, Any]:
     """Percentages only (a ``metrics.jsonl`` val record): ``pq, sq, rq, n, pq_things, ..., per_class``."""
     return results_to_metrics(results, include_fractions=False)
+
+
+# The public API (``runs``, ``CategoryTable`` and ``image_pq_stats`` live in ``evaluation.pq_stats``).
+__all__ = ["CategoryTable", "PQAccumulator", "average_pq", "choose_workers", "format_results", "image_pq_stats",
+           "match_annotations", "pq_compute", "results_to_metrics", "results_to_percentages", "runs"]

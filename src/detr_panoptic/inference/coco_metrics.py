@@ -45,7 +45,7 @@ class CocoMetrics:
         return table[np.clip(categories, -1, len(table) - 2)]
 
     def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
-        from detr_panoptic.evaluation.pq import runs
+        from detr_panoptic.evaluation.pq_stats import runs
 
         for sample, result in zip(samples, results):
             gt_ids = np.asarray(sample.target["gt_id_map"])

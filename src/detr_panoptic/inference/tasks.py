@@ -144,6 +144,28 @@ def evaluation_split(predictor: PanopticPredictor, dataset: Any, *, limit: int |
     return samples, count, gt
 
 
+def _file_evaluators(writer: PanopticWriter, detection: DetectionEvaluator, categories: Any, out_dir: Path, *,
+                     cityscapes: bool, complete: bool) -> list[Any]:
+    """The evaluators of an evaluation that writes its predictions (``complete``: no image was done before)."""
+    evaluators: list[Any] = [writer]
+    if cityscapes:  # before the journal: an image is done once its Cityscapes files exist too
+        evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, categories))
+    elif complete:  # other datasets: mIoU and COCO mask AP in memory (not kept on resume)
+        evaluators.append(CocoMetrics(categories))
+    if complete:  # detection figures need every image's kept queries (not kept on resume)
+        evaluators.append(detection)
+    return evaluators
+
+
+def _add_coco_metrics(metrics: dict[str, Any], coco: Mapping[str, Any]) -> str:
+    """mIoU and COCO mask AP into ``metrics`` (per class IoU too); their line of the printed table."""
+    metrics.update({k: coco[k] for k in ("miou", "mask_ap", "mask_ap50", "mask_ap75")})
+    for key, value in coco["iou_per_class"].items():
+        metrics["per_class"].setdefault(key, {})["iou"] = value
+    return "  ".join(f"{name} {'-' if metrics[key] is None else f'{metrics[key]:.1f}'}" for name, key in
+                     (("mIoU", "miou"), ("mask AP", "mask_ap"), ("AP50", "mask_ap50")))
+
+
 def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | os.PathLike, *,
                      batch_size: int = 1, workers: int | None = None, num_workers: int | None = None,
                      limit: int | None = None, progress: bool = True, chart: bool = True, write: bool = True,
@@ -178,13 +200,8 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
         writer = PanopticWriter(json_path, out_dir / "predictions", categories=gt["categories"], resume=True,
                                 fingerprint=_fingerprint(predictor, gt_json=str(base.json_path)))
         todo = [i for i in range(count) if annotations[i]["file_name"] not in writer.done]
-        evaluators: list[Any] = [writer]
-        if cityscapes is not None:  # before the journal: an image is done once its Cityscapes files exist too
-            evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, gt["categories"]))
-        elif len(todo) == count:  # other datasets: mIoU and COCO mask AP in memory (not kept on resume)
-            evaluators.append(CocoMetrics(gt["categories"]))
-        if len(todo) == count:  # detection figures need every image's kept queries (not kept on resume)
-            evaluators.append(detection)
+        evaluators = _file_evaluators(writer, detection, gt["categories"], out_dir, cityscapes=cityscapes is not None,
+                                      complete=len(todo) == count)
     else:
         todo, evaluators = list(range(count)), [PQEvaluator(gt["categories"]), detection]
     loader = make_loader(torch.utils.data.Subset(samples, todo), batch_size=batch_size,
@@ -208,15 +225,9 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
                     "pq_seconds": round(time.perf_counter() - start - predict_seconds, 3)})
     if "detection" in run.outputs:
         metrics.update(detection_metrics(run.outputs["detection"]))
-    if "coco" in run.outputs:
-        coco = run.outputs["coco"]
-        metrics.update({k: coco[k] for k in ("miou", "mask_ap", "mask_ap50", "mask_ap75")})
-        for key, value in coco["iou_per_class"].items():
-            metrics["per_class"].setdefault(key, {})["iou"] = value
     table = format_results(results, gt["categories"])
     if "coco" in run.outputs:
-        table += "\n" + "  ".join(f"{name} {'-' if metrics[key] is None else f'{metrics[key]:.1f}'}" for name, key in
-                                   (("mIoU", "miou"), ("mask AP", "mask_ap"), ("AP50", "mask_ap50")))
+        table += "\n" + _add_coco_metrics(metrics, run.outputs["coco"])
     if cityscapes is not None:
         table += "\n" + _add_cityscapes_metrics(metrics, out_dir, cityscapes, [a["image_id"] for a in annotations],
                                                workers)
