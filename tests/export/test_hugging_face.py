@@ -147,3 +147,30 @@ def test_a_mask_head_transformers_cannot_build_is_refused(tmp_path, hidden_dim, 
     with pytest.raises(UserInputError, match="mask head"):
         export_hugging_face(model, tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_transformers_gives_our_outputs_for_a_trained_aux_loss_model(tmp_path):
+    """The demo's packaged start point: trained (9,000 steps) with aux loss on, the demo's architecture
+    (ResNet-18, hidden 128, 8 heads, 2+2 layers, 30 queries), on two generated street scenes of the kind it
+    was trained on (one smaller, padded)."""
+    import importlib.resources
+
+    from detr_panoptic.data.synthetic import synthetic_sample
+    from detr_panoptic.export.hugging_face import IMAGENET_MEAN, IMAGENET_STD
+    from detr_panoptic.utils.batching import pad_images
+
+    source = importlib.resources.files("detr_panoptic.resources") / "demo_start_point.safetensors"
+    pretrained = load_checkpoint(str(source))
+    model = pretrained.model.eval()
+    assert model.aux_loss is True
+    hf = _export_and_load_in_transformers(model, pretrained.category_map, tmp_path)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    images = [(torch.from_numpy(synthetic_sample(seed, h, w)[0]).permute(2, 0, 1) / 255 - mean) / std
+              for seed, h, w in [(1, 128, 256), (2, 96, 192)]]
+    pixels, padding = pad_images(images)
+    with torch.no_grad():
+        expected = model(pixels, padding)
+        actual = hf(pixel_values=pixels, pixel_mask=(~padding).long())
+    torch.testing.assert_close(actual.logits, expected.pred_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=1e-4, atol=1e-4)
