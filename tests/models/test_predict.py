@@ -155,3 +155,17 @@ def test_forward_with_kept_queries_runs_under_inference_mode(setup):
     processor = PanopticPostProcessor(IS_THING, settings=PostprocessSettings(threshold=0.5))
     output = kept_forward(model, images, processor)
     assert output.pred_masks.is_inference() and output.pred_logits.is_inference()
+
+
+def test_winners_kept_between_calls_give_the_same_results(setup):
+    """A caller re-running settings on one output keeps the upsampled masks (``winners``): same results."""
+    model, images, _ = setup
+    low = PanopticPostProcessor(IS_THING, settings=PostprocessSettings(threshold=0.5))
+    cached = kept_forward(model, images, low)
+    winners = [None] * len(images)
+    for settings in (PostprocessSettings(0.5), PostprocessSettings(0.8, "merge", 0), PostprocessSettings(0.6)):
+        processor = low.replace(**settings.as_dict())
+        assert_same_results(processor(cached), processor(cached, winners=winners))
+    assert all(w is not None for w in winners)
+    with pytest.raises(ValueError, match="not computed"):
+        low.replace(threshold=0.3)(cached, winners=winners)

@@ -26,13 +26,8 @@ from PIL import Image
 from detr_panoptic.inference.predictor import PanopticPredictor, attention_maps
 from detr_panoptic.inference.samples import load_image
 from detr_panoptic.models.outputs import DETROutput, PanopticResult
-from detr_panoptic.models.postprocess import (
-    PixelWinner,
-    assign_segments,
-    kept_with_boxes,
-    nearest_resize_ids,
-    upsampled_masks,
-)
+from detr_panoptic.models.pixel_winner import PixelWinner
+from detr_panoptic.models.postprocess import nearest_resize_ids
 from detr_panoptic.utils.errors import UserInputError
 
 LOWEST_THRESHOLD = 0.25  # masks are computed once for every query above this; the threshold slider starts here
@@ -87,37 +82,22 @@ class Analysis:
     lowest: float
     seconds: dict[str, float] = field(default_factory=dict)
     attention_output: DETROutput | None = None
-    _winner: PixelWinner | None = field(default=None, repr=False)
+    _winners: list[PixelWinner | None] = field(default_factory=lambda: [None], repr=False)
 
     def result(self, setting: Setting) -> tuple[PanopticResult, float]:
         """The panoptic result at ``setting`` from the cached output, and the seconds it took.
 
         Equal to ``PanopticPostProcessor`` at that setting (the predictor's results, bit for bit): the masks
         of every query with a mask are upsampled once per image and one ``PixelWinner`` answers every
-        setting, so a new setting costs only the pixel assignment (as ``PanopticPostProcessor.sweep``)."""
+        setting (``PanopticPostProcessor(..., winners=)``), so a new setting costs only the pixel assignment."""
         if setting.threshold < self.lowest - 1e-9:
             raise UserInputError(f"threshold {setting.threshold:.2f} is below {self.lowest:.2f}, the lowest this page "
                                  f"computed masks for")
         processor = self.predictor.postprocessor.replace(threshold=setting.threshold, merge_stuff=setting.merge_stuff,
                                                          min_area=setting.min_area)  # checks the values
         tick = time.perf_counter()
-        output, size = self.output, (self.picture.height, self.picture.width)
         with torch.inference_mode():
-            logits = output.pred_logits.float()
-            scores, labels = logits[0].softmax(-1).max(-1)
-            kept = processor.keep(logits)[0].nonzero().squeeze(1)
-            if kept.numel() == 0:
-                result = PanopticResult(id_map=torch.zeros(size, dtype=torch.long), segments_info=[])
-            else:
-                selected = output.mask_queries[0]
-                if self._winner is None:
-                    self._winner = PixelWinner(upsampled_masks(output, 0, selected, tuple(self.tensor.shape[-2:])))
-                categories = None if processor.class_to_category is None else processor.class_to_category.tolist()
-                result = assign_segments(self._winner, torch.searchsorted(selected, kept), kept, scores[kept],
-                                         labels[kept], size, processor.is_thing.tolist(), categories,
-                                         setting.merge_stuff, setting.min_area)
-            result.kept = kept_with_boxes(output.pred_boxes[0, kept], kept, labels[kept], scores[kept],
-                                          processor.class_to_category, size)
+            result = processor(self.output, [(self.picture.height, self.picture.width)], winners=self._winners)[0]
         return result.cpu(), time.perf_counter() - tick
 
     def attention(self, result: PanopticResult, segment_id: int) -> Any:

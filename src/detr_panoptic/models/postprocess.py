@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from detr_panoptic.models.outputs import DETROutput, KeptQueries, PanopticResult
+from detr_panoptic.models.pixel_winner import PixelWinner
 from detr_panoptic.utils.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,8 @@ class PanopticPostProcessor:
         return processed, processed if target_sizes is None else _as_sizes(target_sizes, batch, "target_sizes")
 
     def __call__(self, output: DETROutput, target_sizes: SizesLike | None = None, *,
-                 processed_sizes: SizesLike | None = None) -> list[PanopticResult]:
+                 processed_sizes: SizesLike | None = None, winners: list[PixelWinner | None] | None = None
+                 ) -> list[PanopticResult]:
         """One ``PanopticResult`` per image.
 
         output: pred_logits [B, Q, C+1] and pred_masks (all queries [B, Q, h4, w4], or packed with
@@ -247,6 +249,9 @@ class PanopticPostProcessor:
         target_sizes: (h, w) per image of the final id map (nearest, Pillow-exact); default: processed sizes.
         processed_sizes: (h, w) per image of the unpadded model input, to which masks are resized
             (bilinear); default: ``output.image_sizes`` (set by ``PanopticDETR.forward``).
+        winners: a list the caller keeps (one entry per image, None at first) to call again on the same
+            packed ``output`` with other settings: each image's masks are upsampled once, over all its
+            ``mask_queries``, and the ``PixelWinner`` is reused (the results are the same bit for bit).
         Each result's ``kept`` lists the kept queries with their boxes in target-size pixels.
         """
         processed, targets = self._sizes(output, target_sizes, processed_sizes)
@@ -261,13 +266,31 @@ class PanopticPostProcessor:
                 result = PanopticResult(id_map=torch.zeros(targets[b], dtype=torch.long, device=logits.device),
                                         segments_info=[])
             else:
-                winner = PixelWinner(upsampled_masks(output, b, queries, processed[b]))
-                result = self._assign(winner, torch.arange(queries.numel(), device=logits.device), queries,
-                                      scores[b], labels[b], targets[b], self.settings)
-            result.kept = kept_with_boxes(output.pred_boxes[b, queries], queries, labels[b, queries], scores[b, queries],
-                                class_to_category, targets[b])
+                winner, positions = self._winner(output, b, queries, processed[b], winners)
+                result = self._assign(winner, positions, queries, scores[b], labels[b], targets[b], self.settings)
+            result.kept = kept_with_boxes(output.pred_boxes[b, queries], queries, labels[b, queries],
+                                          scores[b, queries], class_to_category, targets[b])
             results.append(result)
         return results
+
+    @staticmethod
+    def _winner(output: DETROutput, b: int, queries: torch.Tensor, processed: tuple[int, int],
+                winners: list[PixelWinner | None] | None) -> tuple[PixelWinner, torch.Tensor]:
+        """Image b's ``PixelWinner`` and the channels of ``queries`` in it: over the kept queries alone, or
+        (``winners`` given, packed masks) over every query with a mask, cached in ``winners[b]``."""
+        if winners is None or output.mask_queries is None:
+            return PixelWinner(upsampled_masks(output, b, queries, processed)), torch.arange(queries.numel(),
+                                                                                           device=queries.device)
+        if len(winners) != len(output.mask_queries):
+            raise ValueError(f"winners has {len(winners)} entries for {len(output.mask_queries)} images")
+        channels = output.mask_queries[b].to(queries.device)
+        match = channels[None, :] == queries[:, None]  # [K, M]
+        if not bool(match.any(1).all()):
+            raise ValueError(f"image {b}: masks of kept queries {queries[~match.any(1)].tolist()} were not computed "
+                             f"(mask_queries)")
+        if winners[b] is None:
+            winners[b] = PixelWinner(upsampled_masks(output, b, channels, processed))
+        return winners[b], match.float().argmax(1)  # type: ignore[return-value]
 
     def _assign(self, winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
                 labels: torch.Tensor, target_size: tuple[int, int], settings: PostprocessSettings) -> PanopticResult:
@@ -347,73 +370,6 @@ def upsampled_masks(outputs: DETROutput, b: int, queries: torch.Tensor,
     valid_h, valid_w = valid_mask_size(tuple(masks.shape[-2:]), processed_size, outputs.input_size)
     return F.interpolate(masks[None, :, :valid_h, :valid_w].float(), size=processed_size, mode="bilinear",
                          align_corners=False)[0]
-
-
-class PixelWinner:
-    """Per pixel, the first channel with the highest value (``torch.argmax(0)``, bit for bit) among a
-    subset of the channels of ``masks`` [K, h, w].
-
-    Post-processing asks for shrinking subsets (small segments dropped and argmax run again; and, in a
-    calibration sweep, the queries kept at ever higher thresholds): when the subset is inside one asked
-    for before, only the pixels whose winner left are recomputed. (The first highest channel of a set
-    that is still in a subset is the first highest of the subset.) A full pass is a running maximum over
-    the channels, several times faster on the CPU than ``argmax`` over the leading dimension.
-    """
-
-    CACHED = 4  # answers kept for reuse
-
-    def __init__(self, masks: torch.Tensor) -> None:
-        self.masks = masks
-        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # (subset Bool [K], winner Long [h, w])
-
-    def __call__(self, subset: torch.Tensor) -> torch.Tensor:
-        """Long [h, w]: the winning channel (index into the K channels) among ``subset`` (Bool [K], not empty)."""
-        subset = subset.to(torch.bool)
-        count = int(subset.sum())
-        if count == 0:
-            raise ValueError("PixelWinner needs at least one channel")
-        base = None
-        for entry in self._cache:  # the smallest cached superset
-            if bool((entry[0] | subset).eq(entry[0]).all()) and (base is None or entry[0].sum() < base[0].sum()):
-                base = entry
-        if base is not None and bool(base[0].eq(subset).all()):
-            return base[1]
-        if base is not None:
-            winner = base[1].clone()
-            flat = winner.view(-1)
-            lost = (~subset[flat]).nonzero().squeeze(1)
-            if lost.numel():
-                channels = subset.nonzero().squeeze(1)
-                # the lost pixels' columns first, then the subset's rows: never a copy of whole maps
-                values = self.masks.reshape(self.masks.shape[0], -1).index_select(1, lost).index_select(0, channels)
-                flat[lost] = channels[_first_max(values)]
-        else:
-            winner = _running_argmax(self.masks, subset.nonzero().squeeze(1))
-        self._cache.append((subset.clone(), winner))
-        del self._cache[:-self.CACHED]
-        return winner
-
-
-def _first_max(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(0)`` for [k, n]."""
-    return _running_argmax(values, torch.arange(values.shape[0], device=values.device))
-
-
-def _running_argmax(masks: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """``masks[channels].argmax(0)`` mapped back to channel indices, by a running maximum (strictly greater
-    replaces, so the first of equal maxima wins, as argmax). NaN (never produced by a finite model) falls
-    back to ``argmax``, which treats it as the maximum."""
-    order = channels.tolist()
-    best = masks[order[0]].clone()
-    winner = torch.full(best.shape, order[0], dtype=torch.long, device=masks.device)
-    better = torch.empty(best.shape, dtype=torch.bool, device=masks.device)
-    for channel in order[1:]:
-        torch.gt(masks[channel], best, out=better)
-        torch.maximum(best, masks[channel], out=best)
-        winner.masked_fill_(better, channel)
-    if bool(best.isnan().any()):
-        return channels[masks[channels].argmax(0)]
-    return winner
 
 
 def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
