@@ -178,7 +178,7 @@ def _single_thread(one_thread):
 
 
 def test_coco_layout_data_from_flags(tmp_path):
-    from detr_panoptic.inference.tasks import build_eval_dataset
+    from detr_panoptic.inference.tasks import EvalData, build_eval_dataset
     from tests.evaluation.pq_cases import to_rgb
 
     (tmp_path / "gt").mkdir()
@@ -196,7 +196,7 @@ def test_coco_layout_data_from_flags(tmp_path):
     categories = [{"id": 7, "name": "road", "isthing": 0}, {"id": 26, "name": "car", "isthing": 1}]
     (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                   "categories": categories}))
-    dataset = build_eval_dataset(gt_json=str(tmp_path / "gt.json"), image_dir=str(tmp_path / "images"))
+    dataset = build_eval_dataset(EvalData(gt_json=str(tmp_path / "gt.json"), image_dir=str(tmp_path / "images")))
     assert dataset.panoptic_dir == tmp_path / "gt"
     out = evaluate_model(Oracle(dataset, CategoryMap.from_coco_json(categories)), dataset, tmp_path / "eval",
                          workers=1, progress=False, chart=False, limit=1)
@@ -205,4 +205,4 @@ def test_coco_layout_data_from_flags(tmp_path):
     assert out["metrics"]["miou"] == 100.0 and out["metrics"]["mask_ap"] == pytest.approx(100.0)
     assert out["metrics"]["per_class"]["26"]["iou"] == 100.0 and "mask AP 100.0" in out["table"]
     with pytest.raises(UserInputError, match="--image-dir"):
-        build_eval_dataset(gt_json=str(tmp_path / "gt.json"))
+        build_eval_dataset(EvalData(gt_json=str(tmp_path / "gt.json")))

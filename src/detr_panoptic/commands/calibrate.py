@@ -69,11 +69,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         DEFAULT_THRESHOLDS,
         calibrate_checkpoint,
     )
+    from detr_panoptic.inference.tasks import EvalData
 
+    data = EvalData(cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
+                    gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir)
     out = calibrate_checkpoint(
-        args.checkpoint, args.out, in_place=args.in_place, cityscapes_root=args.cityscapes, split=args.split,
-        use_train_id=args.use_train_id, gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir,
-        thresholds=args.thresholds or DEFAULT_THRESHOLDS, merge_modes=args.merge_modes or DEFAULT_MERGE_MODES,
+        args.checkpoint, args.out, data, in_place=args.in_place, thresholds=args.thresholds or DEFAULT_THRESHOLDS, merge_modes=args.merge_modes or DEFAULT_MERGE_MODES,
         min_areas=args.min_areas or DEFAULT_MIN_AREAS,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, size=args.size, max_size=args.max_size,
         limit=args.limit)

@@ -76,16 +76,15 @@ def run_pq(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from detr_panoptic.inference import evaluate_checkpoint
+    from detr_panoptic.inference import EvalData, LoadOptions, evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(
-        args.checkpoint, config=args.config, overrides=args.overrides,
-        cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
-        gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir,
-        out_dir=args.out, batch_size=args.batch_size, threshold=args.threshold, device=args.device,
-        dtype=args.dtype,
-        size=args.size, max_size=args.max_size,
-        workers=args.workers, limit=args.limit)
+    data = EvalData(cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
+                    gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir)
+    options = LoadOptions(device=args.device, dtype=args.dtype, threshold=args.threshold, size=args.size,
+                          max_size=args.max_size)
+    metrics = evaluate_checkpoint(args.checkpoint, data, options, config=args.config, overrides=args.overrides,
+                                  out_dir=args.out, batch_size=args.batch_size, workers=args.workers,
+                                  limit=args.limit)
     _print_summary(metrics)
     return 0
 

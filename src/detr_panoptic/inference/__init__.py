@@ -29,16 +29,24 @@ from detr_panoptic.inference.samples import (
     preprocess,
 )
 from detr_panoptic.inference.settings import PredictorSettings
-from detr_panoptic.inference.tasks import evaluate_checkpoint, evaluate_dataset, predict_to_folder
+from detr_panoptic.inference.tasks import (
+    EvalData,
+    LoadOptions,
+    evaluate_checkpoint,
+    evaluate_dataset,
+    predict_to_folder,
+)
 
 __all__ = [
     "AttentionMaps",
     "DatasetSamples",
     "DetectionEvaluator",
+    "EvalData",
     "Evaluator",
     "ImageFiles",
     "InferenceRun",
     "InferenceSample",
+    "LoadOptions",
     "OverlayWriter",
     "PQEvaluator",
     "PanopticPredictor",

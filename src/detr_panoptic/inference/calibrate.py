@@ -45,6 +45,7 @@ from detr_panoptic.inference.evaluators import with_pixels
 from detr_panoptic.inference.predictor import PanopticPredictor
 from detr_panoptic.inference.runner import make_loader
 from detr_panoptic.inference.samples import InferenceSample
+from detr_panoptic.inference.tasks import EvalData, build_eval_dataset
 from detr_panoptic.models.postprocess import MERGE_MODES, MIN_AREA, PostprocessSettings
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_json
@@ -299,10 +300,8 @@ def write_table(table: CalibrationTable, out_dir: str | os.PathLike, *, chart: b
     return written
 
 
-def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, in_place: bool = False,
-                         cityscapes_root: str | None = None, split: str | None = None, use_train_id: bool = False,
-                         gt_json: str | None = None, gt_folder: str | None = None, image_dir: str | None = None,
-                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, data: EvalData, *,
+                         in_place: bool = False, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                          merge_modes: Sequence[str] = DEFAULT_MERGE_MODES,
                          min_areas: Sequence[int] = DEFAULT_MIN_AREAS, batch_size: int = 1,
                          device: str | None = "auto", dtype: str | None = None, size: int | None = None,
@@ -312,11 +311,8 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     (``<out_dir>/calibrated.pth``, or ``checkpoint`` itself with ``in_place``). Returns
     ``{"table", "json", "chart", "checkpoint"}``."""
     from detr_panoptic.checkpoints import write_postprocess
-    from detr_panoptic.inference.tasks import build_eval_dataset
-
     make_grid(thresholds, merge_modes, min_areas)  # a bad grid fails before the model is loaded
-    dataset = build_eval_dataset(cityscapes_root=cityscapes_root, split=split, use_train_id=use_train_id,
-                                 gt_json=gt_json, gt_folder=gt_folder, image_dir=image_dir)
+    dataset = build_eval_dataset(data)
     predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, dtype=dtype, size=size,
                                                   max_size=max_size)
     table = calibrate(predictor, dataset, thresholds=thresholds, merge_modes=merge_modes, min_areas=min_areas,

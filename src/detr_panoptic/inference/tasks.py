@@ -4,7 +4,8 @@
   (``detr-panoptic predict``); restartable.
 * ``evaluate_dataset(predictor, dataset, out)``: a COCO-panoptic split -> predictions in COCO panoptic
   format + PQ (``detr-panoptic evaluate``, the demo); restartable.
-* ``evaluate_checkpoint(...)``: the ``evaluate`` command's glue (checkpoint, config, flags -> the two above).
+* ``evaluate_checkpoint(checkpoint, EvalData, LoadOptions)``: the ``evaluate`` command's glue (checkpoint,
+  config, the data flags, the predictor's options -> the two above).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,27 +286,53 @@ def default_out_dir(checkpoint: str | os.PathLike) -> Path:
     return Path("eval")
 
 
-def build_eval_dataset(*, config: Any = None, cityscapes_root: str | None = None, split: str | None = None,
-                       use_train_id: bool = False, gt_json: str | None = None, gt_folder: str | None = None,
-                       image_dir: str | None = None) -> Any:
-    """The dataset to evaluate on: from the flags when given, else from ``config.data`` (its val split)."""
+@dataclass(frozen=True)
+class EvalData:
+    """Where an evaluation's data comes from (the ``evaluate``/``calibrate`` data flags): a Cityscapes root
+    (``split``, ``use_train_id``), or COCO-panoptic files (``gt_json``, ``gt_folder``, ``image_dir``);
+    nothing given: the config's val split."""
+
+    cityscapes_root: str | None = None
+    split: str | None = None
+    use_train_id: bool = False
+    gt_json: str | None = None
+    gt_folder: str | None = None
+    image_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How ``evaluate`` loads its predictor (``PanopticPredictor.from_pretrained``'s options; None: the
+    checkpoint's setting)."""
+
+    device: str | None = "auto"
+    dtype: str | None = None
+    threshold: float | None = None
+    size: int | None = None
+    max_size: int | None = None
+
+
+def build_eval_dataset(source: EvalData = EvalData(), *, config: Any = None) -> Any:
+    """The dataset to evaluate on: from ``source`` (the flags) when given, else from ``config.data`` (its
+    val split)."""
     from detr_panoptic.data.coco_panoptic import CocoPanopticDataset, cityscapes_panoptic_dataset
 
     data = config.data if config is not None else None
-    if cityscapes_root and gt_json:
+    if source.cityscapes_root and source.gt_json:
         raise UserInputError("give either --cityscapes ROOT or --gt-json/--gt-folder/--image-dir, not both")
-    if cityscapes_root or (not gt_json and data is not None and data.dataset == "cityscapes"):
-        root = cityscapes_root or (data.root if data is not None else "")
+    if source.cityscapes_root or (not source.gt_json and data is not None and data.dataset == "cityscapes"):
+        root = source.cityscapes_root or (data.root if data is not None else "")
         if not root:
             raise UserInputError("no Cityscapes root: pass --cityscapes ROOT or set data.root in the config")
-        split = split or (data.val_split if data is not None else "val")
-        train_id = use_train_id or (data is not None and data.use_train_id)
+        split = source.split or (data.val_split if data is not None else "val")
+        train_id = source.use_train_id or (data is not None and data.use_train_id)
         return cityscapes_panoptic_dataset(root, split, train_id)
-    if gt_json or (data is not None and data.dataset == "coco"):
-        json_path = gt_json or data.val_json
-        folder = gt_folder or (data.val_panoptic_dir if data is not None and not gt_json else None)
+    if source.gt_json or (data is not None and data.dataset == "coco"):
+        from_config = data is not None and not source.gt_json
+        json_path = source.gt_json or data.val_json
+        folder = source.gt_folder or (data.val_panoptic_dir if from_config else None)
         folder = folder or str(Path(json_path).with_suffix(""))
-        images = image_dir or (data.val_image_dir if data is not None and not gt_json else None)
+        images = source.image_dir or (data.val_image_dir if from_config else None)
         if not images:
             raise UserInputError("--gt-json needs --image-dir (the folder of the input images)")
         return CocoPanopticDataset(json_path, folder, images)
@@ -313,30 +340,29 @@ def build_eval_dataset(*, config: Any = None, cityscapes_root: str | None = None
                          "--image-dir D [--gt-folder D], or a --config with a data section")
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | None = None, overrides: Sequence[str] = (),
-                        cityscapes_root: str | None = None, split: str | None = None, use_train_id: bool = False,
-                        gt_json: str | None = None, gt_folder: str | None = None, image_dir: str | None = None,
-                        out_dir: str | os.PathLike | None = None, batch_size: int = 1, threshold: float | None = None,
-                        device: str | None = "auto", dtype: str | None = None, workers: int | None = None,
-                        limit: int | None = None, size: int | None = None, max_size: int | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: EvalData = EvalData(),
+                        options: LoadOptions = LoadOptions(), *, config: str | None = None,
+                        overrides: Sequence[str] = (), out_dir: str | os.PathLike | None = None, batch_size: int = 1,
+                        workers: int | None = None, limit: int | None = None, progress: bool = True
+                        ) -> dict[str, Any]:
     """The ``evaluate`` command: a predictor from ``checkpoint`` (its settings, then the config's
-    ``data.min_size``/``max_size`` and ``train.eval_threshold``, then the flags), the data from the flags or
-    the config's val split, then ``evaluate_dataset``; ``out_dir`` defaults to the run's ``eval/``."""
+    ``data.min_size``/``max_size`` and ``train.eval_threshold``, then ``options``), the data from ``data``
+    or the config's val split, then ``evaluate_dataset``; ``out_dir`` defaults to the run's ``eval/``."""
     from detr_panoptic.config import load_config
 
     loaded_config = load_config(config, overrides) if config or overrides else None
-    dataset = build_eval_dataset(config=loaded_config, cityscapes_root=cityscapes_root, split=split,
-                                 use_train_id=use_train_id, gt_json=gt_json, gt_folder=gt_folder,
-                                 image_dir=image_dir)
+    dataset = build_eval_dataset(data, config=loaded_config)
     if loaded_config is not None:  # the config says how its model was trained and validated
-        size = size if size is not None else loaded_config.data.min_size
-        max_size = max_size if max_size is not None else loaded_config.data.max_size
-        threshold = threshold if threshold is not None else loaded_config.train.eval_threshold
+        options = replace(options, size=_first(options.size, loaded_config.data.min_size),
+                          max_size=_first(options.max_size, loaded_config.data.max_size),
+                          threshold=_first(options.threshold, loaded_config.train.eval_threshold))
         if loaded_config.data.max_val_images is not None and limit is None:
             limit = loaded_config.data.max_val_images
-    predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, dtype=dtype, threshold=threshold,
-                                                  size=size, max_size=max_size)
+    predictor = PanopticPredictor.from_pretrained(checkpoint, **asdict(options))
     out = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
     return evaluate_dataset(predictor, dataset, out, batch_size=batch_size, workers=workers, limit=limit,
                             progress=progress, extra_metrics={"checkpoint": str(checkpoint)})
+
+
+def _first(value: Any, fallback: Any) -> Any:
+    return value if value is not None else fallback
