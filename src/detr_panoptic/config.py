@@ -327,7 +327,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise AssertionError(f"unsupported config annotation {tp!r} for {key}")
 
 
-def _section_from_dict(cls: type, values: Any, prefix: str, source: str) -> Any:
+def section_from_dict(cls: type, values: Any, prefix: str, source: str) -> Any:
+    """The dataclass ``cls`` from the mapping ``values`` (the section ``prefix`` of ``source``), every key
+    known and every value of its field's type (``UserInputError`` naming ``source`` and the dotted key)."""
     if values is None:
         values = {}
     if not isinstance(values, Mapping):
@@ -368,7 +370,7 @@ def config_from_dict(data: Mapping[str, Any] | None, *, source: str = "<dict>") 
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise UserInputError(f"{source}: unknown key {unknown[0]} (top-level keys: {', '.join(sorted(allowed))})")
-    sections = {name: _section_from_dict(cls, data.get(name), name, source) for name, cls in SECTIONS.items()}
+    sections = {name: section_from_dict(cls, data.get(name), name, source) for name, cls in SECTIONS.items()}
     name = data.get("name", "run")
     if not isinstance(name, str):
         raise UserInputError(f"{source}: name must be a string, got {name!r}")
@@ -394,7 +396,7 @@ def config_from_dict(data: Mapping[str, Any] | None, *, source: str = "<dict>") 
                 raise UserInputError(f"{stage_source}: unknown key stages[{i}].{key} (stage keys: name, "
                                      f"{', '.join(SECTIONS)})")
         for sec, cls in SECTIONS.items():
-            _section_from_dict(cls, probe[sec], f"stages[{i}].{sec}", stage_source)
+            section_from_dict(cls, probe[sec], f"stages[{i}].{sec}", stage_source)
         stages.append(StageConfig(name=stage_name, overrides=copy.deepcopy(overrides)))
     return Config(name=name, stages=tuple(stages), **sections)
 

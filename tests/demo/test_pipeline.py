@@ -144,6 +144,12 @@ def test_demo_config_errors(tmp_path: Path) -> None:
     bad.write_text("demo: {sizes: [1, 2]}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
     with pytest.raises(UserInputError, match="demo.sizes"):
         demo.load_demo_config(bad)
+    bad.write_text("demo: {train_images: many}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
+    with pytest.raises(UserInputError, match=r"bad.yaml: demo.train_images must be an integer, got 'many'"):
+        demo.load_demo_config(bad)  # the training config's type check (config.section_from_dict)
+    bad.write_text("demo: {size: [64, 16]}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
+    with pytest.raises(UserInputError, match=r"bad.yaml: demo.size must be \[height, width\] \(>= 32\)"):
+        demo.load_demo_config(bad)
     bad.write_text("demo: {scene: {near: 2}}\nstages: [{name: pretrain}, {name: stage1}, {name: stage2}]\n")
     with pytest.raises(UserInputError, match="demo.scene"):
         demo.load_demo_config(bad)

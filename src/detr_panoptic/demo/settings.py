@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detr_panoptic.config import Config, config_from_dict, find_config, read_yaml, set_value
+from detr_panoptic.config import (
+    Config,
+    config_from_dict,
+    find_config,
+    read_yaml,
+    section_from_dict,
+    set_value,
+)
 from detr_panoptic.utils.errors import UserInputError
 from detr_panoptic.utils.io import atomic_write_json
 
@@ -60,45 +67,31 @@ class DemoSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, *, source: str) -> DemoSettings:
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserInputError(f"{source}: unknown key demo.{unknown[0]} (known: {', '.join(sorted(known))})")
-        if "size" in values:
-            size = values["size"]
-            if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v >= 32
-                                                                               for v in size)):
-                raise UserInputError(f"{source}: demo.size must be [height, width] (>= 32), got {size!r}")
-            values["size"] = (int(size[0]), int(size[1]))
+        """The ``demo:`` section of ``source``: keys and types checked by ``config.section_from_dict``
+        (the training config's path), then the ranges here."""
+        settings = section_from_dict(cls, values, "demo", source)
+        if len(settings.size) != 2 or min(settings.size) < 32:
+            raise UserInputError(f"{source}: demo.size must be [height, width] (>= 32), got {list(settings.size)}")
         for key in ("train_images", "val_images", "source_train_images", "source_val_images",
                     "figure_images", "attention_images", "calibrate_images"):
-            if key in values and (not isinstance(values[key], int) or values[key] < 0):
-                raise UserInputError(f"{source}: demo.{key} must be an integer >= 0, got {values[key]!r}")
-        if "mask_attention_gain" in values:
-            gain = values["mask_attention_gain"]
-            if isinstance(gain, bool) or not isinstance(gain, (int, float)) or gain <= 0:
-                raise UserInputError(f"{source}: demo.mask_attention_gain must be a number > 0, got {gain!r}")
-            values["mask_attention_gain"] = float(gain)
-        if "budgets" in values:
-            values["budgets"] = {**cls().budgets, **dict(values["budgets"])}
-        if values.get("start_point") is not None and not isinstance(values["start_point"], str):
-            raise UserInputError(f"{source}: demo.start_point must be a file name or path, got "
-                                 f"{values['start_point']!r}")
-        if "scene" in values:
-            from detr_panoptic.data.synthetic import SceneOptions
+            if getattr(settings, key) < 0:
+                raise UserInputError(f"{source}: demo.{key} must be an integer >= 0, got {getattr(settings, key)}")
+        if settings.mask_attention_gain <= 0:
+            raise UserInputError(f"{source}: demo.mask_attention_gain must be a number > 0, got "
+                                 f"{settings.mask_attention_gain}")
+        from detr_panoptic.data.synthetic import SceneOptions
 
-            scene = values["scene"]
-            known_scene = {f.name for f in dataclasses.fields(SceneOptions)}
-            if not isinstance(scene, Mapping) or set(scene) - known_scene:
-                raise UserInputError(f"{source}: demo.scene must be a mapping with keys among "
-                                     f"{', '.join(sorted(known_scene))}, got {scene!r}")
-            try:
-                SceneOptions(**scene)
-            except (TypeError, UserInputError) as exc:
-                raise UserInputError(f"{source}: demo.scene: {exc}") from None
-            values["scene"] = dict(scene)
-        return cls(**values)
+        known_scene = {f.name for f in dataclasses.fields(SceneOptions)}
+        if set(settings.scene) - known_scene:
+            raise UserInputError(f"{source}: demo.scene must be a mapping with keys among "
+                                 f"{', '.join(sorted(known_scene))}, got {dict(settings.scene)!r}")
+        try:
+            SceneOptions(**settings.scene)
+        except (TypeError, UserInputError) as exc:
+            raise UserInputError(f"{source}: demo.scene: {exc}") from None
+        if "budgets" in (values or {}):
+            settings = dataclasses.replace(settings, budgets={**cls().budgets, **settings.budgets})
+        return settings
 
     def scene_options(self) -> Any:
         """The ``data.synthetic.SceneOptions`` of ``scene``."""
