@@ -99,6 +99,37 @@ def test_oracle_predictions_score_perfectly(cityscapes, tmp_path):
         assert chart.size[0] > 300
 
 
+class Interrupted(Oracle):
+    """An ``Oracle`` killed after its first image (the writer's journal then holds that image)."""
+
+    def predict(self, images, *, target_sizes):
+        if self.sizes:
+            raise KeyboardInterrupt
+        return super().predict(images, target_sizes=target_sizes)
+
+
+def test_a_resumed_evaluation_reuses_files_only_with_the_same_dense_outputs(cityscapes, tmp_path):
+    """How the Cityscapes semantic map and instances are made is part of the folder's fingerprint."""
+    from detr_panoptic.models.dense_outputs import DenseOutputs
+
+    dataset = val_dataset(cityscapes)
+    queries = DenseOutputs(semantic="queries", instances="queries")
+    resumed = [queries, DenseOutputs(semantic="panoptic", instances="queries"),
+               DenseOutputs(semantic="queries", instances="queries", candidate_threshold=0.3)]
+    predicted = []
+    for i, dense in enumerate(resumed):
+        out = tmp_path / f"eval{i}"
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_model(Interrupted(dataset, dataset.category_map), dataset, out, dense=queries, workers=1,
+                           progress=False, chart=False)
+        model = Oracle(dataset, dataset.category_map)
+        model.queue = model.queue[1:] if dense == queries else model.queue  # the images left to predict
+        metrics = evaluate_model(model, dataset, out, dense=dense, workers=1, progress=False, chart=False)
+        assert metrics["metrics"]["pq"] == 100.0
+        predicted.append(len(model.sizes))
+    assert predicted == [2, 3, 3]  # the same choice resumes; another source or threshold starts over
+
+
 def test_tiny_model_through_the_evaluate_command(cityscapes, tmp_path, capsys):
     from detr_panoptic.checkpoints import save_checkpoint
     from detr_panoptic.models.detr import PanopticDETR

@@ -49,9 +49,12 @@ DEFAULT_DENSE_OUTPUTS = DenseOutputs(semantic="queries", instances="queries")
 
 
 def _fingerprint(predictor: PanopticPredictor, **extra: Any) -> dict[str, Any]:
+    """What a restartable folder's outputs depend on: a writer reopened with another one starts over."""
     s = predictor.settings
+    dense = getattr(predictor, "dense", None)  # how the semantic map and instances are made (Cityscapes files)
     return {"weights": predictor.weights_fingerprint(), "input_size": [s.min_size, s.max_size],
-            "postprocess": s.postprocess_metadata(), "dtype": str(predictor.dtype), **extra}
+            "postprocess": s.postprocess_metadata(), "dtype": str(predictor.dtype),
+            "dense": None if dense is None else asdict(dense), **extra}
 
 
 def default_workers(count: int) -> int:
@@ -88,6 +91,8 @@ def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.Pa
     if batch_size < 1:
         raise UserInputError(f"batch size must be at least 1, got {batch_size}")
     settings = predictor.settings
+    if cityscapes and predictor.dense is None:
+        predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     paths = expand_inputs(inputs, skip_bad=skip_bad)
     out_dir = Path(out_dir)
     files = ImageFiles(paths, min_size=settings.min_size, max_size=settings.max_size, skip_bad=skip_bad,
@@ -100,8 +105,6 @@ def predict_to_folder(predictor: PanopticPredictor, inputs: Sequence[str | os.Pa
         evaluators.insert(0, OverlayWriter(out_dir / "overlays", settings.category_map))
     if cityscapes:
         evaluators.insert(0, CityscapesWriter(out_dir / CITYSCAPES_DIR, settings.category_map))
-        if predictor.dense is None:
-            predictor = predictor.with_dense_outputs(dense or DEFAULT_DENSE_OUTPUTS)
     loader = make_loader(torch.utils.data.Subset(files, todo), batch_size=batch_size,
                          num_workers=default_workers(len(todo)) if num_workers is None else num_workers)
     run = run_inference(predictor, loader, evaluators, progress=progress, total=len(todo), description="predict",
