@@ -123,12 +123,30 @@ def test_small_widths_and_bad_config():
     assert model.mask_head.gn1.num_groups == 4  # gcd(8, 16 + 4)
     with pytest.raises(ValueError):
         PanopticDETR(3, **dict(TINY, hidden_dim=24, nheads=5))
-    with pytest.raises(ValueError):
-        PanopticDETR(3, backbone="resnet18", dilation=True)
 
 
-def test_dilation_keeps_layer4_at_stride_16():
-    model = PanopticDETR(3, **dict(TINY, backbone="resnet50"), dilation=True).eval()
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet18"])
+def test_dilation_keeps_layer4_at_stride_16(backbone):
+    model = PanopticDETR(3, **dict(TINY, backbone=backbone), dilation=True).eval()
     out = model([torch.randn(3, 64, 96)], return_attention=True)
     assert out.attentions["feature_size"] == (4, 6)
     assert out.pred_masks.shape == (1, 10, 16, 24)
+    plain = PanopticDETR(3, **dict(TINY, backbone=backbone))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_dilated_basic_blocks_follow_torchvisions_scheme():
+    """resnet18 DC5: layer4's first block without stride, the second dilated; our folded-norm forward equals
+    the modules' own forward (torchvision's BasicBlock.forward on the changed convolutions)."""
+    from detr_panoptic.models.backbone import ResNetBackbone
+
+    backbone = ResNetBackbone("resnet18", dilation=True).eval()
+    layer4 = backbone.body.layer4
+    assert layer4[0].conv1.stride == (1, 1) and layer4[0].downsample[0].stride == (1, 1)
+    assert layer4[0].conv2.dilation == (1, 1)
+    assert layer4[1].conv1.dilation == layer4[1].conv2.dilation == (2, 2)
+    images = torch.randn(2, 3, 64, 96)
+    features = backbone.features(images)
+    assert [tuple(f.shape[-2:]) for f in features] == [(16, 24), (8, 12), (4, 6), (4, 6)]
+    expected = backbone.body(images)["3"]
+    torch.testing.assert_close(features[3], expected, rtol=1e-4, atol=1e-4)

@@ -30,7 +30,10 @@ def resnet_channels(name: str) -> tuple[int, int, int, int]:
 class ResNetBackbone(nn.Module):
     """torchvision ResNet (no classifier, random init) with ``FrozenBatchNorm2d`` (eps 1e-5).
 
-    ``dilation`` replaces the stride of layer4 by a dilation (the "DC5" variant; bottleneck ResNets only).
+    ``dilation`` replaces the stride of layer4 by a dilation (the "DC5" variant): layer4 stays at stride 16.
+    Bottleneck ResNets use torchvision's own ``replace_stride_with_dilation``; basic-block ones (resnet18/34,
+    which torchvision refuses to dilate) get the same scheme by ``_dilate_basic_layer4``: the first block
+    of layer4 without stride, the later ones with dilation 2. The weights' shapes do not change.
     The submodule is called ``body`` so the keys read ``body.layer1.0.conv1.weight`` as in the reference.
     """
 
@@ -38,10 +41,12 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
-        if dilation and not BOTTLENECK[name]:
-            raise ValueError(f"dilation needs a bottleneck ResNet (resnet50/resnet101), got {name!r}")
+        torchvision_dilation = dilation and BOTTLENECK[name]
         resnet = getattr(torchvision.models, name)(
-            weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation])
+            weights=None, norm_layer=FrozenBatchNorm2d,
+            replace_stride_with_dilation=[False, False, torchvision_dilation])
+        if dilation and not BOTTLENECK[name]:
+            _dilate_basic_layer4(resnet.layer4)
         self.body = IntermediateLayerGetter(resnet, return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)})
         self.num_channels = resnet_channels(name)
         self.channels_last = True
@@ -75,6 +80,17 @@ class ResNetBackbone(nn.Module):
                 x = _block(block, x)
             outputs.append(x)
         return outputs
+
+
+def _dilate_basic_layer4(layer: nn.Sequential) -> None:
+    """torchvision's DC5 scheme for a stage of BasicBlocks: the first block keeps dilation 1 and loses its
+    stride (3x3 conv and 1x1 downsample), every later block's 3x3 convolutions get dilation 2."""
+    first = layer[0]
+    first.conv1.stride = (1, 1)
+    first.downsample[0].stride = (1, 1)
+    for block in list(layer)[1:]:
+        for conv in (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 def _conv_bn(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
