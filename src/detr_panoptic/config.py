@@ -110,10 +110,11 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int | None = None
     clip_max_norm: float = 0.1
-    scheduler: Literal["step", "cosine", "constant"] = "step"
+    scheduler: Literal["step", "cosine", "constant", "wsd"] = "step"
     lr_drop_epochs: int = 200
     lr_drop_factor: float = 0.1
     warmup_steps: int = 0
+    decay_steps: int = 0  # scheduler wsd: the final steps over which the rate falls (cosine) to 0
     accumulate_steps: int = 1
     seed: int = 42
     amp: Literal["none", "bf16", "fp16"] = "none"

@@ -72,6 +72,46 @@ def test_scheduler_resumes_from_its_state_dict():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 20)))
 
 
+def test_wsd_schedule_stable_then_cosine_decay():
+    kw = {"scheduler": "wsd", "steps_per_epoch": 10, "lr_drop_epochs": 3, "lr_drop_factor": 0.1, "warmup_steps": 4}
+    assert lr_factor(1, total_steps=100, decay_steps=20, **kw) == pytest.approx(0.5)
+    assert lr_factor(80, total_steps=100, decay_steps=20, **kw) == 1.0
+    assert lr_factor(90, total_steps=100, decay_steps=20, **kw) == pytest.approx(0.5)
+    assert lr_factor(100, total_steps=100, decay_steps=20, **kw) == pytest.approx(0.0, abs=1e-12)
+    # the stable part does not depend on the run's length
+    assert [lr_factor(s, total_steps=100, decay_steps=20, **kw) for s in range(81)] == \
+        [lr_factor(s, total_steps=5000, decay_steps=20, **kw) for s in range(81)]
+    for bad in (0, 101):
+        with pytest.raises(UserInputError, match="decay_steps"):
+            lr_factor(0, total_steps=100, decay_steps=bad, **kw)
+
+
+def test_wsd_run_lengthened_on_resume_equals_the_long_run():
+    """Resumed in its stable part with a larger total, a wsd schedule continues as if configured so."""
+    def make(total):
+        opt = build_optimizer(_Model(), lr=1.0, lr_backbone=0.0, weight_decay=0.0)
+        return opt, build_scheduler(opt, scheduler="wsd", steps_per_epoch=5, total_steps=total, warmup_steps=3,
+                                    decay_steps=10)
+
+    def run(opt, sched, steps):
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return lrs
+
+    long_opt, long_sched = make(60)
+    expected = run(long_opt, long_sched, 60)
+    short_opt, short_sched = make(30)
+    first = run(short_opt, short_sched, 15)  # stopped (killed) in the stable part of the 30-step run
+    opt, sched = make(60)
+    opt.load_state_dict(short_opt.state_dict())
+    sched.load_state_dict(short_sched.state_dict())
+    assert first + run(opt, sched, 45) == pytest.approx(expected)
+    assert expected[50] == 1.0 and expected[56] < 0.5
+
+
 def test_mixed_precision_per_device():
     from detr_panoptic.engine.trainer import autocast_dtype
 

@@ -6,7 +6,11 @@ exactly): an optional linear warm-up times one of
 * ``step``: the reference StepLR, ``lr * drop_factor ** (epoch // lr_drop_epochs)`` with
   ``epoch = step // steps_per_epoch``;
 * ``cosine``: ``0.5 * (1 + cos(pi * step / total_steps))``;
-* ``constant``.
+* ``constant``;
+* ``wsd`` (warm-up, stable, decay): 1 until the last ``decay_steps`` steps, then
+  ``0.5 * (1 + cos(pi * (step - (total_steps - decay_steps)) / decay_steps))`` down to 0. Its stable part
+  does not depend on ``total_steps``, so a run can be lengthened while it is in that part (resume it with a
+  larger ``train.max_steps``) and ends exactly as a run configured that long from the start.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def build_optimizer(model: nn.Module, *, lr: float, lr_backbone: float, weight_d
 
 
 def lr_factor(step: int, *, scheduler: str, steps_per_epoch: int, total_steps: int, lr_drop_epochs: int,
-              lr_drop_factor: float, warmup_steps: int) -> float:
+              lr_drop_factor: float, warmup_steps: int, decay_steps: int = 0) -> float:
     """Multiplier of the base learning rate for optimizer step ``step`` (0-based)."""
     factor = 1.0
     if warmup_steps > 0 and step < warmup_steps:
@@ -61,15 +65,23 @@ def lr_factor(step: int, *, scheduler: str, steps_per_epoch: int, total_steps: i
         factor *= lr_drop_factor ** (epoch // max(lr_drop_epochs, 1))
     elif scheduler == "cosine":
         factor *= 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    elif scheduler == "wsd":
+        if not 0 < decay_steps <= total_steps:
+            raise UserInputError(f"train.scheduler wsd needs 0 < train.decay_steps <= the run's steps "
+                                 f"({total_steps}), got {decay_steps}")
+        into_decay = min(step, total_steps) - (total_steps - decay_steps)
+        if into_decay > 0:
+            factor *= 0.5 * (1.0 + math.cos(math.pi * into_decay / decay_steps))
     elif scheduler != "constant":
-        raise UserInputError(f"train.scheduler must be step, cosine or constant, got {scheduler!r}")
+        raise UserInputError(f"train.scheduler must be step, cosine, constant or wsd, got {scheduler!r}")
     return factor
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, scheduler: str = "step", steps_per_epoch: int,
                     total_steps: int, lr_drop_epochs: int = 200, lr_drop_factor: float = 0.1,
-                    warmup_steps: int = 0) -> LambdaLR:
+                    warmup_steps: int = 0, decay_steps: int = 0) -> LambdaLR:
     factor = partial(lr_factor, scheduler=scheduler, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                     lr_drop_epochs=lr_drop_epochs, lr_drop_factor=lr_drop_factor, warmup_steps=warmup_steps)
+                     lr_drop_epochs=lr_drop_epochs, lr_drop_factor=lr_drop_factor, warmup_steps=warmup_steps,
+                     decay_steps=decay_steps)
     factor(0)  # validate the options now, not at the first step
     return LambdaLR(optimizer, factor)

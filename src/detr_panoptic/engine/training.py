@@ -255,7 +255,8 @@ def build_parts(config: Config, model: PanopticDETR, train_set: Dataset, categor
     optimizer = build_optimizer(model, lr=tc.lr, lr_backbone=tc.lr_backbone, weight_decay=tc.weight_decay)
     scheduler = build_scheduler(optimizer, scheduler=tc.scheduler, steps_per_epoch=batches.steps_per_epoch,
                                 total_steps=state.total_steps, lr_drop_epochs=tc.lr_drop_epochs,
-                                lr_drop_factor=tc.lr_drop_factor, warmup_steps=tc.warmup_steps)
+                                lr_drop_factor=tc.lr_drop_factor, warmup_steps=tc.warmup_steps,
+                                decay_steps=tc.decay_steps)
     return StageParts(batches, state, criterion, optimizer, scheduler)
 
 
