@@ -52,10 +52,13 @@ class OneToManyOutput(BranchOutput):
     def losses(self, criterion, targets: Targets, num_boxes: float) -> dict[str, torch.Tensor]:
         repeated = repeated_targets(targets, self.repeats)
         layers = self.class_logits.shape[0]
+        # every layer's matching costs reach the host in one copy (one sync per step, as the main queries)
+        matches = criterion.matcher.match_layers(
+            [DETROutput(pred_logits=self.class_logits[layer], pred_boxes=self.boxes[layer]) for layer in range(layers)],
+            repeated)
         out: dict[str, torch.Tensor] = {}
-        for layer in range(layers):
+        for layer, indices in enumerate(matches):
             logits, boxes = self.class_logits[layer], self.boxes[layer]
-            indices = criterion.matcher(DETROutput(pred_logits=logits, pred_boxes=boxes), repeated)
             suffix = "" if layer == layers - 1 else f"_{layer}"
             out[f"loss_{self.name}_ce{suffix}"] = criterion.class_loss(logits, repeated, indices)
             box = criterion.box_losses(boxes, repeated, indices, num_boxes * self.repeats)
