@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
+from detr_panoptic.utils.precision import cpu_model
+
 KEYS = ("pq", "pq_things", "pq_stuff", "things_recall", "things_duplicates_per_gt", "things_kept_ratio",
         "things_mask_iou")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_curve(run: Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from detr_panoptic.models.query_branches import (
     BranchQueries,
     QueryBranch,
     Targets,
+    named_layer_losses,
     seeded_init_,
 )
 
@@ -107,17 +108,15 @@ class DenoisingOutput(BranchOutput):
         device = self.class_logits.device
         indices = self.layout.indices(device)
         labels = torch.cat([t["labels"].to(device)[tgt] for t, (_, tgt) in zip(targets, indices)])
-        layers = self.class_logits.shape[0]
-        out: dict[str, torch.Tensor] = {}
-        for layer in range(layers):
-            logits, boxes = self.class_logits[layer], self.boxes[layer]
-            suffix = "" if layer == layers - 1 else f"_{layer}"
+
+        def layer_losses(layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logits = self.class_logits[layer]
             rows = torch.cat([logits[b].index_select(0, q) for b, (q, _) in enumerate(indices)]).float()
-            out[f"loss_{self.name}_ce{suffix}"] = F.cross_entropy(rows, labels) if rows.shape[0] else rows.sum()
-            box = criterion.box_losses(boxes, targets, indices, num_boxes * self.layout.groups)
-            out[f"loss_{self.name}_bbox{suffix}"] = box["loss_bbox"]
-            out[f"loss_{self.name}_giou{suffix}"] = box["loss_giou"]
-        return out
+            class_loss = F.cross_entropy(rows, labels) if rows.shape[0] else rows.sum()
+            return class_loss, criterion.box_losses(self.boxes[layer], targets, indices,
+                                                    num_boxes * self.layout.groups)
+
+        return named_layer_losses(self.name, self.class_logits.shape[0], layer_losses)
 
 
 class DenoisingQueries(QueryBranch):

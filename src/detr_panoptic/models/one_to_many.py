@@ -29,6 +29,7 @@ from detr_panoptic.models.query_branches import (
     BranchQueries,
     QueryBranch,
     Targets,
+    named_layer_losses,
     seeded_init_,
 )
 
@@ -56,15 +57,13 @@ class OneToManyOutput(BranchOutput):
         matches = criterion.matcher.match_layers(
             [DETROutput(pred_logits=self.class_logits[layer], pred_boxes=self.boxes[layer]) for layer in range(layers)],
             repeated)
-        out: dict[str, torch.Tensor] = {}
-        for layer, indices in enumerate(matches):
-            logits, boxes = self.class_logits[layer], self.boxes[layer]
-            suffix = "" if layer == layers - 1 else f"_{layer}"
-            out[f"loss_{self.name}_ce{suffix}"] = criterion.class_loss(logits, repeated, indices)
-            box = criterion.box_losses(boxes, repeated, indices, num_boxes * self.repeats)
-            out[f"loss_{self.name}_bbox{suffix}"] = box["loss_bbox"]
-            out[f"loss_{self.name}_giou{suffix}"] = box["loss_giou"]
-        return out
+
+        def layer_losses(layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            indices = matches[layer]
+            return (criterion.class_loss(self.class_logits[layer], repeated, indices),
+                    criterion.box_losses(self.boxes[layer], repeated, indices, num_boxes * self.repeats))
+
+        return named_layer_losses(self.name, layers, layer_losses)
 
 
 class OneToManyQueries(QueryBranch):

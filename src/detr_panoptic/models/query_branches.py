@@ -17,7 +17,7 @@ parameters are initialised from a fixed generator, so every process of a distrib
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,21 @@ class BranchOutput:
 
     def losses(self, criterion: Any, targets: Targets, num_boxes: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def named_layer_losses(branch: str, layers: int,
+                       layer_losses: Callable[[int], tuple[torch.Tensor, Mapping[str, torch.Tensor]]],
+                       ) -> dict[str, torch.Tensor]:
+    """``BranchOutput.losses``' naming: ``layer_losses(layer) -> (class loss, {"loss_bbox", "loss_giou"})``
+    for each decoder layer, as ``loss_<branch>_ce|bbox|giou`` (last layer) and ``..._<layer>`` (the others)."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in range(layers):
+        class_loss, box = layer_losses(layer)
+        suffix = "" if layer == layers - 1 else f"_{layer}"
+        out[f"loss_{branch}_ce{suffix}"] = class_loss
+        out[f"loss_{branch}_bbox{suffix}"] = box["loss_bbox"]
+        out[f"loss_{branch}_giou{suffix}"] = box["loss_giou"]
+    return out
 
 
 class QueryBranch(nn.Module):
