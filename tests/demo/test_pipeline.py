@@ -201,6 +201,9 @@ def test_pretrain_only_writes_an_fp16_start_point_with_its_recipe(start_point_ru
     assert "detr-panoptic demo --pretrain-only" in about["command"] and about["steps"] == 4
     assert about["command"].startswith(f"OMP_NUM_THREADS={about['threads']} ")
     assert set(about["source_domain"]) >= set(METRIC_KEYS)
+    curve = about["source_val_curve"]  # every validation of the pre-training, the last one = source_domain
+    assert curve and curve[-1]["step"] == 4 and abs(curve[-1]["pq"] - about["source_domain"]["pq"]) <= 0.01
+    assert about["train_seconds"] > 0
     loaded = load_checkpoint(weights)
     assert next(loaded.model.parameters()).dtype == torch.float32  # loading casts back
     fp32 = load_checkpoint(weights.with_suffix(".pth")).model.state_dict()

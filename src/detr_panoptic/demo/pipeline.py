@@ -83,6 +83,7 @@ from detr_panoptic.demo.report import (
     packaged_source_metrics,
     pq_table,
     summarise,
+    val_curve,
     write_figures,
     write_report,
 )
@@ -205,7 +206,8 @@ class DemoRun:
                  "command": f"OMP_NUM_THREADS={threads} detr-panoptic demo --pretrain-only "
                             f"--config {self.config_path.stem} --seed {self.seed}",
                  "threads": threads,  # CPU training is bit-reproducible for a thread count
-                 "seconds": round(self.timer.seconds.get("pretrain", 0.0), 1)}
+                 "seconds": round(self.timer.seconds.get("pretrain", 0.0), 1),  # this process's share
+                 **val_curve(self.out / "pretrain" / "metrics.jsonl")}
         weights = export_start_point(self.out / "source_model.pth", self.out / "source_model.safetensors",
                                      about=about)
         summary = {"source_domain": self.source_pq, "source_model": str(weights),

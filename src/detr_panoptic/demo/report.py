@@ -68,6 +68,29 @@ def last_val_metrics(path: Path) -> dict[str, Any] | None:
     return flat_metrics(vals[-1]) if vals else None
 
 
+CURVE_KEYS = ("pq", "pq_things", "pq_stuff", "things_recall", "things_duplicates_per_gt", "things_kept_ratio",
+              "things_mask_iou")
+
+
+def val_curve(path: Path) -> dict[str, Any]:
+    """A run's ``metrics.jsonl`` as its val curve (``CURVE_KEYS`` per val record, rounded) and its training
+    seconds (the sum of the train records' ``step_time``, each step once: a resumed run repeats the steps
+    after its checkpoint, and the parts before a resume count too)."""
+    curve: dict[int, dict[str, Any]] = {}
+    step_times: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            step_times[record["step"]] = float(record.get("step_time", 0.0))
+        elif record.get("kind") == "val":
+            curve[record["step"]] = {"step": record["step"],
+                                     **{k: round(float(record[k]), 2) for k in CURVE_KEYS if k in record}}
+    return {"source_val_curve": [curve[step] for step in sorted(curve)],
+            "train_seconds": round(sum(step_times.values()), 1)}
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(v, 2) for v in os.getloadavg()]
