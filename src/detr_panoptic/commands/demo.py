@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="demo config: a YAML file or a shipped config's name (default: demo; demo_quick "
                         "with --quick)")
     parser.add_argument("--pretrain", action="store_true",
-                        help="pre-train the source model in this run (as --pretrain-only does, about an hour on 2 "
-                        "cores with the default config) instead of starting from the packaged start point")
+                        help="pre-train the source model in this run (as --pretrain-only does, about two hours on "
+                        "one core with the default config) instead of starting from the packaged start point")
     parser.add_argument("--pretrain-only", action="store_true",
                         help="only generate the source domain and pre-train on it: writes <out>/source_model.pth "
                         "and <out>/source_model.safetensors (fp16), the format of the demo's packaged start point")
