@@ -52,7 +52,9 @@ def write_results_md() -> Path:
         "Ratios are measured side by side in one run on this (noisy) machine; each script says how many",
         "repetitions it ran and reports the median.",
         "",
-        f"Machine: {machine_summary()}",
+        f"Rewritten on: {machine_summary()}. Each section keeps the figures of the run that wrote it (its date);",
+        "the CPU varied between runs (an Intel Xeon with AMX or an AMD EPYC without), named in a section's notes",
+        "where it matters.",
         "",
     ]
     for path in sorted(RESULTS.glob("*.json")):

@@ -77,7 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/startpoint_runs.json"))
     args = parser.parse_args(argv)
     curves = [run_curve(run) for run in args.runs]
-    result = {"what": __doc__.splitlines()[0], "date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(),
+    figures: dict[str, Any] = {}
+    for curve in curves:  # RESULTS.md's table (bench/run_all.py): per run its last step and its curves
+        name = Path(curve["run"]).name
+        figures[f"{name}_last_step"] = curve["last_step"]
+        for key in ("pq", "pq_things"):
+            figures[f"{name}_{key}_per_1000_steps"] = " / ".join(str(r.get(key)) for r in curve["val"])
+        if curve["val"]:
+            figures[f"{name}_train_hours"] = curve["val"][-1]["train_hours"]
+    result = {"name": args.out.stem, "figures": figures,
+              "command": "python bench/startpoint_curve.py " + " ".join(str(r) for r in args.runs),
+              "date": time.strftime("%Y-%m-%d"),
+              "notes": f"{__doc__.splitlines()[0]} Source val (20 images) every 1,000 steps; train_hours: the "
+                       f"summed step times up to the last validation. CPU: {cpu_model()}.",
               "runs": curves}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
