@@ -6,6 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from detr_panoptic.utils.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -31,6 +32,18 @@ def test_failure_keeps_the_old_file(tmp_path: Path) -> None:
 def test_files_get_the_umask_mode_not_0600(tmp_path: Path) -> None:
     target = tmp_path / "out.txt"
     atomic_write_text(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_writer_that_replaces_the_temporary_file_still_gives_the_umask_mode(tmp_path: Path) -> None:
+    """safetensors' ``save_file`` writes its own owner-only file over the temporary one."""
+    from safetensors.torch import save_file
+
+    target = tmp_path / "weights.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask

@@ -41,6 +41,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
+        os.chmod(tmp, _FILE_MODE)  # again: some writers (safetensors) replace the file with an owner-only one
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
