@@ -16,33 +16,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from detr_panoptic.demo.report import CURVE_KEYS as KEYS
+from detr_panoptic.demo.report import val_curve
 from detr_panoptic.utils.precision import cpu_model
-
-KEYS = ("pq", "pq_things", "pq_stuff", "things_recall", "things_duplicates_per_gt", "things_kept_ratio",
-        "things_mask_iou")
 
 
 def run_curve(run: Path) -> dict[str, Any]:
-    """Val records of ``run``'s pre-training with the training seconds (sum of step times) before each."""
+    """Val records of ``run``'s pre-training with the training hours (summed step times) up to each."""
     path = run / "pretrain" / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: not found (a `detr-panoptic demo --pretrain-only --out {run}` run?)")
-    seconds_at: dict[int, float] = {}
-    total, rows, last_step = 0.0, [], 0
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise SystemExit(f"{path}:{number}: not a JSON line") from None
-        if record.get("kind") == "train":
-            if record["step"] not in seconds_at:  # a resumed run repeats the steps after its checkpoint
-                total += float(record.get("step_time", 0.0))
-                seconds_at[record["step"]] = total
-            last_step = max(last_step, record["step"])
-        elif record.get("kind") == "val":
-            row = {"step": record["step"], "train_hours": round(seconds_at.get(record["step"], total) / 3600, 3)}
-            row.update({k: round(float(record[k]), 2) for k in KEYS if k in record})
-            rows = [r for r in rows if r["step"] != row["step"]] + [row]
+    try:
+        curve = val_curve(path)["source_val_curve"]
+    except ValueError as exc:  # json.JSONDecodeError
+        raise SystemExit(f"{path}: not a metrics.jsonl ({exc})") from None
+    last_step = max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()),
+                    default=0)
+    rows = [{"step": p["step"], "train_hours": round(p["train_seconds"] / 3600, 3),
+             **{k: v for k, v in p.items() if k in KEYS}} for p in curve]
     return {"run": str(run), "last_step": last_step, "val": rows}
 
 

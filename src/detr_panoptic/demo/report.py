@@ -73,9 +73,9 @@ CURVE_KEYS = ("pq", "pq_things", "pq_stuff", "things_recall", "things_duplicates
 
 
 def val_curve(path: Path) -> dict[str, Any]:
-    """A run's ``metrics.jsonl`` as its val curve (``CURVE_KEYS`` per val record, rounded) and its training
-    seconds (the sum of the train records' ``step_time``, each step once: a resumed run repeats the steps
-    after its checkpoint, and the parts before a resume count too)."""
+    """A run's ``metrics.jsonl`` as its val curve (``CURVE_KEYS`` per val record, rounded, with the training
+    seconds up to it) and its training seconds (the sum of the train records' ``step_time``, each step once:
+    a resumed run repeats the steps after its checkpoint, and the parts before a resume count too)."""
     curve: dict[int, dict[str, Any]] = {}
     step_times: dict[int, float] = {}
     for line in path.read_text().splitlines():
@@ -87,6 +87,8 @@ def val_curve(path: Path) -> dict[str, Any]:
         elif record.get("kind") == "val":
             curve[record["step"]] = {"step": record["step"],
                                      **{k: round(float(record[k]), 2) for k in CURVE_KEYS if k in record}}
+    for step, point in curve.items():
+        point["train_seconds"] = round(sum(t for s, t in step_times.items() if s <= step), 1)
     return {"source_val_curve": [curve[step] for step in sorted(curve)],
             "train_seconds": round(sum(step_times.values()), 1)}
 
