@@ -251,3 +251,73 @@ def test_the_packaged_start_point_fits_the_demo_config_and_its_recipe() -> None:
     assert about["steps"] == pretrain["train"]["max_steps"] and about["config"] == "demo.yaml"
     assert about["command"] == f"OMP_NUM_THREADS={about['threads']} detr-panoptic demo --pretrain-only --config demo --seed 0"
     assert about["source_domain"]["pq"] > 0
+
+
+@pytest.mark.slow
+def test_pretrain_only_with_init_continues_from_a_start_point(start_point_runs, tmp_path: Path) -> None:
+    """``--pretrain-only --init``: the pre-training starts from that model (no random initialisation) and the
+    new sidecar says from which file (digest) and how that one was made."""
+    from detr_panoptic.checkpoints import sidecar_path
+    from detr_panoptic.utils.io import file_digest
+
+    weights, _, _, _ = start_point_runs
+    out = tmp_path / "continued"
+    summary = demo.run_demo(out, quick=True, device="cpu", progress=False, pretrain_only=True, init=str(weights))
+    assert not (out / "pretrain_init.pth").exists()  # not a random start
+    assert str(weights) in (out / "pretrain" / "config.yaml").read_text()
+    about = json.loads(sidecar_path(summary["source_model"]).read_text())["demo"]
+    assert about["command"].endswith(f"--init {weights.name}")
+    first = json.loads(sidecar_path(weights).read_text())["demo"]
+    assert about["continued_from"]["sha256"] == file_digest(weights)
+    assert about["continued_from"]["steps"] == first["steps"] and about["continued_from"]["command"] == first["command"]
+    # the same folder with another --init is another run: refused, not mixed
+    with pytest.raises(UserInputError, match="other settings"):
+        demo.run_demo(out, quick=True, device="cpu", progress=False, pretrain_only=True,
+                      init=str(weights.with_suffix(".pth")))
+
+
+def _quick_wsd_config(tmp_path: Path, max_steps: int) -> Path:
+    text = demo.demo_config_path(quick=True).read_text().replace(
+        "train: {lr_backbone: 4.0e-4, max_steps: 4,",
+        f"train: {{lr_backbone: 4.0e-4, scheduler: wsd, decay_steps: 2, max_steps: {max_steps},")
+    assert "scheduler: wsd" in text
+    path = tmp_path / f"wsd_{max_steps}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_wsd_pre_training_may_change_length_while_stable(tmp_path: Path) -> None:
+    """The run folder's fingerprint leaves out a wsd pre-training's ``max_steps`` (its stable part does not
+    depend on it) but not a cosine one's; resuming with another length is refused once either length's decay
+    has begun."""
+    from detr_panoptic.demo.pipeline import check_pretrain_length
+
+    def fingerprint(path: Path) -> str:
+        settings, raw = demo.load_demo_config(path)
+        return demo.run_fingerprint(settings, raw, init=None, seed=0)
+
+    short, long = _quick_wsd_config(tmp_path, 10), _quick_wsd_config(tmp_path, 20)
+    assert fingerprint(short) == fingerprint(long)
+    cosine, longer = demo.demo_config_path(quick=True), tmp_path / "cosine_5.yaml"
+    longer.write_text(cosine.read_text().replace("train: {lr_backbone: 4.0e-4, max_steps: 4,",
+                                                 "train: {lr_backbone: 4.0e-4, max_steps: 5,"))
+    assert fingerprint(cosine) != fingerprint(longer)
+
+    def pretrain_config(path: Path):
+        _, raw = demo.load_demo_config(path)
+        source = {s: tmp_path / f"panoptic_{s}.json" for s in ("train", "val")}
+        return demo.demo_configs(raw, out=tmp_path / "run", target_root=tmp_path, source=source, init=None,
+                                 device="cpu", seed=0)[0]
+
+    folder = tmp_path / "run" / "pretrain"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text("train: {max_steps: 10}\n")
+    check_pretrain_length(pretrain_config(long))  # no checkpoint yet: nothing to check
+    for step, allowed in ((5, True), (8, True), (9, False), (10, False)):
+        torch.save({"step": step}, folder / "checkpoints" / "last.pth")
+        if allowed:  # 10 -> 20 before step 8 (= 10 - decay_steps 2): the rates so far are those of 20
+            check_pretrain_length(pretrain_config(long))
+        else:
+            with pytest.raises(UserInputError, match="cannot be resumed with that length"):
+                check_pretrain_length(pretrain_config(long))
+    check_pretrain_length(pretrain_config(short))  # the same length resumes anywhere

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a tiny version in about a minute (the shipped config demo_quick): checks the plumbing")
     parser.add_argument("--init", default=None, metavar="PATH_OR_ALIAS",
                         help="start from this checkpoint (file, URL, Hugging Face folder or alias such as "
-                        "coco-r50-panoptic) instead of the synthetic source-domain pre-training")
+                        "coco-r50-panoptic) instead of the synthetic source-domain pre-training; with "
+                        "--pretrain-only, continue the pre-training from it (a packaged start point's name such "
+                        "as demo_start_point.safetensors, or any of those)")
     parser.add_argument("--config", default=None,
                         help="demo config: a YAML file or a shipped config's name (default: demo; demo_quick "
                         "with --quick)")

@@ -54,6 +54,7 @@ report, benchmark record); this one runs the phases in order (``run_demo``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -155,6 +156,7 @@ class DemoRun:
     source_pq: dict[str, Any] | None = None
     stages: list[Config] = field(default_factory=list)
     datasets: dict[str, Any] = field(default_factory=dict)  # "train", "val" of the target domain
+    pretrain_init: str | None = None  # --pretrain-only --init: the model the pre-training continues from
 
     @property
     def eval_threshold(self) -> float:
@@ -184,6 +186,9 @@ class DemoRun:
         val_set = CocoPanopticDataset(d.val_json, d.val_panoptic_dir, d.val_image_dir,
                                       category_map=train_set.category_map, min_size=d.min_size, max_size=d.max_size)
         memory_train = MemoryDataset(train_set)
+        check_pretrain_length(config)
+        if self.pretrain_init is not None:  # --pretrain-only --init: continue from that model
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, init=self.pretrain_init))
         if config.model.init is None:  # random weights: calibrate the backbone's frozen norms first
             init_path = self.out / "pretrain_init.pth"
             if not init_path.is_file():
@@ -204,10 +209,13 @@ class DemoRun:
         about = {"source_domain": self.source_pq, "seed": self.seed, "config": self.config_path.name,
                  "steps": config.train.max_steps, "built": time.strftime("%Y-%m-%d"),
                  "command": f"OMP_NUM_THREADS={threads} detr-panoptic demo --pretrain-only "
-                            f"--config {self.config_path.stem} --seed {self.seed}",
+                            f"--config {self.config_path.stem} --seed {self.seed}"
+                            + (f" --init {Path(self.pretrain_init).name}" if self.pretrain_init else ""),
                  "threads": threads,  # CPU training is bit-reproducible for a thread count
                  "seconds": round(self.timer.seconds.get("pretrain", 0.0), 1),  # this process's share
                  **val_curve(self.out / "pretrain" / "metrics.jsonl")}
+        if self.pretrain_init is not None:
+            about["continued_from"] = continued_from(self.pretrain_init)
         weights = export_start_point(self.out / "source_model.pth", self.out / "source_model.safetensors",
                                      about=about)
         summary = {"source_domain": self.source_pq, "source_model": str(weights),
@@ -306,6 +314,45 @@ class DemoRun:
         return summary
 
 
+def continued_from(init: str) -> dict[str, Any]:
+    """What a continued pre-training (``--pretrain-only --init``) started from: the file and its digest, and
+    how that model was made when its sidecar says (a start point's ``demo`` record, its curve left out)."""
+    from detr_panoptic.checkpoints import sidecar_path
+
+    record: dict[str, Any] = {"init": init}
+    if Path(init).is_file():
+        record["sha256"] = file_digest(init)
+        try:
+            made = json.loads(sidecar_path(init).read_text()).get("demo", {})
+        except (OSError, ValueError):
+            made = {}
+        record.update({k: v for k, v in made.items() if k != "source_val_curve"} if isinstance(made, dict) else {})
+    return record
+
+
+def check_pretrain_length(config: Config) -> None:
+    """A pre-training run folder resumed with another ``max_steps`` (wsd only: ``run_fingerprint`` lets it
+    through) must not have begun the decay of either length: until then its rates equal a run configured with
+    the new length from the start; after, they would not."""
+    import yaml
+
+    tc, folder = config.train, Path(config.train.output_dir)
+    last, saved = folder / "checkpoints" / "last.pth", folder / "config.yaml"
+    if tc.scheduler != "wsd" or not (last.is_file() and saved.is_file()):
+        return
+    old = (yaml.safe_load(saved.read_text()).get("train") or {}).get("max_steps")
+    if old is None or old == tc.max_steps:
+        return
+    step = int(torch.load(last, map_location="cpu", weights_only=True)["step"])
+    if step > min(old, tc.max_steps) - tc.decay_steps:
+        raise UserInputError(f"{folder}: this pre-training ran {step} steps of max_steps {old}; with max_steps "
+                             f"{tc.max_steps} its rate would differ from step {min(old, tc.max_steps) - tc.decay_steps} "
+                             f"on (the last {tc.decay_steps} steps fall), so it cannot be resumed with that length; "
+                             f"use another --out")
+    log.info("demo: pre-training resumed at step %d with max_steps %d instead of %d (wsd: still in its stable "
+             "part, so it ends as if configured so)", step, tc.max_steps, old)
+
+
 def _open_run(out: Path, *, quick: bool, init: str | None, device: str, seed: int,
               config_path: str | os.PathLike | None, workers: int | None, progress: bool, pretrain: bool,
               pretrain_only: bool) -> DemoRun:
@@ -316,20 +363,31 @@ def _open_run(out: Path, *, quick: bool, init: str | None, device: str, seed: in
     path = find_config(config_path) if config_path is not None else demo_config_path(quick)
     settings, raw = load_demo_config(path)
     resolve_device(device)  # fail early on a bad device
-    if init is not None and (pretrain or pretrain_only):
-        raise UserInputError("demo: --init gives the start point; it cannot be combined with --pretrain or "
-                             "--pretrain-only")
-    packaged_start = None
-    if init is None and not (pretrain or pretrain_only) and settings.start_point:
+    if init is not None and pretrain:
+        raise UserInputError("demo: --init gives the start point; it cannot be combined with --pretrain (with "
+                             "--pretrain-only it is the model the pre-training continues from)")
+    packaged_start, pretrain_init, key = None, None, init
+    if pretrain_only and init is not None:  # continue the pre-training from init (a packaged name or a path)
+        pretrain_init, init = str(resolve_start(init)), None
+        key = "pretrain from " + (file_digest(pretrain_init) if Path(pretrain_init).is_file() else pretrain_init)
+    elif init is None and not (pretrain or pretrain_only) and settings.start_point:
         packaged_start = start_point_path(settings.start_point)
-        init = str(packaged_start)
-    fingerprint = run_fingerprint(settings, raw, seed=seed,
-                                  init=init if packaged_start is None else file_digest(packaged_start))
+        init, key = str(packaged_start), file_digest(packaged_start)
+    fingerprint = run_fingerprint(settings, raw, seed=seed, init=key)
     out.mkdir(parents=True, exist_ok=True)
     check_run_folder(out, fingerprint)
     return DemoRun(out, settings, raw, path, init, packaged_start, device, seed,
                    workers if workers is not None else min(2, os.cpu_count() or 1), progress, quick,
-                   PhaseTimer(settings.budgets), clock=clock)
+                   PhaseTimer(settings.budgets), clock=clock, pretrain_init=pretrain_init)
+
+
+def resolve_start(name: str) -> str | Path:
+    """``--init`` of a continued pre-training: a packaged start point's name, else as given (a file, URL or
+    alias, ``checkpoints.load_pretrained``)."""
+    try:
+        return start_point_path(name)
+    except UserInputError:
+        return name
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, init: str | None = None,

@@ -165,8 +165,17 @@ def demo_configs(raw: Mapping[str, Any], *, out: Path, target_root: Path, source
 
 
 def run_fingerprint(settings: DemoSettings, raw: Mapping[str, Any], *, init: str | None, seed: int) -> str:
+    """What a demo run folder's outputs depend on. Not the budgets, nor the length of a pre-training on the
+    wsd schedule: its stable part does not depend on ``max_steps``, so a run can be lengthened (or shortened
+    while still stable) by running again with another ``max_steps`` (``DemoRun.pretrain`` refuses it once the
+    decay has begun)."""
     outputs = {k: v for k, v in settings.to_dict().items() if k != "budgets"}  # budgets change no output
-    text = json.dumps({"settings": outputs, "config": raw, "init": init, "seed": seed},
+    config = copy.deepcopy(dict(raw))
+    for stage in config.get("stages", []):
+        train = stage.get("train", {}) if isinstance(stage, dict) else {}
+        if stage.get("name") == "pretrain" and train.get("scheduler", config.get("train", {}).get("scheduler")) == "wsd":
+            train.pop("max_steps", None)
+    text = json.dumps({"settings": outputs, "config": config, "init": init, "seed": seed},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
