@@ -121,7 +121,7 @@ def served(toy_checkpoint, street, tmp_path_factory):
     torch.set_num_threads(1)
     predictor = PanopticPredictor.from_pretrained(toy_checkpoint, device="cpu")
     counter = ForwardCounter(predictor.model)
-    strict = predictor.with_settings(threshold=0.7, merge_stuff="merge", min_area=10)  # the same weights
+    strict = predictor.with_settings(threshold=0.7, merge_stuff="merge", min_area=10, min_visible=0.5)  # same weights
     page = build_app({"toy": predictor, "toy-strict": strict}, examples=[street], lowest=LOWEST, queue_size=4,
                      max_pixels=200 * 400, work_dir=work / "results")
     try:

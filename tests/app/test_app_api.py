@@ -14,7 +14,8 @@ from gradio_client import Client, handle_file
 
 pytestmark = pytest.mark.timeout(300)  # a bound, not a speed test: a loaded 2-core machine is slow
 
-DEFAULTS = {"threshold": 0.3, "merge": "reference", "min_area": 4, "opacity": 0.55, "things": True, "stuff": True}
+DEFAULTS = {"threshold": 0.3, "merge": "reference", "min_area": 4, "min_visible": 0.0, "opacity": 0.55, "things": True,
+            "stuff": True}
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +25,14 @@ def client(served):
 
 def analyse(client, path, checkpoint: str = "toy", **changes):
     s = {**DEFAULTS, **changes}
-    return client.predict(handle_file(str(path)), checkpoint, s["threshold"], s["merge"], s["min_area"], s["opacity"],
-                          s["things"], s["stuff"], api_name="/analyse")
+    return client.predict(handle_file(str(path)), checkpoint, s["threshold"], s["merge"], s["min_area"],
+                          s["min_visible"], s["opacity"], s["things"], s["stuff"], api_name="/analyse")
 
 
 def postprocess(client, **changes):
     s = {**DEFAULTS, **changes}
-    return client.predict(s["threshold"], s["merge"], s["min_area"], s["opacity"], s["things"], s["stuff"],
-                          api_name="/postprocess")
+    return client.predict(s["threshold"], s["merge"], s["min_area"], s["min_visible"], s["opacity"], s["things"],
+                          s["stuff"], api_name="/postprocess")
 
 
 def rows(outputs) -> list[list]:
@@ -61,6 +62,9 @@ def test_upload_then_settings_then_attention_with_one_forward(served, client, st
     merged = postprocess(client, threshold=0.5, merge="merge", min_area=50)
     assert [(r[0], r[4], r[6]) for r in rows(merged)] == \
         expected_rows(served, street, threshold=0.5, merge_stuff="merge", min_area=50)
+    visible = postprocess(client, threshold=0.5, merge="merge", min_area=50, min_visible=0.6)
+    assert [(r[0], r[4], r[6]) for r in rows(visible)] == \
+        expected_rows(served, street, threshold=0.5, merge_stuff="merge", min_area=50, min_visible=0.6)
     assert served.counter.count == before + 1  # post-processing only
 
     segment = rows(merged)[0][0]
@@ -87,12 +91,12 @@ def test_redraw_filters_things_and_stuff(client, street):
 
 
 def test_a_checkpoint_brings_its_setting_and_its_results(served, client, street):
-    assert client.predict("toy-strict", api_name="/checkpoint") == (0.7, "merge", 10)
-    assert client.predict("toy", api_name="/checkpoint") == (0.3, "reference", 4)
-    outputs = analyse(client, street, "toy-strict", threshold=0.7, merge="merge", min_area=10)
+    assert client.predict("toy-strict", api_name="/checkpoint") == (0.7, "merge", 10, 0.5)
+    assert client.predict("toy", api_name="/checkpoint") == (0.3, "reference", 4, 0.0)
+    outputs = analyse(client, street, "toy-strict", threshold=0.7, merge="merge", min_area=10, min_visible=0.5)
     assert [(r[0], r[4], r[6]) for r in rows(outputs)] == \
-        expected_rows(served, street, threshold=0.7, merge_stuff="merge", min_area=10)
-    assert "threshold 0.70, merge, min area 10" in outputs[5]
+        expected_rows(served, street, threshold=0.7, merge_stuff="merge", min_area=10, min_visible=0.5)
+    assert "threshold 0.70, merge, min area 10, min visible 0.50" in outputs[5]
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="not in the list of choices"):  # only those the app was given

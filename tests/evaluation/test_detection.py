@@ -130,6 +130,15 @@ def test_inputs_from_a_panoptic_result():
     assert out["recall"] == 100.0 and out["kept_per_gt"] == 2.0
     assert out["mask_iou"] == pytest.approx(50.0)  # the first best box match: query 4
 
+    # segments=True: what the output shows. Query 9 made no segment, so the car is found once, by the box of
+    # query 4's segment (half the car: box IoU 0.5)
+    segments = panoptic_detection_inputs(gt_id_map, gt_segments, result, thing_ids=[CAR, PERSON], segments=True)
+    assert segments["pred_categories"] == [CAR] and segments["pred_boxes"].tolist() == [[0.0, 0.0, 5.0, 10.0]]
+    acc = DetectionAccumulator()
+    acc.add(**segments)
+    out = acc.compute()
+    assert out["recall"] == 100.0 and out["kept_per_gt"] == 1.0 and out["duplicates_per_gt"] == 0.0
+
 
 def test_a_result_without_kept_queries_counts_its_thing_segments():
     h, w = 20, 30

@@ -70,7 +70,8 @@ def predictor_for(checkpoint: Path, **settings) -> PanopticPredictor:
     return PanopticPredictor.from_pretrained(checkpoint, device="cpu", **settings)
 
 
-GRID = {"thresholds": (0.3, 0.5, 0.7, 0.85), "merge_modes": ("reference", "merge"), "min_areas": (4, 40)}
+GRID = {"thresholds": (0.3, 0.5, 0.7, 0.85), "merge_modes": ("reference", "merge"), "min_areas": (4, 40),
+        "min_visibles": (0.0, 0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +80,10 @@ def table(cityscapes, checkpoint) -> CalibrationTable:
 
 
 def test_the_sweep_is_not_trivial(table):
-    assert len(table) == 16 and table.num_images == 3
+    assert len(table) == 32 and table.num_images == 3
     assert len({(r.tp, r.fp, r.fn) for r in table}) > 3  # the settings give different results
     assert sum(r.fp for r in table) > 0  # segments are predicted (a random model rarely matches: PQ may be 0)
-    assert table.postprocess_runs < 16 * 3  # shared runs (same kept queries / merge equal to reference)
+    assert table.postprocess_runs < 32 * 3  # shared runs (same kept queries / merge equal to reference)
 
 
 def test_the_data_exercises_both_merge_modes(cityscapes, checkpoint):
@@ -94,14 +95,15 @@ def test_the_data_exercises_both_merge_modes(cityscapes, checkpoint):
     assert any(a.segments_info != b.segments_info for a, b in zip(reference, merged))
 
 
-@pytest.mark.parametrize("setting", [(0.3, "reference", 4), (0.3, "merge", 40), (0.5, "merge", 4),
-                                     (0.85, "reference", 40)])
+@pytest.mark.parametrize("setting", [(0.3, "reference", 4, 0.0), (0.3, "merge", 40, 0.0), (0.5, "merge", 4, 0.0),
+                                     (0.85, "reference", 40, 0.0), (0.3, "merge", 4, 0.5)])
 def test_sweep_equals_evaluate_for_a_setting(table, cityscapes, checkpoint, tmp_path, setting):
-    threshold, merge_stuff, min_area = setting
-    predictor = predictor_for(checkpoint, threshold=threshold, merge_stuff=merge_stuff, min_area=min_area)
+    threshold, merge_stuff, min_area, min_visible = setting
+    predictor = predictor_for(checkpoint, threshold=threshold, merge_stuff=merge_stuff, min_area=min_area,
+                              min_visible=min_visible)
     out = evaluate_dataset(predictor, val_dataset(cityscapes), tmp_path, num_workers=0, workers=1, progress=False,
                            chart=False)
-    metrics, row = out["metrics"], table.row(threshold, merge_stuff, min_area)
+    metrics, row = out["metrics"], table.row(threshold, merge_stuff, min_area, min_visible)
     for key in ("pq", "sq", "rq", "pq_things", "pq_stuff"):
         assert row.__dict__[key] == pytest.approx(metrics[key], abs=1e-9), key
     for category, values in out["results"]["per_class"].items():
@@ -119,7 +121,7 @@ def test_sweep_equals_the_pq_evaluator_for_every_setting(table, cityscapes, chec
     samples = DatasetSamples(dataset, **SIZE)
     for row in table:
         s = row.setting
-        predictor = base.with_settings(threshold=s.threshold, merge_stuff=s.merge_stuff, min_area=s.min_area)
+        predictor = base.with_settings(**s.as_dict())
         evaluator = PQEvaluator(json.loads(Path(dataset.json_path).read_text())["categories"])
         run = run_inference(predictor, make_loader(samples), [evaluator])
         assert run.outputs["pq"] == row.results, s
@@ -171,7 +173,11 @@ def test_bad_grids_are_clear_errors():
         make_grid(merge_modes=("union",))
     with pytest.raises(UserInputError, match="integer >= 0"):
         make_grid(min_areas=(-1,))
-    assert len(make_grid()) == 28 and make_grid()[0].threshold == 0.3 and make_grid()[-1].threshold == 0.95
+    with pytest.raises(UserInputError, match="visible fraction"):
+        make_grid(min_visibles=(1.5,))
+    grid = make_grid()  # 14 thresholds x 2 merge modes x 1 area x 4 visible fractions
+    assert len(grid) == 112 and grid[0].threshold == 0.3 and grid[-1].threshold == 0.95
+    assert {s.min_visible for s in grid} == {0.0, 0.25, 0.5, 0.75}
 
 
 def test_in_place_needs_a_file():
@@ -184,16 +190,17 @@ def test_calibrate_command_and_report(cityscapes, checkpoint, tmp_path, capsys):
     out = tmp_path / "cal"
     code = main(["calibrate", "--checkpoint", str(checkpoint), "--cityscapes", str(cityscapes), "--split", "val",
                  "--out", str(out), "--thresholds", "0.3,0.6,0.9", "--merge-modes", "reference,merge",
-                 "--device", "cpu"])
+                 "--min-visibles", "0,0.5", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "calibration.json").read_text())
-    assert len(record["rows"]) == 6 and record["num_images"] == 3
+    assert len(record["rows"]) == 12 and record["num_images"] == 3
     best = record["best"]
     assert f"chosen: threshold {best['threshold']:.2f}" in printed and "PQ_th" in printed
     assert (out / "calibration.png").stat().st_size > 1000
     saved = torch.load(out / "calibrated.pth", weights_only=True)
-    assert saved["detr_panoptic"]["postprocess"] == {k: best[k] for k in ("threshold", "merge_stuff", "min_area")}
+    assert saved["detr_panoptic"]["postprocess"] == {k: best[k] for k in ("threshold", "merge_stuff", "min_area",
+                                                                            "min_visible")}
     assert "postprocess" not in torch.load(checkpoint, weights_only=True)["detr_panoptic"]  # the source untouched
 
     assert main(["report", str(out)]) == 0

@@ -233,3 +233,37 @@ def test_pixel_winner_nan_is_the_maximum_as_for_argmax():
     masks[1, 0, 0] = float("nan")
     masks[2] = 1.0
     assert torch.equal(PixelWinner(masks)(torch.ones(3, dtype=torch.bool)), masks.argmax(0))
+
+
+def test_min_visible_drops_a_thing_query_that_wins_little_of_its_own_mask():
+    """q1 duplicates thing q0 but wins only 10 of its 25 mask pixels (0.4): ``min_visible`` above that drops
+    it and argmax gives its pixels to the rest; stuff (q2 wins 29 of 64) is never dropped by the rule; 0 is
+    the reference; ``sweep`` gives the same results per setting."""
+    from detr_panoptic.models.postprocess import PanopticPostProcessor, PostprocessSettings
+
+    masks = torch.full((1, 3, 8, 8), -5.0)
+    masks[0, 0, :5, :5] = 5.0
+    masks[0, 1, :5, 2:7] = 4.0
+    masks[0, 2] = 1.0
+    outputs = DETROutput(pred_logits=logits_for([0, 0, 1], 2), pred_boxes=torch.rand(1, 3, 4), pred_masks=masks)
+    is_thing = torch.tensor([True, False])
+
+    def segments(min_visible: float) -> list[tuple[int, int]]:
+        processor = PanopticPostProcessor(is_thing, None, PostprocessSettings(0.5, "reference", 4, min_visible))
+        return [(s["query"], s["area"]) for s in processor(outputs, processed_sizes=[(8, 8)])[0].segments_info]
+
+    reference = panoptic_postprocess(outputs, [(8, 8)], is_thing=is_thing, threshold=0.5)[0]
+    assert segments(0.0) == [(s["query"], s["area"]) for s in reference.segments_info] == [(0, 25), (1, 10), (2, 29)]
+    assert segments(0.4) == [(0, 25), (1, 10), (2, 29)]  # 10 of 25 is not less than 0.4
+    assert segments(0.5) == [(0, 25), (2, 39)]
+    assert segments(1.0) == [(0, 25), (2, 39)]
+
+    processor = PanopticPostProcessor(is_thing, None)
+    grid = [PostprocessSettings(0.5, "reference", 4, v) for v in (0.0, 0.4, 0.5, 1.0)]
+    [per_image] = list(processor.sweep(outputs, grid, processed_sizes=[(8, 8)]))
+    by_setting = {s: r for group, r in per_image for s in group}
+    for setting in grid:
+        assert [(s["query"], s["area"]) for s in by_setting[setting].segments_info] == segments(setting.min_visible)
+    with pytest.raises(Exception, match="min_visible"):
+        PostprocessSettings(0.5, "reference", 4, 1.5)
+    assert PostprocessSettings.from_dict({"threshold": 0.5}).min_visible == 0.0  # older records: the reference

@@ -117,6 +117,8 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
                                       label="keep threshold", elem_id="threshold")
                 merge = gr.Radio(list(MERGE_MODES), value=first.merge_stuff, label="stuff merge mode")
                 min_area = gr.Number(first.min_area, label="minimum segment area (pixels)", precision=0, minimum=0)
+                min_visible = gr.Slider(0.0, 1.0, value=first.min_visible, step=0.05, elem_id="min-visible",
+                                        label="minimum visible share of a thing's mask (0: the reference)")
                 opacity = gr.Slider(0.0, 1.0, value=0.55, step=0.05, label="overlay opacity")
                 with gr.Row():
                     things = gr.Checkbox(True, label="things")
@@ -136,13 +138,15 @@ def build_app(models: Models | Mapping[str, PanopticPredictor], *, examples: Seq
                 attention_status = gr.Markdown("", elem_id="attention-status")
                 downloads = gr.File(label="COCO panoptic PNG + JSON of the shown result", file_count="multiple",
                                     interactive=False, elem_id="downloads")
-        controls = [threshold, merge, min_area, opacity, things, stuff]
+        controls = [threshold, merge, min_area, min_visible, opacity, things, stuff]
         shown = [state, picture, legend, table, segment, downloads, status, attention]
         image.change(handlers.analyse, [image, checkpoint, *controls], shown, api_name="analyse")
-        checkpoint.change(handlers.setting_of, [checkpoint], [threshold, merge, min_area], api_name="checkpoint").then(
+        checkpoint.change(handlers.setting_of, [checkpoint], [threshold, merge, min_area, min_visible],
+                          api_name="checkpoint").then(
             handlers.analyse, [image, checkpoint, *controls], shown, api_name=False)
         post = [state, *controls]
-        threshold.release(handlers.postprocess, post, shown, api_name="postprocess")
+        for control in (threshold, min_visible):
+            control.release(handlers.postprocess, post, shown, api_name="postprocess" if control is threshold else False)
         for control in (merge, min_area):
             control.change(handlers.postprocess, post, shown, api_name=False)
         for control in (opacity, things, stuff):
@@ -169,12 +173,12 @@ class _Handlers:
             self._counter += 1
             return self.work_dir / f"result-{self._counter:06d}"
 
-    def setting_of(self, checkpoint: str) -> tuple[float, str, int]:
+    def setting_of(self, checkpoint: str) -> tuple[float, str, int, float]:
         s = Setting.of(self.models.get(checkpoint))
-        return max(s.threshold, self.lowest), s.merge_stuff, s.min_area
+        return max(s.threshold, self.lowest), s.merge_stuff, s.min_area, s.min_visible
 
     def analyse(self, path: str | None, checkpoint: str, threshold: float, merge: str, min_area: float,
-                opacity: float, things: bool, stuff: bool) -> tuple:
+                min_visible: float, opacity: float, things: bool, stuff: bool) -> tuple:
         if not path:
             return _nothing("upload an image or pick an example")
         try:
@@ -183,17 +187,19 @@ class _Handlers:
             load_seconds = time.perf_counter() - tick
             analysis = analyse(self.models.get(checkpoint), picture, lowest=self.lowest)
             analysis.seconds = {"load": load_seconds, **analysis.seconds}
-            return self._show(analysis, checkpoint, _setting(threshold, merge, min_area), opacity, things, stuff,
+            return self._show(analysis, checkpoint, _setting(threshold, merge, min_area, min_visible), opacity,
+                              things, stuff,
                               notes, name=_file_stem(path))
         except (UserInputError, FileNotFoundError) as exc:
             return _nothing(f"**{_plain(exc)}**")
 
-    def postprocess(self, state: Shown | None, threshold: float, merge: str, min_area: float, opacity: float,
-                    things: bool, stuff: bool) -> tuple:
+    def postprocess(self, state: Shown | None, threshold: float, merge: str, min_area: float, min_visible: float,
+                    opacity: float, things: bool, stuff: bool) -> tuple:
         if state is None:
             return _nothing("upload an image first")
         try:
-            return self._show(state.analysis, state.checkpoint, _setting(threshold, merge, min_area), opacity,
+            return self._show(state.analysis, state.checkpoint, _setting(threshold, merge, min_area, min_visible),
+                              opacity,
                               things, stuff, state.notes, seconds={}, name=state.name, folder=state.folder)
         except UserInputError as exc:
             return _unchanged(state, f"**{_plain(exc)}**")
@@ -212,7 +218,8 @@ class _Handlers:
                    "drawing": time.perf_counter() - tick}
         state = Shown(analysis, checkpoint, setting, result, folder, name, tuple(notes))
         count = f"{len(rows)} segment{'s' if len(rows) != 1 else ''} (threshold {setting.threshold:.2f}, " \
-                f"{setting.merge_stuff}, min area {setting.min_area})"
+                f"{setting.merge_stuff}, min area {setting.min_area}" \
+                + (f", min visible {setting.min_visible:.2f})" if setting.min_visible else ")")
         choices = [(f"{r[0]}: {r[1]} {r[3]:.2f}", r[0]) for r in rows]
         return (state, drawn, legend_html(result, categories), _table(rows), gr.update(choices=choices, value=None),
                 [str(f) for f in files], f"{count}\n\n"
@@ -245,10 +252,10 @@ class _Handlers:
         return gr.update(value=int(row[0])) if row else gr.update()
 
 
-def _setting(threshold: float, merge: str, min_area: float) -> Setting:
+def _setting(threshold: float, merge: str, min_area: float, min_visible: float) -> Setting:
     if min_area is None or int(min_area) != min_area:
         raise UserInputError(f"minimum segment area must be a whole number of pixels, got {min_area}")
-    return Setting(float(threshold), str(merge), int(min_area))
+    return Setting(float(threshold), str(merge), int(min_area), float(min_visible))
 
 
 def _file_stem(path: str) -> str:

@@ -59,11 +59,12 @@ class Setting:
     threshold: float
     merge_stuff: str
     min_area: int
+    min_visible: float = 0.0
 
     @classmethod
     def of(cls, predictor: PanopticPredictor) -> Setting:
         s = predictor.settings
-        return cls(float(s.threshold), s.merge_stuff, int(s.min_area))
+        return cls(float(s.threshold), s.merge_stuff, int(s.min_area), float(s.min_visible))
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Analysis:
             raise UserInputError(f"threshold {setting.threshold:.2f} is below {self.lowest:.2f}, the lowest this page "
                                  f"computed masks for")
         processor = self.predictor.postprocessor.replace(threshold=setting.threshold, merge_stuff=setting.merge_stuff,
-                                                         min_area=setting.min_area)  # checks the values
+                                                         min_area=setting.min_area,
+                                                         min_visible=setting.min_visible)  # checks the values
         tick = time.perf_counter()
         with torch.inference_mode():
             result = processor(self.output, [(self.picture.height, self.picture.width)], winners=self._winners)[0]

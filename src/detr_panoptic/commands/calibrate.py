@@ -26,9 +26,9 @@ def _listed(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "calibrate", help="choose the post-processing (threshold, stuff merge, min area) that maximises PQ",
+        "calibrate", help="choose the post-processing (threshold, stuff merge, min area, min visible) that maximises PQ",
         description="Sweep the post-processing settings (keep threshold x stuff merge mode x minimum segment "
-        "area) on a validation split, running the network once per image; write OUT/calibration.json (the "
+        "area x minimum visible fraction of a thing's mask) on a validation split, running the network once per image; write OUT/calibration.json (the "
         "table), OUT/calibration.png (PQ against threshold) and a copy of the checkpoint with the best setting "
         "in its metadata (OUT/calibrated.pth, or the checkpoint itself with --in-place). predict, evaluate "
         "and attention then use that setting by default (an explicit --threshold still wins).")
@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="stuff merge modes (default: reference,merge)")
     grid.add_argument("--min-areas", type=_listed(int), default=None,
                       help="minimum segment areas in pixels (default: 4)")
+    grid.add_argument("--min-visibles", type=_listed(float), default=None,
+                      help="minimum visible fractions: a thing query winning less of its own mask is dropped, its "
+                      "pixels going to the others (0: the reference; default: 0,0.25,0.5,0.75)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     parser.add_argument("--size", type=int, help="resize the shorter side to this (default: the checkpoint's "
                         "training size, else 800)")
@@ -66,6 +69,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from detr_panoptic.inference.calibrate import (
         DEFAULT_MERGE_MODES,
         DEFAULT_MIN_AREAS,
+        DEFAULT_MIN_VISIBLES,
         DEFAULT_THRESHOLDS,
         calibrate_checkpoint,
     )
@@ -74,8 +78,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     data = EvalData(cityscapes_root=args.cityscapes, split=args.split, use_train_id=args.use_train_id,
                     gt_json=args.gt_json, gt_folder=args.gt_folder, image_dir=args.image_dir)
     out = calibrate_checkpoint(
-        args.checkpoint, args.out, data, in_place=args.in_place, thresholds=args.thresholds or DEFAULT_THRESHOLDS, merge_modes=args.merge_modes or DEFAULT_MERGE_MODES,
-        min_areas=args.min_areas or DEFAULT_MIN_AREAS,
+        args.checkpoint, args.out, data, in_place=args.in_place, thresholds=args.thresholds or DEFAULT_THRESHOLDS,
+        merge_modes=args.merge_modes or DEFAULT_MERGE_MODES, min_areas=args.min_areas or DEFAULT_MIN_AREAS,
+        min_visibles=args.min_visibles or DEFAULT_MIN_VISIBLES,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, size=args.size, max_size=args.max_size,
         limit=args.limit)
     table = out["table"]

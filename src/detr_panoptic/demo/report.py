@@ -23,7 +23,8 @@ PHASES = ("start", "stage1", "stage2")
 def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("pq", "sq", "rq", "n", "pq_things", "sq_things", "rq_things", "n_things", "pq_stuff", "sq_stuff",
             "rq_stuff", "n_stuff", "things_recall", "things_kept_per_gt", "things_duplicates_per_gt",
-            "things_kept_ratio", "things_mask_iou", "miou", "iiou", "ap", "ap50")
+            "things_kept_ratio", "things_mask_iou", "things_segment_recall", "things_segment_duplicates_per_gt", "miou",
+            "iiou", "ap", "ap50")
     return {k: (round(float(metrics[k]), 3) if isinstance(metrics[k], float) else metrics[k])
             for k in keys if k in metrics}
 
@@ -151,19 +152,25 @@ def bench_record(summary: Mapping[str, Any], *, command: str) -> dict[str, Any]:
     figures.update({f"{k}_seconds": v for k, v in summary["seconds"].items() if k != "total"})
     for name in PHASES:
         for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "things_recall", "things_kept_per_gt",
-                    "things_duplicates_per_gt", "things_kept_ratio", "things_mask_iou"):
+                    "things_duplicates_per_gt", "things_kept_ratio", "things_mask_iou",
+                    "things_segment_duplicates_per_gt"):
             figures[f"{name}_{key}"] = summary["stages"][name].get(key)
     if summary.get("calibrated"):
         calibrated = summary["calibrated"]
-        for key in ("pq", "pq_things", "pq_stuff", "things_recall"):
+        for key in ("pq", "pq_things", "pq_stuff", "things_recall", "things_segment_recall",
+                    "things_segment_duplicates_per_gt"):
             figures[f"calibrated_{key}"] = calibrated.get(key)
-        figures["calibrated_setting"] = "{threshold:.2f}/{merge_stuff}/{min_area}".format(**calibrated["setting"])
+        figures["calibrated_setting"] = "{threshold:.2f}/{merge_stuff}/{min_area}/{min_visible:.2f}".format(
+            **{"min_visible": 0.0, **calibrated["setting"]})
         figures["calibrated_on_train_images"] = calibrated.get("train_images")
     if summary.get("source_domain"):
         figures["source_domain_pq"] = summary["source_domain"].get("pq")
     figures["goal_pq_50"] = summary["pq"] >= 50.0
     figures["goal_things_30"] = (summary.get("pq_things") or 0.0) >= 30.0
     figures["goal_600_seconds"] = summary["seconds"]["total"] <= 600
+    final = summary.get("calibrated") or summary["stages"]["stage2"]  # the model the report shows
+    duplicates = final.get("things_segment_duplicates_per_gt")
+    figures["goal_duplicates_0_1"] = duplicates is not None and duplicates <= 0.1
     figures["goal_ordered"] = summary["goal"]["ordered"]
     machine = summary.get("machine", {})
     settings = summary.get("settings", {})
@@ -186,16 +193,20 @@ def _number(value: Any) -> float:
 
 def pq_table(summary: Mapping[str, Any]) -> str:
     """The start point / stage 1 / stage 2 PQ table as text."""
-    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mIoU", "AP", "things found %", "kept per thing")]
+    rows = [("", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mIoU", "AP", "things found %", "kept per thing",
+             "duplicate segments per thing")]
     labels = {"start": "start point", "stage1": "stage 1 (transformer frozen)",
               "stage2": "stage 2 (attention frozen)"}
-    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "ap", "things_recall", "things_kept_per_gt")
+    keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "ap", "things_recall", "things_kept_per_gt",
+            "things_segment_duplicates_per_gt")
+
+    def cells(m: Mapping[str, Any]) -> list[str]:
+        return [f"{_number(m.get(k)):.{2 if k.endswith('_per_gt') else 1}f}" for k in keys]
+
     for name in PHASES:
-        m = summary["stages"][name]
-        rows.append((labels[name], *(f"{_number(m.get(k)):.1f}" for k in keys)))
+        rows.append((labels[name], *cells(summary["stages"][name])))
     if summary.get("calibrated"):
-        m = summary["calibrated"]
-        rows.append((_calibrated_label(m), *(f"{_number(m.get(k)):.1f}" for k in keys)))
+        rows.append((_calibrated_label(summary["calibrated"]), *cells(summary["calibrated"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
@@ -203,7 +214,8 @@ def pq_table(summary: Mapping[str, Any]) -> str:
 
 def _calibrated_label(calibrated: Mapping[str, Any]) -> str:
     setting = calibrated["setting"]
-    return (f"stage 2, calibrated ({setting['threshold']:.2f}/{setting['merge_stuff']}, "
+    visible = f"/visible {setting['min_visible']:.2f}" if setting.get("min_visible") else ""
+    return (f"stage 2, calibrated ({setting['threshold']:.2f}/{setting['merge_stuff']}{visible}, "
             f"on {calibrated.get('train_images')} train images)")
 
 
@@ -214,7 +226,7 @@ def write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, Any
     labels = {"start": "start point (before fine-tuning)", "stage1": "stage 1: transformer frozen",
               "stage2": "stage 2: attention frozen"}
     keys = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "ap", "things_recall", "things_kept_per_gt",
-            "things_kept_ratio")
+            "things_kept_ratio", "things_segment_duplicates_per_gt")
 
     def cells(metrics: Mapping[str, Any]) -> list[Any]:
         return [metrics.get(k, "") if metrics.get(k, "") is not None else "-" for k in keys]
@@ -224,7 +236,8 @@ def write_report(summary_dir: Path, report_path: Path, summary: Mapping[str, Any
         rows.append([_calibrated_label(summary["calibrated"]), *cells(summary["calibrated"])])
     body = report.html_table(["", "PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mIoU (Cityscapes classes)",
                               "AP (Cityscapes instances)", "things found (%, box IoU >= 0.5)",
-                              "kept queries per thing found", "kept / ground-truth things"], rows)
+                              "kept queries per thing found", "kept / ground-truth things",
+                              "duplicate thing segments per ground-truth thing"], rows)
     source = summary.get("source_domain")
     if source:
         body += (f"<p>The source-domain model (the COCO stand-in, its own label set) reaches PQ "

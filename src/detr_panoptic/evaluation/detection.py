@@ -20,7 +20,9 @@ Recall and mask IoU are percentages (0..100), as the PQ figures are. Pure accoun
 numbers out; ``add`` per image, ``merge`` to combine accumulators (processes, shards), ``compute``.
 ``panoptic_detection_inputs`` builds ``add``'s arguments from a ground-truth id map + segments and a
 ``PanopticResult`` whose ``kept`` holds the kept queries (the ``inference`` interface), or, without
-``kept``, from its thing segments.
+``kept`` (or with ``segments=True``), from its thing segments: the same figures for the output's segments,
+each with the box of its mask (``inference.evaluators.DetectionEvaluator`` reports both, the latter as
+``things_segment_*``).
 """
 from __future__ import annotations
 
@@ -169,18 +171,20 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def panoptic_detection_inputs(gt_id_map: torch.Tensor, gt_segments: Sequence[Mapping[str, Any]],
-                              result: Any, thing_ids: Iterable[int]) -> dict[str, Any]:
+                              result: Any, thing_ids: Iterable[int], *, segments: bool = False) -> dict[str, Any]:
     """``DetectionAccumulator.add`` keyword arguments for one image: the ground truth's non-crowd thing
     segments (``gt_id_map`` [H, W] of segment ids, COCO ``segments_info``) and the kept thing queries of
     ``result`` (a ``PanopticResult`` with ``kept``; each query's mask is its segment in ``result.id_map``,
     empty when the merge dropped it). A result without ``kept`` (``None``: a model that returns segments
-    only) is counted by its thing segments instead, each with the box of its mask."""
+    only) is counted by its thing segments instead, each with the box of its mask; so is every result with
+    ``segments`` (the figures of what the output shows: a kept query whose segment the post-processing
+    dropped is not in it)."""
     things = {int(t) for t in thing_ids}
     gt = [s for s in gt_segments if int(s["category_id"]) in things and not s.get("iscrowd", 0)]
     gt_id_map = torch.as_tensor(gt_id_map)
     gt_masks = torch.stack([gt_id_map == int(s["id"]) for s in gt]) if gt else \
         torch.zeros(0, *gt_id_map.shape, dtype=torch.bool)
-    kept = getattr(result, "kept", None)
+    kept = None if segments else getattr(result, "kept", None)
     if kept is None:  # a result without its kept queries: its thing segments stand in for them
         segments = [s for s in result.segments_info if int(s["category_id"]) in things]
         id_map = torch.as_tensor(result.id_map).cpu()

@@ -128,7 +128,8 @@ class OnnxPredictor(PanopticPredictor):
                         device: str | torch.device | None = "auto", threads: int | None = None,
                         mask_batch: int = 16, threshold: float | None = None, size: int | None = None,
                         max_size: int | None = None, merge_stuff: str | None = None,
-                        min_area: int | None = None, dtype: Any = None) -> OnnxPredictor:
+                        min_area: int | None = None, min_visible: float | None = None,
+                        dtype: Any = None) -> OnnxPredictor:
         """The export folder ``source`` with its settings; explicit arguments win over ``metadata.json``'s."""
         if dtype not in (None, "fp32", "float32", torch.float32):
             raise UserInputError(f"the ONNX graphs are float32; dtype {dtype!r} is not available")
@@ -144,7 +145,7 @@ class OnnxPredictor(PanopticPredictor):
         settings = PredictorSettings.from_checkpoint(
             category_map=category_map, input_size=input_size, postprocess=meta.get("postprocess"),
             source=str(source), threshold=threshold, min_size=size, max_size=max_size, merge_stuff=merge_stuff,
-            min_area=min_area)
+            min_area=min_area, min_visible=min_visible)
         return cls(source, settings, device=device, threads=threads, mask_batch=mask_batch)
 
     def weights_fingerprint(self) -> str:

@@ -1,4 +1,5 @@
-"""``calibrate``: the post-processing (keep threshold, stuff merge mode, minimum segment area) that maximises PQ
+"""``calibrate``: the post-processing (keep threshold, stuff merge mode, minimum segment area, minimum visible
+fraction of a thing's mask) that maximises PQ
 on a validation split, measured for a whole grid of settings at little more than the cost of one evaluation.
 
 How it stays cheap (per batch of images, one pass over the split):
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # 0.3 .. 0.95
 DEFAULT_MERGE_MODES: tuple[str, ...] = ("reference", "merge")
 DEFAULT_MIN_AREAS: tuple[int, ...] = (MIN_AREA,)
+# 0 is the reference (no such rule); the others drop thing queries that win less of their own mask
+DEFAULT_MIN_VISIBLES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PNG = "calibration.png"
 CALIBRATED_CHECKPOINT = "calibrated.pth"
@@ -86,14 +89,15 @@ class CalibrationRow:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> CalibrationRow:
-        setting = Setting(float(record["threshold"]), str(record["merge_stuff"]), int(record["min_area"]))
+        setting = Setting(float(record["threshold"]), str(record["merge_stuff"]), int(record["min_area"]),
+                          float(record.get("min_visible", 0.0)))
         return cls(setting, *(float(record[k]) for k in ("pq", "sq", "rq", "pq_things", "pq_stuff")),
                    **{k: int(record.get(k, 0)) for k in ("n", "tp", "fp", "fn")})
 
 
 @dataclass
 class CalibrationTable:
-    """The sweep's rows (in grid order: threshold, then merge mode, then minimum area) and how it ran.
+    """The sweep's rows (in grid order: threshold, merge mode, minimum area, minimum visible) and how it ran.
 
     ``best``: the row with the highest PQ; ties go to the higher threshold (fewer segments), then the
     grid order. Iterating, ``len`` and indexing go over the rows.
@@ -124,14 +128,16 @@ class CalibrationTable:
         order = {id(r): i for i, r in enumerate(self.rows)}
         return max(self.rows, key=lambda r: (r.pq, r.setting.threshold, -order[id(r)]))
 
-    def row(self, threshold: float, merge_stuff: str = "reference", min_area: int = MIN_AREA) -> CalibrationRow:
+    def row(self, threshold: float, merge_stuff: str = "reference", min_area: int = MIN_AREA,
+            min_visible: float = 0.0) -> CalibrationRow:
         """The row of one setting (``KeyError`` when it is not on the grid)."""
         for r in self.rows:
             s = r.setting
             if math.isclose(s.threshold, threshold, abs_tol=1e-9) and s.merge_stuff == merge_stuff \
-                    and s.min_area == min_area:
+                    and s.min_area == min_area and math.isclose(s.min_visible, min_visible, abs_tol=1e-9):
                 return r
-        raise KeyError(f"no row for threshold {threshold}, merge_stuff {merge_stuff}, min_area {min_area}")
+        raise KeyError(f"no row for threshold {threshold}, merge_stuff {merge_stuff}, min_area {min_area}, "
+                       f"min_visible {min_visible}")
 
     def to_json(self) -> dict[str, Any]:
         return {"best": self.best.to_json(), "rows": [r.to_json() for r in self.rows], "num_images": self.num_images,
@@ -157,11 +163,12 @@ class CalibrationTable:
     def format(self) -> str:
         """The table as text, the best row marked with ``*``."""
         best = self.best
-        lines = [(f"{'':1} {'threshold':>9} {'merge':>9} {'min_area':>8} {'PQ':>6} {'SQ':>6} {'RQ':>6} "
+        lines = [(f"{'':1} {'threshold':>9} {'merge':>9} {'min_area':>8} {'visible':>7} {'PQ':>6} {'SQ':>6} {'RQ':>6} "
                   f"{'PQ_th':>6} {'PQ_st':>6} {'TP':>5} {'FP':>5} {'FN':>5}")]
         for r in self.rows:
             s = r.setting
             lines.append(f"{'*' if r is best else ' ':1} {s.threshold:>9.2f} {s.merge_stuff:>9} {s.min_area:>8d} "
+                         f"{s.min_visible:>7.2f} "
                          f"{r.pq:>6.2f} {r.sq:>6.2f} {r.rq:>6.2f} {r.pq_things:>6.2f} {r.pq_stuff:>6.2f} "
                          f"{r.tp:>5d} {r.fp:>5d} {r.fn:>5d}")
         return "\n".join(lines)
@@ -169,11 +176,14 @@ class CalibrationTable:
 
 # -- the grid --------------------------------------------------------------------------------------------
 def make_grid(thresholds: Sequence[float] = DEFAULT_THRESHOLDS, merge_modes: Sequence[str] = DEFAULT_MERGE_MODES,
-              min_areas: Sequence[int] = DEFAULT_MIN_AREAS) -> list[Setting]:
-    """Every combination, in order (threshold, merge mode, minimum area); duplicates dropped; checked."""
+              min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+              min_visibles: Sequence[float] = DEFAULT_MIN_VISIBLES) -> list[Setting]:
+    """Every combination, in order (threshold, merge mode, minimum area, minimum visible); duplicates
+    dropped; checked."""
     thresholds = [float(t) for t in thresholds]
-    if not thresholds or not merge_modes or not min_areas:
-        raise UserInputError("the calibration grid is empty: give at least one threshold, merge mode and minimum area")
+    if not thresholds or not merge_modes or not min_areas or not min_visibles:
+        raise UserInputError("the calibration grid is empty: give at least one threshold, merge mode, minimum area "
+                             "and minimum visible fraction")
     for t in thresholds:
         if not 0.0 <= t < 1.0:
             raise UserInputError(f"calibration threshold {t} is outside [0, 1)")
@@ -185,19 +195,24 @@ def make_grid(thresholds: Sequence[float] = DEFAULT_THRESHOLDS, merge_modes: Seq
         if int(area) != area or int(area) < 0:
             raise UserInputError(f"minimum segment area {area} must be an integer >= 0")
         areas.append(int(area))
+    visibles = [float(v) for v in min_visibles]
+    for visible in visibles:
+        if not 0.0 <= visible <= 1.0:
+            raise UserInputError(f"minimum visible fraction {visible} is outside [0, 1]")
     grid: list[Setting] = []
     for t in sorted(set(thresholds)):
         for mode in dict.fromkeys(merge_modes):
             for area in dict.fromkeys(areas):
-                grid.append(Setting(t, mode, area))
+                for visible in dict.fromkeys(visibles):
+                    grid.append(Setting(t, mode, area, visible))
     return grid
 
 
 # -- the sweep -------------------------------------------------------------------------------------------
 def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
               merge_modes: Sequence[str] = DEFAULT_MERGE_MODES, min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
-              batch_size: int = 1, num_workers: int | None = None, limit: int | None = None,
-              progress: bool = False) -> CalibrationTable:
+              min_visibles: Sequence[float] = DEFAULT_MIN_VISIBLES, batch_size: int = 1,
+              num_workers: int | None = None, limit: int | None = None, progress: bool = False) -> CalibrationTable:
     """PQ of every post-processing setting of the grid on ``dataset`` (a ``CocoPanopticDataset`` or a
     ``Subset`` of one), each equal to ``evaluate_dataset`` with that setting (see the module docstring).
 
@@ -209,7 +224,7 @@ def calibrate(predictor: PanopticPredictor, dataset: Any, *, thresholds: Sequenc
     from detr_panoptic.inference.tasks import default_workers, evaluation_split
 
     start = time.perf_counter()
-    grid = make_grid(thresholds, merge_modes, min_areas)
+    grid = make_grid(thresholds, merge_modes, min_areas, min_visibles)
     lowest = min(s.threshold for s in grid)
     samples, count, gt = evaluation_split(predictor, dataset, limit=limit, what="calibrate on")
     base = samples.dataset
@@ -303,7 +318,8 @@ def write_table(table: CalibrationTable, out_dir: str | os.PathLike, *, chart: b
 def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, data: EvalData, *,
                          in_place: bool = False, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                          merge_modes: Sequence[str] = DEFAULT_MERGE_MODES,
-                         min_areas: Sequence[int] = DEFAULT_MIN_AREAS, batch_size: int = 1,
+                         min_areas: Sequence[int] = DEFAULT_MIN_AREAS,
+                         min_visibles: Sequence[float] = DEFAULT_MIN_VISIBLES, batch_size: int = 1,
                          device: str | None = "auto", dtype: str | None = None, size: int | None = None,
                          max_size: int | None = None, limit: int | None = None, progress: bool = True
                          ) -> dict[str, Any]:
@@ -311,12 +327,12 @@ def calibrate_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLi
     (``<out_dir>/calibrated.pth``, or ``checkpoint`` itself with ``in_place``). Returns
     ``{"table", "json", "chart", "checkpoint"}``."""
     from detr_panoptic.checkpoints import write_postprocess
-    make_grid(thresholds, merge_modes, min_areas)  # a bad grid fails before the model is loaded
+    make_grid(thresholds, merge_modes, min_areas, min_visibles)  # a bad grid fails before the model is loaded
     dataset = build_eval_dataset(data)
     predictor = PanopticPredictor.from_pretrained(checkpoint, device=device, dtype=dtype, size=size,
                                                   max_size=max_size)
     table = calibrate(predictor, dataset, thresholds=thresholds, merge_modes=merge_modes, min_areas=min_areas,
-                      batch_size=batch_size, limit=limit, progress=progress)
+                      min_visibles=min_visibles, batch_size=batch_size, limit=limit, progress=progress)
     table.info["checkpoint"] = str(checkpoint)
     written = write_table(table, out_dir)
     target = write_postprocess(checkpoint, table.best.setting.as_dict(), in_place=in_place,
@@ -331,6 +347,7 @@ __all__ = [
     "CALIBRATION_PNG",
     "DEFAULT_MERGE_MODES",
     "DEFAULT_MIN_AREAS",
+    "DEFAULT_MIN_VISIBLES",
     "DEFAULT_THRESHOLDS",
     "CalibrationRow",
     "CalibrationTable",

@@ -81,7 +81,8 @@ class PQEvaluator:
 
 class DetectionEvaluator:
     """Detection figures of things (``evaluation.detection.DetectionAccumulator``) from each result's kept
-    queries against the sample's ground truth; gathered across processes under DDP."""
+    queries against the sample's ground truth, and the same for its thing segments (``segments``: what the
+    output shows, after the post-processing dropped some kept queries); gathered across processes under DDP."""
 
     name = "detection"
 
@@ -94,6 +95,7 @@ class DetectionEvaluator:
         from detr_panoptic.evaluation.detection import DetectionAccumulator
 
         self.accumulator = DetectionAccumulator(self.iou_threshold)
+        self.segments = DetectionAccumulator(self.iou_threshold)
 
     def process(self, samples: Sequence[InferenceSample], results: Sequence[PanopticResult]) -> None:
         from detr_panoptic.evaluation.detection import panoptic_detection_inputs
@@ -101,24 +103,29 @@ class DetectionEvaluator:
         for sample, result in zip(samples, results):
             if sample.target is None:
                 raise UserInputError(f"image {sample.image_id!r}: detection figures need ground truth")
-            self.accumulator.add(**panoptic_detection_inputs(sample.target["gt_id_map"], sample.target["gt_segments"],
-                                                             result, self.thing_ids))
+            for accumulator, segments in ((self.accumulator, False), (self.segments, True)):
+                accumulator.add(**panoptic_detection_inputs(sample.target["gt_id_map"], sample.target["gt_segments"],
+                                                            result, self.thing_ids, segments=segments))
 
     def evaluate(self) -> dict[str, Any]:
+        pair = (self.accumulator, self.segments)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, self.accumulator)
-            total = gathered[0]
+            torch.distributed.all_gather_object(gathered, pair)
+            pair = gathered[0]
             for other in gathered[1:]:
-                total.merge(other)
-            return total.compute()
-        return self.accumulator.compute()
+                pair[0].merge(other[0])
+                pair[1].merge(other[1])
+        return {**pair[0].compute(), "segments": pair[1].compute()}
 
 
 def detection_metrics(figures: Mapping[str, Any]) -> dict[str, Any]:
     """Flat ``things_*`` keys of a ``DetectionEvaluator`` result, for metrics records (plus the per-class dict)."""
     keys = ("recall", "kept_per_gt", "duplicates_per_gt", "kept_ratio", "mask_iou")
-    return {**{f"things_{k}": figures.get(k) for k in keys}, "detection_per_class": figures.get("per_class", {})}
+    segments = figures.get("segments") or {}
+    return {**{f"things_{k}": figures.get(k) for k in keys},
+            **{f"things_segment_{k}": segments.get(k) for k in ("recall", "duplicates_per_gt")},
+            "detection_per_class": figures.get("per_class", {})}
 
 
 class OverlayWriter:

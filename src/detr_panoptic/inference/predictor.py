@@ -66,7 +66,8 @@ class PanopticPredictor:
     def from_pretrained(cls, source: str | os.PathLike, *, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, threshold: float | None = None,
                         size: int | None = None, max_size: int | None = None,
-                        merge_stuff: str | None = None, min_area: int | None = None) -> PanopticPredictor:
+                        merge_stuff: str | None = None, min_area: int | None = None,
+                        min_visible: float | None = None) -> PanopticPredictor:
         """Load ``source`` (a file, URL, alias or Hugging Face folder: ``checkpoints.load_checkpoint``) with
         its settings; explicit arguments win over the checkpoint's, which win over DETR's defaults."""
         from detr_panoptic.checkpoints import load_checkpoint
@@ -75,7 +76,7 @@ class PanopticPredictor:
         settings = PredictorSettings.from_checkpoint(
             category_map=pretrained.category_map, input_size=pretrained.input_size,
             postprocess=pretrained.postprocess, source=pretrained.description, threshold=threshold,
-            min_size=size, max_size=max_size, merge_stuff=merge_stuff, min_area=min_area)
+            min_size=size, max_size=max_size, merge_stuff=merge_stuff, min_area=min_area, min_visible=min_visible)
         return cls(pretrained.model, settings, device=device, dtype=dtype)
 
     def with_settings(self, **changes: Any) -> PanopticPredictor:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
-POSTPROCESS_KEYS = ("threshold", "merge_stuff", "min_area")
+POSTPROCESS_KEYS = ("threshold", "merge_stuff", "min_area", "min_visible")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class PredictorSettings:
     threshold: a query is kept when its best class is not "no object", has a category, and scores above this.
     merge_stuff: ``"reference"`` or ``"merge"`` (``models.postprocess.PostprocessSettings``).
     min_area: segments of at most this many pixels are dropped (reference: 4).
+    min_visible: thing queries winning less than this fraction of their own mask are dropped (reference: 0,
+        no such rule; ``models.postprocess.PostprocessSettings``).
     """
 
     category_map: CategoryMap
@@ -48,6 +50,7 @@ class PredictorSettings:
     threshold: float = DEFAULT_THRESHOLD
     merge_stuff: str = "reference"
     min_area: int = MIN_AREA
+    min_visible: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.category_map, CategoryMap):
@@ -62,6 +65,8 @@ class PredictorSettings:
             raise UserInputError(f"merge_stuff must be one of {', '.join(MERGE_MODES)}, got {self.merge_stuff!r}")
         if int(self.min_area) < 0:
             raise UserInputError(f"min_area must be >= 0, got {self.min_area}")
+        if not 0.0 <= float(self.min_visible) <= 1.0:
+            raise UserInputError(f"min_visible must be in [0, 1], got {self.min_visible}")
 
     def replace(self, **changes: Any) -> PredictorSettings:
         """A copy with ``changes`` (None values are ignored, so optional flags pass straight through)."""
@@ -69,8 +74,8 @@ class PredictorSettings:
 
     @property
     def postprocess(self) -> PostprocessSettings:
-        """The post-processing part (threshold, merge_stuff, min_area)."""
-        return PostprocessSettings(float(self.threshold), self.merge_stuff, int(self.min_area))
+        """The post-processing part (threshold, merge_stuff, min_area, min_visible)."""
+        return PostprocessSettings(float(self.threshold), self.merge_stuff, int(self.min_area), float(self.min_visible))
 
     def postprocessor(self) -> PanopticPostProcessor:
         """The ``PanopticPostProcessor`` of these settings and categories."""
@@ -87,7 +92,8 @@ class PredictorSettings:
     def from_checkpoint(cls, *, category_map: CategoryMap | None, input_size: tuple[int, int] | None,
                         postprocess: Mapping[str, Any] | None, source: str, threshold: float | None = None,
                         min_size: int | None = None, max_size: int | None = None,
-                        merge_stuff: str | None = None, min_area: int | None = None) -> PredictorSettings:
+                        merge_stuff: str | None = None, min_area: int | None = None,
+                        min_visible: float | None = None) -> PredictorSettings:
         """Settings from what a checkpoint records (``checkpoints.Pretrained``), explicit values first.
 
         Logs where the input size and the threshold come from (the checkpoint's training size and
@@ -104,15 +110,17 @@ class PredictorSettings:
         if min_size is None or max_size is None:
             log.info("input images resized to a shorter side of %s, longer at most %s (%s)", values["min_size"],
                      values["max_size"], "the checkpoint's training size" if input_size else "DETR's default")
-        for key, given in (("threshold", threshold), ("merge_stuff", merge_stuff), ("min_area", min_area)):
+        for key, given in (("threshold", threshold), ("merge_stuff", merge_stuff), ("min_area", min_area),
+                           ("min_visible", min_visible)):
             if given is not None:
                 values[key] = given
             elif key in saved:
                 values[key] = saved[key]
         if threshold is None and "threshold" in saved:
             log.info("post-processing from the checkpoint's calibration: threshold %.2f, merge_stuff %s, "
-                     "min_area %d (an explicit --threshold wins)", saved["threshold"],
-                     values.get("merge_stuff", "reference"), values.get("min_area", MIN_AREA))
+                     "min_area %d, min_visible %.2f (an explicit --threshold wins)", saved["threshold"],
+                     values.get("merge_stuff", "reference"), values.get("min_area", MIN_AREA),
+                     values.get("min_visible", 0.0))
         return cls(**values)
 
 
@@ -128,7 +136,10 @@ def _checked_postprocess(postprocess: Mapping[str, Any] | None, source: str) -> 
             out["merge_stuff"] = str(postprocess["merge_stuff"])
         if "min_area" in postprocess:
             out["min_area"] = int(postprocess["min_area"])
+        if "min_visible" in postprocess:
+            out["min_visible"] = float(postprocess["min_visible"])
         if not 0.0 <= out.get("threshold", 0.5) < 1.0 or out.get("min_area", 0) < 0 \
+                or not 0.0 <= out.get("min_visible", 0.0) <= 1.0 \
                 or out.get("merge_stuff", "reference") not in MERGE_MODES:
             raise ValueError("a value is out of range")
         return out

@@ -184,6 +184,7 @@ def evaluate_dataset(predictor: PanopticPredictor, dataset: Any, out_dir: str | 
     measures it in memory instead (``PQEvaluator``, the same numbers) and writes only ``metrics.json``.
     ``metrics.json`` also holds the detection figures of things (``things_recall``, ``things_kept_per_gt``,
     ``things_duplicates_per_gt``, ``things_kept_ratio``, ``things_mask_iou``, ``detection_per_class``;
+    ``things_segment_recall`` and ``things_segment_duplicates_per_gt`` for the output's thing segments;
     ``DetectionEvaluator``), except after a resumed run.
     Returns ``{"results" (pq_compute's dict), "metrics", "table", "predictions_json", "metrics_json",
     "chart", "num_images", "seconds"}``.

@@ -133,11 +133,15 @@ class PostprocessSettings:
     merge_stuff: "reference" (several kept queries of one stuff class: only the first survives, its pixels
         re-assigned by argmax among the survivors) or "merge" (their pixels form one segment).
     min_area: segments of at most this many pixels (at the target size) are dropped (reference: 4).
+    min_visible: a thing query that wins less than this fraction of its own mask (mask probability > 0.5)
+        is dropped, like a small segment, and its pixels go to the others (0: the reference, which has no
+        such rule). Duplicates of one object split its pixels, and each then wins only part of its mask.
     """
 
     threshold: float = DEFAULT_THRESHOLD
     merge_stuff: str = "reference"
     min_area: int = MIN_AREA
+    min_visible: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.threshold) <= 1.0:
@@ -146,25 +150,30 @@ class PostprocessSettings:
             raise UserInputError(f"merge_stuff must be one of {', '.join(MERGE_MODES)}, got {self.merge_stuff!r}")
         if int(self.min_area) != self.min_area or int(self.min_area) < 0:
             raise UserInputError(f"min_area must be an integer >= 0, got {self.min_area}")
+        if not 0.0 <= float(self.min_visible) <= 1.0:
+            raise UserInputError(f"min_visible must be in [0, 1], got {self.min_visible}")
 
     def replace(self, **changes: Any) -> PostprocessSettings:
         """A copy with ``changes`` (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def as_dict(self) -> dict[str, Any]:
-        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area)}
+        return {"threshold": float(self.threshold), "merge_stuff": self.merge_stuff, "min_area": int(self.min_area),
+                "min_visible": float(self.min_visible)}
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> PostprocessSettings:
         """From ``as_dict``'s keys (missing keys: defaults); bad values raise ``UserInputError``."""
         try:
             return cls(**{k: t(record[k]) for k, t in (("threshold", float), ("merge_stuff", str),
-                                                        ("min_area", int)) if k in record})
+                                                        ("min_area", int), ("min_visible", float))
+                           if k in record})
         except (TypeError, ValueError) as exc:
             raise UserInputError(f"malformed post-processing settings {dict(record)!r}: {exc}") from None
 
     def __str__(self) -> str:
-        return f"threshold {self.threshold:.2f}, merge_stuff {self.merge_stuff}, min_area {self.min_area}"
+        return (f"threshold {self.threshold:.2f}, merge_stuff {self.merge_stuff}, min_area {self.min_area}"
+                + (f", min_visible {self.min_visible:.2f}" if self.min_visible else ""))
 
 
 class PanopticPostProcessor:
@@ -295,7 +304,8 @@ class PanopticPostProcessor:
     def _assign(self, winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
                 labels: torch.Tensor, target_size: tuple[int, int], settings: PostprocessSettings) -> PanopticResult:
         return assign_segments(winner, positions, queries, scores[queries], labels[queries], target_size,
-                               self._is_thing_list, self._categories, settings.merge_stuff, settings.min_area)
+                               self._is_thing_list, self._categories, settings.merge_stuff, settings.min_area,
+                               float(settings.min_visible))
 
     def sweep(self, output: DETROutput, grid: Sequence[PostprocessSettings], target_sizes: SizesLike | None = None,
               *, processed_sizes: SizesLike | None = None) -> Iterator[list[tuple[list[PostprocessSettings],
@@ -320,16 +330,17 @@ class PanopticPostProcessor:
                 mode = setting.merge_stuff
                 if mode == "merge" and not self._repeats_stuff(labels[b, kept]):
                     mode = "reference"  # without a stuff class kept twice the two modes give the same result
-                groups.setdefault((tuple(kept.tolist()), mode, setting.min_area), []).append(setting)
+                groups.setdefault((tuple(kept.tolist()), mode, setting.min_area, setting.min_visible), []).append(setting)
             winner = PixelWinner(upsampled_masks(output, b, selected, processed[b])) if len(selected) else None
             results = []
-            for (kept_tuple, mode, min_area), group in groups.items():
+            for (kept_tuple, mode, min_area, min_visible), group in groups.items():
                 kept = torch.tensor(kept_tuple, dtype=torch.long, device=selected.device)
                 if winner is None or not kept.numel():
                     result = PanopticResult(id_map=torch.zeros(targets[b], dtype=torch.long), segments_info=[])
                 else:
                     result = self._assign(winner, torch.searchsorted(selected, kept), kept, scores[b], labels[b],
-                                          targets[b], PostprocessSettings(group[0].threshold, mode, min_area))
+                                          targets[b], PostprocessSettings(group[0].threshold, mode, min_area,
+                                                                          min_visible))
                 results.append((group, result))
             yield results
 
@@ -374,11 +385,14 @@ def upsampled_masks(outputs: DETROutput, b: int, queries: torch.Tensor,
 
 def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch.Tensor, scores: torch.Tensor,
                     labels: torch.Tensor, target_size: tuple[int, int], is_thing: list[bool],
-                    categories: list[int] | None, merge_stuff: str, min_area: int) -> PanopticResult:
+                    categories: list[int] | None, merge_stuff: str, min_area: int,
+                    min_visible: float = 0.0) -> PanopticResult:
     """The reference's pixel assignment for the kept ``queries`` (with ``scores``, ``labels``), whose
     upsampled masks are the channels ``positions`` (Long [K]) of ``winner``'s masks: argmax, stuff
     duplicates grouped, segments of at most ``min_area`` pixels at ``target_size`` dropped and argmax run
-    again among the rest, until none is small."""
+    again among the rest, until none is small. ``min_visible`` > 0 (not the reference) also drops, in the
+    same loop, a thing query that wins less than this fraction of its own mask's pixels (mask probability
+    > 0.5, at the processed size): a duplicate or a mostly hidden detection."""
     device = positions.device
     label_list = labels.tolist()
     # group[k]: the segment that query k's pixels belong to -- itself, or the first kept query of its
@@ -396,6 +410,9 @@ def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch
     to_kept[positions] = torch.arange(positions.numel(), device=device)
     channels = torch.zeros(winner.masks.shape[0], dtype=torch.bool, device=device)
     alive = torch.ones(len(label_list), dtype=torch.bool, device=device)
+    if min_visible > 0:
+        things = torch.tensor([is_thing[label] for label in label_list], dtype=torch.bool, device=device)
+        own_area = (winner.masks.index_select(0, positions) > 0).flatten(1).sum(1)
     first_pass = True
     while True:
         if not bool(alive.any()):
@@ -404,6 +421,10 @@ def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch
         channels.zero_()
         channels[positions[alive]] = True
         chosen = to_kept[winner(channels)]  # [h, w] position among the kept queries
+        hidden = None
+        if min_visible > 0:
+            won = torch.bincount(chosen.flatten(), minlength=len(label_list))
+            hidden = alive & things & (won < min_visible * own_area)
         if first_pass or merge_stuff == "merge":
             chosen = group_tensor[chosen]
         id_map = nearest_resize_ids(chosen, target_size)
@@ -412,6 +433,8 @@ def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch
             small = alive & (area[group_tensor] <= min_area)
         else:
             small = alive & (area <= min_area)
+        if hidden is not None:
+            small |= hidden
         first_pass = False
         if not bool(small.any()):
             break

@@ -92,25 +92,32 @@ def per_class_bar_chart(metrics: Mapping[str, Any], categories: Any, path: str |
 
 
 def plot_calibration(table: Any, path: str | os.PathLike) -> Path:
-    """``calibrate``'s chart (``table``: an ``inference.calibrate.CalibrationTable``): PQ against the threshold: All, things and stuff for the best row's merge mode and minimum area, the
-    other (merge mode, minimum area) pairs' PQ thin and dashed, the chosen setting marked."""
+    """``calibrate``'s chart (``table``: an ``inference.calibrate.CalibrationTable``): PQ against the threshold:
+    All, things and stuff for the best row's merge mode, minimum area and minimum visible fraction, the other
+    combinations' PQ thin and dashed, the chosen setting marked."""
     best = table.best
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
-    pairs = list(dict.fromkeys((r.setting.merge_stuff, r.setting.min_area) for r in table.rows))
-    chosen = (best.setting.merge_stuff, best.setting.min_area)
+    def key(setting: Any) -> tuple[str, int, float]:
+        return setting.merge_stuff, setting.min_area, setting.min_visible
+
+    def name(pair: tuple[str, int, float]) -> str:
+        return f"PQ ({pair[0]}, min area {pair[1]}" + (f", visible {pair[2]:.2f})" if pair[2] else ")")
+
+    pairs = list(dict.fromkeys(key(r.setting) for r in table.rows))
+    chosen = key(best.setting)
     for pair in pairs:
-        rows = sorted((r for r in table.rows if (r.setting.merge_stuff, r.setting.min_area) == pair),
-                      key=lambda r: r.setting.threshold)
+        rows = sorted((r for r in table.rows if key(r.setting) == pair), key=lambda r: r.setting.threshold)
         x = [r.setting.threshold for r in rows]
         if pair == chosen:
-            ax.plot(x, [r.pq for r in rows], "-o", color="#1f3b5a", lw=2.2, ms=4, label=f"PQ ({pair[0]}, min area {pair[1]})")
+            ax.plot(x, [r.pq for r in rows], "-o", color="#1f3b5a", lw=2.2, ms=4, label=name(pair))
             ax.plot(x, [r.pq_things for r in rows], "-s", color="#e8a33d", lw=1.6, ms=3, label="PQ things")
             ax.plot(x, [r.pq_stuff for r in rows], "-^", color="#3a8f5c", lw=1.6, ms=3, label="PQ stuff")
         else:
-            ax.plot(x, [r.pq for r in rows], "--", lw=0.9, alpha=0.7, label=f"PQ ({pair[0]}, min area {pair[1]})")
+            ax.plot(x, [r.pq for r in rows], "--", lw=0.9, alpha=0.7, label=name(pair))
     ax.plot([best.setting.threshold], [best.pq], "*", color="#c0392b", ms=16, zorder=5,
-            label=f"chosen: {best.setting.threshold:.2f} / {best.setting.merge_stuff} / {best.setting.min_area}")
+            label=f"chosen: {best.setting.threshold:.2f} / {best.setting.merge_stuff} / {best.setting.min_area} / "
+                  f"{best.setting.min_visible:.2f}")
     ax.annotate(f"PQ {best.pq:.2f}", (best.setting.threshold, best.pq), textcoords="offset points", xytext=(8, 8))
     ax.set_xlabel("keep threshold")
     ax.set_ylabel("PQ (%)")

@@ -203,7 +203,8 @@ def _calibration_section(folder: Path) -> tuple[str, str, str] | None:
         raise UserInputError(f"{path}: not a calibration table ({exc!r})") from None
     if not rows:
         return None
-    setting = f"threshold {_number(best['threshold'])}, merge_stuff {best['merge_stuff']}, min_area {best['min_area']}"
+    setting = (f"threshold {_number(best['threshold'])}, merge_stuff {best['merge_stuff']}, min_area {best['min_area']}, "
+               f"min_visible {_number(best.get('min_visible', 0.0))}")
     body = [(f"<p>Chosen: <b>{_e(setting)}</b>: PQ {_number(best['pq'])} (things {_number(best['pq_things'])}, "
              f"stuff {_number(best['pq_stuff'])}) over {record.get('num_images', 0)} image(s), {len(rows)} "
              f"settings.</p>")]
@@ -212,9 +213,9 @@ def _calibration_section(folder: Path) -> tuple[str, str, str] | None:
         if uri:
             body.append(html_figure(uri, "PQ against the keep threshold"))
     top = sorted(rows, key=lambda r: -r["pq"])[:10]
-    body.append(html_table(["threshold", "merge", "min area", "PQ", "SQ", "RQ", "PQ things", "PQ stuff"],
-                           [(f"{r['threshold']:.2f}", r["merge_stuff"], r["min_area"], r["pq"], r["sq"], r["rq"],
-                             r["pq_things"], r["pq_stuff"]) for r in top], name_columns=3))
+    body.append(html_table(["threshold", "merge", "min area", "min visible", "PQ", "SQ", "RQ", "PQ things", "PQ stuff"],
+                           [(f"{r['threshold']:.2f}", r["merge_stuff"], r["min_area"], f"{r.get('min_visible', 0.0):.2f}",
+                             r["pq"], r["sq"], r["rq"], r["pq_things"], r["pq_stuff"]) for r in top], name_columns=4))
     return "Post-processing calibration", "".join(body), "calibration"
 
 
