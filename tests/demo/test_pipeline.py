@@ -47,7 +47,9 @@ def test_quick_demo_writes_everything(quick_run: tuple[Path, int, str]) -> None:
         assert {"things_recall", "things_kept_per_gt", "things_kept_ratio"} <= set(stage)
         assert isinstance(stage["miou"], float) and 0.0 <= stage["miou"] <= 100.0  # Cityscapes' pixel-level score
         assert stage["ap"] is None or 0.0 <= stage["ap"] <= 100.0  # None: no instance of >= 100 pixels at 64x128
-    assert metrics["pq"] == metrics["stages"]["stage2"]["pq"]
+    # the top level is the model the report shows: stage 2 calibrated (the quick config calibrates too)
+    assert metrics["final"] == "calibrated" and metrics["pq"] == metrics["calibrated"]["pq"]
+    assert metrics["checkpoint"] == metrics["calibrated"]["checkpoint"]
     assert {"data", "pretrain", "finetune", "evaluate", "total"} <= set(metrics["seconds"])
     assert metrics["source_domain"] is not None and "pq" in metrics["source_domain"]
     html = (out / "report.html").read_text()

@@ -295,6 +295,9 @@ class DemoRun:
         summary["threshold"] = self.eval_threshold  # class-score threshold of the per-stage evaluations
         if calibrated is not None:
             summary["calibrated"] = calibrated
+            # the top level is the model the report shows: stage 2 with its calibrated post-processing
+            summary.update(flat_metrics(self.evaluations["calibrated"]), checkpoint=calibrated["checkpoint"])
+        summary["final"] = "calibrated" if calibrated is not None else "stage2"
         # The pictures show the final model with the calibrated post-processing when there is one.
         checkpoint = Path(calibrated["checkpoint"]) if calibrated is not None else self.final_checkpoint
         threshold = None if calibrated is not None else self.eval_threshold
@@ -304,7 +307,7 @@ class DemoRun:
         summary["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                               "platform": platform.platform(), "load_average": load_average()}
         atomic_write_json(summary_dir / "metrics.json", {k: v for k, v in summary.items() if k != "stages"} |
-                          {"per_class": self.evaluations["stage2"].get("per_class", {})})
+                          {"per_class": self.evaluations[summary["final"]].get("per_class", {})})
         write_report(summary_dir, self.out / "report.html", summary)
         summary["seconds"]["total"] = round(time.perf_counter() - self.clock[0], 1)
         # CPU seconds of this process (all its threads; not the data-conversion workers): on a machine shared

@@ -104,7 +104,7 @@ def load_average() -> list[float] | None:
 def summarise(evaluations: Mapping[str, Mapping[str, Any]], *, source_pq: Mapping[str, Any] | None,
              settings: DemoSettings, config_path: Path, init: str | None, seed: int, final_checkpoint: Path,
              quick: bool) -> dict[str, Any]:
-    final = flat_metrics(evaluations["stage2"])
+    final = flat_metrics(evaluations["stage2"])  # DemoRun.report puts the calibrated model's here when there is one
     stages = {name: flat_metrics(evaluations[name]) for name in PHASES}
     return {
         **final,

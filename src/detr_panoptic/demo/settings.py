@@ -171,9 +171,10 @@ def run_fingerprint(settings: DemoSettings, raw: Mapping[str, Any], *, init: str
     decay has begun)."""
     outputs = {k: v for k, v in settings.to_dict().items() if k != "budgets"}  # budgets change no output
     config = copy.deepcopy(dict(raw))
+    default_scheduler = (config.get("train") or {}).get("scheduler")
     for stage in config.get("stages", []):
-        train = stage.get("train", {}) if isinstance(stage, dict) else {}
-        if stage.get("name") == "pretrain" and train.get("scheduler", config.get("train", {}).get("scheduler")) == "wsd":
+        train = (stage.get("train") or {}) if isinstance(stage, dict) else {}
+        if stage.get("name") == "pretrain" and train.get("scheduler", default_scheduler) == "wsd":
             train.pop("max_steps", None)
     text = json.dumps({"settings": outputs, "config": config, "init": init, "seed": seed},
                       sort_keys=True, default=str)
