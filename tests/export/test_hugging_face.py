@@ -65,7 +65,11 @@ def test_transformers_gives_our_outputs(tmp_path, which, aux_loss, request):
         actual = hf(pixel_values=pixels, pixel_mask=(~padding).long())
     torch.testing.assert_close(actual.logits, expected.pred_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=1e-4, atol=1e-4)
+    # This model's mask logits reach about +-140 (median |x| 29): the two implementations sum in other orders,
+    # and float32 rounding then leaves a few 1e-4 near zero, so the absolute tolerance scales with the largest
+    # logit (a wrong weight mapping differs by units or tens)
+    scale = float(expected.pred_masks.abs().max())
+    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=1e-4, atol=max(1e-4, 1e-5 * scale))
 
 
 def test_r50_is_the_official_layout(r50):
@@ -150,7 +154,7 @@ def test_a_mask_head_transformers_cannot_build_is_refused(tmp_path, hidden_dim, 
 
 
 def test_transformers_gives_our_outputs_for_a_trained_aux_loss_model(tmp_path):
-    """The demo's packaged start point: trained (9,000 steps) with aux loss on, the demo's architecture
+    """The demo's packaged start point: trained (38,000 steps) with aux loss on, the demo's architecture
     (ResNet-18, hidden 128, 8 heads, 2+2 layers, 30 queries), on two generated street scenes of the kind it
     was trained on (one smaller, padded)."""
     import importlib.resources
@@ -173,4 +177,8 @@ def test_transformers_gives_our_outputs_for_a_trained_aux_loss_model(tmp_path):
         actual = hf(pixel_values=pixels, pixel_mask=(~padding).long())
     torch.testing.assert_close(actual.logits, expected.pred_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=1e-4, atol=1e-4)
+    # This model's mask logits reach about +-140 (median |x| 29): the two implementations sum in other orders,
+    # and float32 rounding then leaves a few 1e-4 near zero, so the absolute tolerance scales with the largest
+    # logit (a wrong weight mapping differs by units or tens)
+    scale = float(expected.pred_masks.abs().max())
+    torch.testing.assert_close(actual.pred_masks, expected.pred_masks, rtol=1e-4, atol=max(1e-4, 1e-5 * scale))
