@@ -22,6 +22,14 @@ class PixelWinner:
     def __init__(self, masks: torch.Tensor) -> None:
         self.masks = masks
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # (subset Bool [K], winner Long [h, w])
+        self._positive_areas: torch.Tensor | None = None
+
+    def positive_areas(self) -> torch.Tensor:
+        """Long [K]: pixels where each channel is > 0 (a mask logit: probability > 0.5), counted once and
+        kept, since a calibration sweep asks for them once per setting."""
+        if self._positive_areas is None:
+            self._positive_areas = (self.masks > 0).flatten(1).sum(1)
+        return self._positive_areas
 
     def __call__(self, subset: torch.Tensor) -> torch.Tensor:
         """Long [h, w]: the winning channel (index into the K channels) among ``subset`` (Bool [K], not empty)."""

@@ -412,7 +412,7 @@ def assign_segments(winner: PixelWinner, positions: torch.Tensor, queries: torch
     alive = torch.ones(len(label_list), dtype=torch.bool, device=device)
     if min_visible > 0:
         things = torch.tensor([is_thing[label] for label in label_list], dtype=torch.bool, device=device)
-        own_area = (winner.masks.index_select(0, positions) > 0).flatten(1).sum(1)
+        own_area = winner.positive_areas().index_select(0, positions)
     first_pass = True
     while True:
         if not bool(alive.any()):
